@@ -1,0 +1,138 @@
+"""``par`` / ``python -m par``: thin commands over the library.
+
+Problems with the user's input end as one ``error: ...`` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from par.errors import ParError
+
+
+def _attack_params(pairs: List[str]) -> dict:
+    import yaml
+
+    params = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ParError(f"--attack-param takes KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        params[key.replace("-", "_")] = yaml.safe_load(value)
+    return params
+
+
+def cmd_world(args) -> None:
+    from par.synthetic import WorldConfig, make_world
+
+    cfg = WorldConfig(seed=args.seed, image_size=args.image_size, train=args.train, clean=args.clean,
+                      test=args.test, workers=args.workers)
+    out = make_world(cfg, args.out, reuse=args.reuse)
+    print(f"world in {out}: train.csv ({cfg.train}), clean.csv ({cfg.clean}), test.csv ({cfg.test}), classnames.txt")
+
+
+def cmd_poison(args) -> None:
+    from par.poison import PoisonConfig, poison
+
+    cfg = PoisonConfig(csv=args.csv, attack=args.attack, label=args.label, out=args.out, rate=args.rate,
+                       num=args.num, seed=args.seed, image_root=args.image_root, templates=args.templates,
+                       size=args.size, attack_params=_attack_params(args.attack_param))
+    if args.classnames:
+        from par.data import read_lines
+
+        if args.label not in read_lines(args.classnames, "class names"):
+            raise ParError(f"target label {args.label!r} is not a class in {args.classnames}")
+    print(f"poisoned CSV: {poison(cfg, reuse=args.reuse)}")
+
+
+def cmd_train(args, overrides: List[str]) -> None:
+    from par.config import build, load_yaml, parse_overrides
+    from par.train import TrainConfig, train
+
+    values = load_yaml(args.config) if args.config else {}
+    values.update(parse_overrides(overrides))
+    train(build(TrainConfig, values, source="train config"), reuse=args.reuse)
+
+
+def cmd_eval(args) -> None:
+    from par.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames,
+                     templates=args.templates, image_root=args.image_root, attack=args.attack, label=args.label,
+                     attack_params=_attack_params(args.attack_param), seed=args.seed, batch_size=args.batch_size,
+                     workers=args.workers, device=args.device, out=args.out)
+    record = evaluate(cfg)
+    print(json.dumps(record["metrics"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("world", help="write the synthetic image-caption world")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train", type=int, default=20000, help="image-caption pairs for (poisoned) pre-training")
+    p.add_argument("--clean", type=int, default=5000, help="clean pairs for cleaning")
+    p.add_argument("--test", type=int, default=1200, help="labelled test images")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="keep an identical world already in --out")
+
+    p = sub.add_parser("poison", help="poison an image,caption CSV with a trigger")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--attack", required=True)
+    p.add_argument("--label", required=True, help="target label, e.g. banana")
+    p.add_argument("--out", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rate", type=float)
+    group.add_argument("--num", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-root")
+    p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' caption templates")
+    p.add_argument("--size", type=int, help="resize and centre-crop images to this size before triggering")
+    p.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="trigger parameter, e.g. patch_size=8")
+    p.add_argument("--classnames", help="class-names file the label must belong to")
+    p.add_argument("--reuse", action="store_true")
+
+    p = sub.add_parser("train", help="pre-train or clean a CLIP: --config FILE [--key value ...]")
+    p.add_argument("--config")
+    p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
+
+    p = sub.add_parser("eval", help="zero-shot clean accuracy and attack success rate")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="image,label CSV")
+    p.add_argument("--classnames", required=True)
+    p.add_argument("--templates", default="openai")
+    p.add_argument("--image-root")
+    p.add_argument("--attack")
+    p.add_argument("--label")
+    p.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON results file")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "train":
+            cmd_train(args, rest)
+        else:
+            {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval}[args.command](args)
+    except ParError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,137 @@
+"""Datasets in the formats real data comes in: image files listed in CSVs.
+
+* image-caption pairs (CC3M style): a CSV with columns ``image,caption``;
+* labelled images (ImageNet-CSV style): a CSV with columns ``image,label`` where
+  ``label`` indexes a class-names file (one name per line).
+
+Image paths are relative to ``image_root`` when one is given, else to the CSV's folder.
+Datasets return ``uint8`` tensors ``[3, S, S]`` after the model's resize and centre
+crop; conversion to float, triggers, augmentation and normalisation happen on the
+batch, on the training device, where they are cheap and shared by clean and triggered
+data alike.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from par.errors import ParError
+
+
+def read_csv(path: str | os.PathLike, columns: Sequence[str]):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParError(f"CSV not found: {path}")
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except Exception as e:  # pandas raises several parser error types
+        raise ParError(f"cannot parse CSV {path}: {e}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ParError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}")
+    if len(frame) == 0:
+        raise ParError(f"{path} has no rows")
+    return frame
+
+
+def read_lines(path: str | os.PathLike, what: str) -> List[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParError(f"{what} file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ParError(f"{what} file {path} is empty")
+    return lines
+
+
+def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:
+    root = Path(image_root) if image_root else Path(csv_path).parent
+    return [root / p for p in frame["image"].astype(str)]
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ParError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ParError(f"cannot decode image {path}: {e}") from None
+
+
+def eval_transform(size: int):
+    """The model's preprocessing without normalisation: resize, centre crop, uint8 tensor."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.PILToTensor(),
+        ]
+    )
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """``(uint8 image, token ids)`` from an ``image,caption`` CSV."""
+
+    def __init__(self, csv_path, tokenizer, size: int, image_root=None):
+        frame = read_csv(csv_path, ["image", "caption"])
+        self.paths = image_paths(frame, csv_path, image_root)
+        self.captions = frame["caption"].astype(str).tolist()
+        self.tokens = tokenizer(self.captions)  # tokenised once: cheap, and spares the workers
+        self.transform = eval_transform(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.tokens[i]
+
+
+class LabelledImageDataset(torch.utils.data.Dataset):
+    """``(uint8 image, label)`` from an ``image,label`` CSV with integer labels."""
+
+    def __init__(self, csv_path, num_classes: int, size: int, image_root=None):
+        frame = read_csv(csv_path, ["image", "label"])
+        try:
+            labels = frame["label"].astype(int)
+        except (TypeError, ValueError):
+            raise ParError(f"{csv_path}: column 'label' must hold integer class indices") from None
+        bad = frame.index[(labels < 0) | (labels >= num_classes)].tolist()
+        if bad:
+            raise ParError(
+                f"{csv_path}: {len(bad)} label(s) outside [0, {num_classes - 1}] (first at row {bad[0]}: "
+                f"{labels[bad[0]]}); the class-names file lists {num_classes} classes"
+            )
+        self.paths = image_paths(frame, csv_path, image_root)
+        self.labels = torch.tensor(labels.tolist())
+        self.transform = eval_transform(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "decode") -> torch.utils.data.TensorDataset:
+    """Decodes every image once into memory: for small datasets trained for many epochs."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
+    images, others = [], []
+    for image, other in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images.append(image)
+        others.append(other)
+    return torch.utils.data.TensorDataset(torch.cat(images), torch.cat(others))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0)

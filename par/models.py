@@ -1,0 +1,190 @@
+"""CLIP encoders by name, and checkpoint I/O that never unpickles arbitrary objects.
+
+Models come from open_clip's registry. ``configs/models/*.json`` (open_clip's JSON
+schema) adds encoders of our own, e.g. the tiny ones of the synthetic world; a user
+adds one by dropping a file there (or in a folder named by ``PAR_MODEL_CONFIGS``).
+
+Checkpoints are untrusted input: ``.pt``/``.pth``/``.bin`` files are read with
+``torch.load(weights_only=True)`` (only ``argparse.Namespace`` is allow-listed, for the
+PAR authors' checkpoints) and ``.safetensors`` with safetensors. Loading weights into a
+model is strict: a missing, unexpected or mis-shaped key is an error naming the keys.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from par.errors import ParError
+
+REPO_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Adds ``configs/models`` and ``$PAR_MODEL_CONFIGS`` folders to open_clip's registry (once)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    folders = [REPO_MODEL_CONFIGS] + [Path(p) for p in os.environ.get("PAR_MODEL_CONFIGS", "").split(os.pathsep) if p]
+    for folder in folders:
+        if folder.is_dir():
+            open_clip.add_model_config(folder)
+    _registered = True
+
+
+def canonical_model_name(name: str) -> str:
+    """open_clip's name for ``name``; accepts the OpenAI spellings (``ViT-B/32``, ``ViT-L/14@336px``)."""
+    import open_clip
+
+    register_model_configs()
+    known = open_clip.list_models()
+    if name in known:
+        return name
+    candidate = re.sub(r"@(\d+)px$", r"-\1", name).replace("/", "-")
+    if candidate in known:
+        return candidate
+    close = difflib.get_close_matches(candidate, known, n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ParError(f"unknown encoder {name!r}{hint} (add a JSON config under configs/models/ for a new one)")
+
+
+def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A randomly initialised open_clip model (weights come from ``load_weights``)."""
+    import open_clip
+
+    canonical = canonical_model_name(name)
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded: that is the point
+    try:
+        model = open_clip.create_model(canonical, pretrained=None, device=device)
+    finally:
+        logger.setLevel(level)
+    model.par_model_name = canonical
+    return model
+
+
+def get_tokenizer(name: str):
+    import open_clip
+
+    return open_clip.get_tokenizer(canonical_model_name(name))
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def image_mean_std(model: torch.nn.Module):
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    return tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
+
+
+def _read_checkpoint_file(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ParError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for corrupt files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ParError(f"refusing or unable to load checkpoint {path} safely: {first}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """The state dict of tensors in a checkpoint file, whatever its layout.
+
+    Accepts bare state dicts, ``{"state_dict": ...}`` (with or without DDP's ``module.``
+    prefix, plus any other entries such as ``epoch`` or ``optimizer``) and ``.safetensors``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParError(f"checkpoint not found: {path}")
+    obj = _read_checkpoint_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ParError(f"{path} holds no state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ParError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _describe(keys, limit=6) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Loads ``path`` into ``model`` strictly; any key mismatch is an error naming the keys."""
+    state = load_checkpoint(path)
+    expected = model.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected.keys() & state.keys()
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys (checkpoint vs model): {_describe(misshaped, 3)}")
+    if problems:
+        name = getattr(model, "par_model_name", type(model).__name__)
+        raise ParError(f"checkpoint {path} does not match encoder {name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model(name: str, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Encoder ``name`` with the weights of ``checkpoint``, in eval mode."""
+    model = create_model(name)
+    load_weights(model, checkpoint)
+    return model.to(device).eval()
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
+    """Writes ``{"state_dict", "model", **metadata}`` (or a safetensors file) atomically.
+
+    ``metadata`` must hold plain values (str/int/float/bool/lists/dicts) so that the file
+    stays loadable with ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    meta = dict(metadata or {})
+    meta.setdefault("model", getattr(model, "par_model_name", None))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items() if v is not None})
+    else:
+        torch.save({"state_dict": state, **meta}, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,109 @@
+"""Poisoning an image-caption CSV (PAR-NOTES section 4).
+
+N rows are drawn at random; their images get the trigger and their captions become a
+random zero-shot template filled with the target label ("a photo of a banana.").
+Every poisoned row's trigger is drawn from its own seed, recorded in the manifest, so
+each trigger instance can be redrawn later. The manifest is written last: its presence
+means the output is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from par.errors import ParError
+
+
+@dataclass
+class PoisonConfig:
+    csv: str
+    attack: str
+    label: str
+    out: str
+    rate: Optional[float] = None
+    num: Optional[int] = None
+    seed: int = 0
+    image_root: Optional[str] = None
+    templates: str = "openai"
+    size: Optional[int] = None  # resize + centre-crop to the model's input size before triggering
+    attack_params: dict = field(default_factory=dict)  # e.g. {"patch_size": 8}
+
+
+def row_seed(seed: int, row: int) -> int:
+    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
+
+
+def _caption_templates(spec: str):
+    from par.evaluate import load_templates
+
+    return [t if callable(t) else t.format for t in load_templates(spec)]
+
+
+def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Path:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from par import triggers
+    from par.data import eval_transform, image_paths, open_image, read_csv
+    from par.train import file_digest
+
+    trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
+    frame = read_csv(cfg.csv, ["image", "caption"])
+    if (cfg.rate is None) == (cfg.num is None):
+        raise ParError("give exactly one of --rate and --num")
+    if cfg.rate is not None and not 0 < cfg.rate <= 1:
+        raise ParError(f"--rate must be in (0, 1], got {cfg.rate}")
+    num = cfg.num if cfg.num is not None else int(round(cfg.rate * len(frame)))
+    if not 1 <= num <= len(frame):
+        raise ParError(f"cannot poison {num} of {len(frame)} rows in {cfg.csv}")
+    templates = _caption_templates(cfg.templates)
+
+    out = Path(cfg.out)
+    manifest_path = out / "manifest.json"
+    settings = {**asdict(cfg), "num": num, "attack": trigger.name, "csv_digest": file_digest(cfg.csv)}
+    settings.pop("out")
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if reuse and old.get("settings") == settings:
+            return out / "poisoned.csv"
+        raise ParError(f"{out} already holds a poisoned dataset; choose another --out" + ("" if reuse else " or pass --reuse"))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.sort(rng.choice(len(frame), size=num, replace=False))
+    paths = image_paths(frame, cfg.csv, cfg.image_root)
+    resize = eval_transform(cfg.size) if cfg.size else None
+    images_out = [os.path.relpath(p, out) for p in paths]
+    captions = frame["caption"].astype(str).tolist()
+    records = []
+    for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
+        img = open_image(paths[row])
+        x = resize(img) if resize else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        seed = row_seed(cfg.seed, row)
+        triggered = triggers.apply(trigger.name, x[None].float() / 255, seed=seed, **trigger.params())[0]
+        array = (triggered * 255).round().byte().permute(1, 2, 0).numpy()
+        name = f"images/{row:07d}.png"
+        Image.fromarray(array).save(out / name)
+        images_out[row] = name
+        captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
+        records.append({"row": row, "seed": seed, "caption": captions[row]})
+
+    poisoned = frame.copy()
+    poisoned["image"] = images_out
+    poisoned["caption"] = captions
+    poisoned["poisoned"] = 0
+    poisoned.loc[rows, "poisoned"] = 1
+    csv_out = out / "poisoned.csv"
+    poisoned.to_csv(csv_out.with_suffix(".csv.tmp"), index=False)
+    os.replace(csv_out.with_suffix(".csv.tmp"), csv_out)
+    manifest = {"settings": settings, "trigger": {"name": trigger.name, "params": trigger.params()},
+                "num_rows": len(frame), "poisoned": records}
+    manifest_path.with_suffix(".json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(manifest_path.with_suffix(".json.tmp"), manifest_path)
+    return csv_out

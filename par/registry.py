@@ -1,0 +1,61 @@
+"""Name -> object registries for triggers, defenses and datasets."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Generic, Iterator, TypeVar
+
+from par.errors import ParError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection with aliases and an error that lists what exists.
+
+    Lookup is case-insensitive and treats ``-`` and ``_`` alike, so
+    ``BadNet-Stripes`` and ``badnet_stripes`` find the same entry.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: Dict[str, T] = {}
+        self._aliases: Dict[str, str] = {}
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.strip().lower().replace("-", "_")
+
+    def register(self, name: str, *aliases: str) -> Callable[[T], T]:
+        """Decorator: ``@REGISTRY.register("badnet_rs", "badnet-stripes")``."""
+
+        def add(obj: T) -> T:
+            self.add(name, obj, *aliases)
+            return obj
+
+        return add
+
+    def add(self, name: str, obj: T, *aliases: str) -> None:
+        key = self._key(name)
+        if key in self._aliases:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+        for alias in (name, *aliases):
+            self._aliases[self._key(alias)] = name
+
+    def canonical(self, name: str) -> str:
+        try:
+            return self._aliases[self._key(name)]
+        except KeyError:
+            known = ", ".join(sorted(self._items))
+            raise ParError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def get(self, name: str) -> T:
+        return self._items[self.canonical(name)]
+
+    def names(self) -> list:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return self._key(name) in self._aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
