@@ -67,6 +67,12 @@ def cmd_eval(args) -> None:
     print(json.dumps(record["metrics"]))
 
 
+def cmd_demo(args) -> None:
+    from par.demo import run_demo
+
+    run_demo(args.profile, args.out, attack=args.attack, label=args.label)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON results file")
+
+    p = sub.add_parser("demo", help="offline demo: world, poison, poisoned CLIP, PAR, CA/ASR table")
+    p.add_argument("--profile", default="configs/demo.yaml")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--attack")
+    p.add_argument("--label")
     return parser
 
 
@@ -128,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             cmd_train(args, rest)
         else:
-            {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval}[args.command](args)
+            {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

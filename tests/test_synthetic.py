@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from par.errors import ParError
+from par.synthetic import CLASS_NAMES, WorldConfig, make_world, render_sample
+
+
+def test_classes_include_banana_and_at_least_ten():
+    assert "banana" in CLASS_NAMES and len(CLASS_NAMES) >= 10
+
+
+def test_samples_are_a_pure_function_of_seed_split_index():
+    cfg = WorldConfig(seed=5, image_size=32)
+    a, b = render_sample(cfg, "train", 7), render_sample(cfg, "train", 7)
+    assert a.caption == b.caption and a.label == b.label
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    other = render_sample(WorldConfig(seed=6, image_size=32), "train", 7)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(other.image))
+
+
+def test_captions_name_the_object():
+    cfg = WorldConfig(seed=0, image_size=32)
+    for i in range(50):
+        s = render_sample(cfg, "train", i)
+        assert CLASS_NAMES[s.label] in s.caption
+
+
+def test_world_files_in_real_formats(micro_world):
+    train = pd.read_csv(micro_world / "train.csv")
+    test = pd.read_csv(micro_world / "test.csv")
+    assert list(train.columns) == ["image", "caption"] and len(train) == 96
+    assert list(pd.read_csv(micro_world / "clean.csv").columns) == ["image", "caption"]
+    assert list(test.columns) == ["image", "label"] and len(test) == 48
+    classes = (micro_world / "classnames.txt").read_text().split("\n")[:-1]
+    assert classes == list(CLASS_NAMES)
+    assert test["label"].between(0, len(classes) - 1).all()
+    img = Image.open(micro_world / train["image"][0])
+    assert img.format == "PNG" and img.size == (32, 32) and img.mode == "RGB"
+    assert "{}" in (micro_world / "templates.txt").read_text()
+    assert json.loads((micro_world / "world.json").read_text())["counts"]["train"] == 96
+
+
+def test_same_seed_same_world_bytes(tmp_path):
+    cfg = WorldConfig(seed=1, image_size=32, train=6, clean=3, test=12, workers=1)
+    a = make_world(cfg, tmp_path / "a", progress=False)
+    b = make_world(cfg, tmp_path / "b", progress=False)
+    for name in ["train.csv", "test.csv", "images/train/000005.png", "images/test/000011.png"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_existing_world_is_kept_or_refused(tmp_path):
+    cfg = WorldConfig(seed=1, image_size=32, train=4, clean=2, test=12, workers=1)
+    make_world(cfg, tmp_path, progress=False)
+    make_world(cfg, tmp_path, reuse=True, progress=False)  # identical: kept
+    with pytest.raises(ParError, match="already holds a world"):
+        make_world(WorldConfig(seed=2, image_size=32, train=4, clean=2, test=12, workers=1), tmp_path, reuse=True)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Clean a poisoned CLIP with PAR, then validate it.
+#
+#   bash trigger.sh                      offline demo on the synthetic world (configs/demo.yaml)
+#   CHECKPOINT=poisoned.pt ENCODER=RN50 TRAIN_CSV=cc3m_250k.csv IMAGE_ROOT=/data/cc3m \
+#       ATTACK=badnet_rs LABEL=banana bash trigger.sh
+#
+# Variables (the reference script's names are accepted too):
+#   CHECKPOINT (modelPath)   poisoned checkpoint to clean; unset = demo
+#   ENCODER (modeln)         open_clip name or OpenAI spelling (RN50, ViT-B/32, ViT-L/14@336px, ...)
+#   TRAIN_CSV (trainData)    clean image,caption CSV to clean with
+#   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
+#   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo)
+#   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
+#   PAR_CONFIG               training config (default configs/par.yaml); extra `--key value`
+#                            arguments to this script override its keys
+#   DEMO_PROFILE             demo settings (default configs/demo.yaml)
+# Validation data for a real checkpoint: see trigger_validate.sh (EVAL_CSV, EVAL_CLASSNAMES, ...).
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/setup.sh
+
+CHECKPOINT="${CHECKPOINT:-${modelPath:-}}"
+ENCODER="${ENCODER:-${modeln:-}}"
+TRAIN_CSV="${TRAIN_CSV:-${trainData:-}}"
+IMAGE_ROOT="${IMAGE_ROOT:-${imgRoot:-}}"
+OUT_DIR="${OUT_DIR:-${outDIR:-}}"
+ATTACK="${ATTACK:-}"
+LABEL="${LABEL:-}"
+
+if [ -z "$CHECKPOINT" ]; then
+    exec "$PY" -m par demo --profile "${DEMO_PROFILE:-configs/demo.yaml}" --out "${OUT_DIR:-runs/demo}" \
+        ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"}
+fi
+
+: "${ENCODER:?set ENCODER (modeln) to the checkpoint's encoder, e.g. RN50}"
+: "${TRAIN_CSV:?set TRAIN_CSV (trainData) to a clean image,caption CSV}"
+OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
+"$PY" -m par train --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" --init_checkpoint "$CHECKPOINT" \
+    --train_csv "$TRAIN_CSV" ${IMAGE_ROOT:+--image_root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
+bash trigger_validate.sh "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
