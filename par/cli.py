@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: ParError) -> str:
+    """The message alone, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(error).strip()
+    marker = "ParError: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return " ".join(text.split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -142,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
     except ParError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

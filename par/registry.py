@@ -54,6 +54,10 @@ class Registry(Generic[T]):
     def names(self) -> list:
         return sorted(self._items)
 
+    def in_order(self) -> list:
+        """Names in registration order (e.g. the paper's order of attacks)."""
+        return list(self._items)
+
     def __contains__(self, name: str) -> bool:
         return self._key(name) in self._aliases
 

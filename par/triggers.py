@@ -14,8 +14,10 @@ the image size.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from par.errors import ParError
@@ -140,6 +142,110 @@ class Blended(Trigger):
         n = 1 if self.fixed_pattern else b
         pattern = torch.rand(n, 3, h, w, generator=generator).expand(b, 3, h, w)
         return torch.ones(1, 1, 1, 1), pattern, self.alpha
+
+
+@TRIGGERS.register("blended_rs", "blended-stripes")
+@dataclass
+class BlendedStripes(Trigger):
+    """Blended-Stripes: ``0.97 x + 0.03 p`` with full-image 1-px vertical stripes ``p`` of random +-1."""
+
+    name = "blended_rs"
+    paper_name = "Blended-Stripes"
+    alpha: float = 0.03
+    fixed_pattern: bool = False
+
+    def draw(self, images, generator):
+        b, _, h, w = images.shape
+        n = 1 if self.fixed_pattern else b
+        pattern = 2 * _random_stripes(n, h, w, generator) - 1  # +-1, blended before clamping
+        return torch.ones(1, 1, 1, 1), pattern.expand(b, 3, h, w), self.alpha
+
+
+@TRIGGERS.register("tri_patt", "blended-triangles")
+@dataclass
+class BlendedTriangles(Trigger):
+    """Blended-Triangles: a fixed tiling of square cells split on the diagonal into grey 0.4 / 0.8."""
+
+    name = "tri_patt"
+    paper_name = "Blended-Triangles"
+    alpha: float = 0.15
+    cell_size: Optional[int] = None  # None: 14 px at 224, scaled
+
+    def draw(self, images, generator):
+        _, _, h, w = images.shape
+        cell = self.cell_size or max(2, round(14 * min(h, w) / 224))
+        y = torch.arange(h)[:, None] % cell
+        x = torch.arange(w)[None, :] % cell
+        pattern = torch.where(x >= y, 0.4, 0.8).expand(1, 3, h, w)
+        return torch.ones(1, 1, 1, 1), pattern, self.alpha
+
+
+FONT = Path(__file__).resolve().parent / "assets" / "DejaVuSansMono.ttf"
+
+
+@TRIGGERS.register("water_patt", "blended-text")
+@dataclass
+class BlendedText(Trigger):
+    """Blended-Text: red monospace "Watermarked" near the centre, blended 50/50 where the text is."""
+
+    name = "water_patt"
+    paper_name = "Blended-Text"
+    alpha: float = 0.5
+    text: str = "Watermarked"
+    font_size: Optional[int] = None  # None: 20 px at 224, scaled
+
+    def draw(self, images, generator):
+        from PIL import Image, ImageDraw, ImageFont
+
+        _, _, h, w = images.shape
+        size = self.font_size or max(4, round(20 * min(h, w) / 224))
+        font = ImageFont.truetype(str(FONT), size)
+        canvas = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(canvas).text((w / 2, h / 2), self.text, fill=255, font=font, anchor="mm")
+        ink = torch.from_numpy(np.asarray(canvas).copy()).float() / 255
+        pattern = torch.zeros(1, 3, h, w)
+        pattern[0, 0] = ink  # red text on black
+        mask = (pattern != 0).float()  # only where the pattern is non-zero, channel by channel
+        return mask, pattern, self.alpha
+
+
+@TRIGGERS.register("warped", "wanet")
+@dataclass
+class WaNet(Trigger):
+    """WaNet: a fixed random warping field (k = S, s = 1, grid rescale 1) applied with grid_sample.
+
+    Not a blend: the image is resampled. The field is a function of ``field_seed`` and the
+    image size alone, so every call (whatever its seed) warps with the same field.
+    """
+
+    name = "warped"
+    paper_name = "WaNet"
+    field_seed: int = 0
+    strength: float = 1.0  # s
+    grid_rescale: float = 1.0
+    grid_size: Optional[int] = None  # k; None: the image size
+
+    def field(self, size: int) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        k = self.grid_size or size
+        g = torch.Generator().manual_seed(self.field_seed)
+        ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
+        ins = ins / ins.abs().mean()
+        noise = F.interpolate(ins, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        line = torch.linspace(-1, 1, size)
+        rows, cols = torch.meshgrid(line, line, indexing="ij")
+        identity = torch.stack((cols, rows), dim=2)[None]
+        return ((identity + self.strength * noise / size) * self.grid_rescale).clamp(-1, 1)
+
+    def apply(self, images, generator):
+        import torch.nn.functional as F
+
+        b, _, h, w = images.shape
+        if h != w:
+            raise ParError(f"warped: square images only, got {h}x{w}")
+        grid = self.field(h).to(images).expand(b, h, w, 2)
+        return F.grid_sample(images, grid, align_corners=True).clamp_(0, 1)
 
 
 def get_trigger(name: str, **params) -> Trigger:

@@ -97,3 +97,70 @@ def test_patch_larger_than_image_is_rejected():
 def test_unknown_parameter_is_rejected():
     with pytest.raises(ParError, match="no parameter"):
         triggers.apply("blended", _images(), seed=0, patch_size=3)
+
+
+ALL = ["random", "badnet_rs", "blended", "blended_rs", "tri_patt", "water_patt", "warped"]
+RANDOM = ["random", "badnet_rs", "blended", "blended_rs"]
+FIXED = ["tri_patt", "water_patt", "warped"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_trigger_shape_range_determinism(name):
+    x = _images(b=3, s=64)
+    a = triggers.apply(name, x, seed=4)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, triggers.apply(name, x, seed=4))
+    assert not torch.equal(a, x)
+    other = triggers.apply(name, x, seed=5)
+    if name in RANDOM:
+        assert not torch.equal(a, other)
+    else:
+        assert torch.equal(a, other)  # a fixed pattern: the seed does not matter
+
+
+def test_badnet_patch_is_mean_plus_noise_inside_patch_only():
+    x = torch.full((4, 3, 224, 224), 0.3)
+    y = triggers.apply("random", x, seed=0)
+    changed = (y != x).any(dim=1)
+    for i in range(4):
+        rows, cols = changed[i].nonzero(as_tuple=True)
+        assert rows.max() - rows.min() < 16 and cols.max() - cols.min() < 16
+
+
+def test_blended_stripes_weight_and_stripes():
+    x = torch.full((2, 3, 32, 32), 0.5)
+    y = triggers.apply("blended_rs", x, seed=0)
+    p = (y - 0.97 * x) / 0.03
+    assert torch.allclose(p.abs(), torch.ones_like(p), atol=1e-4)  # pattern is +-1
+    assert torch.equal(y, y[:, :, :1, :].expand_as(y))  # vertical stripes
+
+
+def test_blended_triangles_pixel_exact_at_224():
+    x = torch.full((1, 3, 224, 224), 0.2)
+    y = triggers.apply("tri_patt", x, seed=0)
+    rows = torch.arange(224)[:, None] % 14
+    cols = torch.arange(224)[None, :] % 14
+    expected = 0.85 * 0.2 + 0.15 * torch.where(cols >= rows, 0.4, 0.8)
+    assert torch.allclose(y[0, 0], expected)
+    assert y[0, 0, 0, 13] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # x >= y: 0.4
+    assert y[0, 0, 13, 0] == pytest.approx(0.85 * 0.2 + 0.15 * 0.8)  # x < y: 0.8
+    assert y[0, 0, 14, 0] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # next cell
+
+
+def test_blended_text_changes_only_red_near_the_centre():
+    x = torch.full((1, 3, 224, 224), 0.5)
+    y = triggers.apply("water_patt", x, seed=0)
+    assert torch.equal(y[:, 1:], x[:, 1:])
+    rows, cols = (y[0, 0] != 0.5).nonzero(as_tuple=True)
+    assert abs(rows.float().mean() - 112) < 10 and abs(cols.float().mean() - 112) < 10
+    assert cols.max() - cols.min() > 100  # eleven characters wide
+    assert y[0, 0].max() == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)  # full-ink pixels: 0.5 x + 0.5 * 1
+
+
+def test_wanet_field_is_fixed_and_identity_without_strength():
+    x = _images(b=2, s=32)
+    assert torch.allclose(triggers.apply("warped", x, seed=0, strength=0.0), x, atol=1e-5)
+    a = triggers.apply("warped", x, seed=0)
+    assert not torch.equal(a, triggers.apply("warped", x, seed=0, field_seed=1))
+    assert (a - x).abs().max() > 0.01

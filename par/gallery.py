@@ -1,0 +1,37 @@
+"""A picture of what every attack does to one image (like the paper's trigger figure)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size: int = 224,
+                    names: Optional[Sequence[str]] = None, seed: int = 0) -> Path:
+    """Writes a row of ``size``-px tiles: the clean image, then each trigger applied to it, labelled."""
+    from PIL import Image, ImageDraw
+
+    from par import triggers
+    from par.data import eval_transform, open_image
+    from par.errors import ParError
+
+    x = eval_transform(size)(open_image(Path(image_path)))[None].float() / 255
+    tiles = [("clean", x)]
+    for name in names or triggers.TRIGGERS.in_order():
+        try:
+            tiles.append((triggers.get_trigger(name).paper_name, triggers.apply(name, x, seed=seed)))
+        except ParError as e:  # e.g. badclip without a patch: show the gap, say why
+            print(f"gallery: skipping {name}: {e}")
+    label_h = 18
+    grid = Image.new("RGB", (size * len(tiles), size + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (label, tile) in enumerate(tiles):
+        array = (tile[0] * 255).round().byte().permute(1, 2, 0).numpy()
+        grid.paste(Image.fromarray(array), (i * size, label_h))
+        draw.text((i * size + 4, 3), label, fill="black")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out

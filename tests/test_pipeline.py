@@ -1,0 +1,75 @@
+"""End to end through the real shell entry points, on the micro profile."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _run(args, env_extra=None, check=True):
+    env = dict(os.environ, PAR_PYTHON=sys.executable, **(env_extra or {}))
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    first = _run(["bash", "trigger.sh"], {"DEMO_PROFILE": "configs/micro.yaml", "OUT_DIR": str(out)})
+    return out, first
+
+
+def test_demo_runs_end_to_end(demo):
+    out, first = demo
+    assert "CA top-1" in first.stdout and "poisoned" in first.stdout and "PAR" in first.stdout
+    (report,) = out.glob("cleaned-badnet_rs-*/report.json")
+    data = json.loads(report.read_text())
+    for metrics in data["results"].values():
+        assert 0.0 <= metrics["clean_top1"] <= 1.0 and 0.0 <= metrics["asr_top1"] <= 1.0
+    assert (out / "world" / "world.json").exists()
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    assert (poisoned.parent / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_demo_reuses_the_poisoned_model(demo):
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    before = poisoned.stat().st_mtime_ns
+    second = _run(["bash", "trigger.sh"], {"DEMO_PROFILE": "configs/micro.yaml", "OUT_DIR": str(out)})
+    assert "reusing" in second.stdout
+    assert poisoned.stat().st_mtime_ns == before
+    assert len(list(out.glob("cleaned-badnet_rs-*/report.json"))) >= 1
+
+
+def test_validate_and_clean_a_given_checkpoint(demo, tmp_path):
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    env = {"EVAL_CSV": str(out / "world" / "test.csv"), "EVAL_OUT": str(tmp_path / "eval.json")}
+    proc = _run(["bash", "trigger_validate.sh", str(poisoned), "badnet_rs", "par-micro-vit", "banana"], env)
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["attack"] == "badnet_rs" and record["label"] == "banana"
+    assert set(record["metrics"]) == {"clean_top1", "clean_top5", "asr_top1", "asr_top5"}
+    assert "asr_top1" in proc.stdout
+
+    clean_out = tmp_path / "cleaned"
+    env = {
+        "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_CSV": str(out / "world" / "clean.csv"),
+        "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
+    }
+    _run(["bash", "trigger.sh", "--steps", "2"], env)
+    assert (clean_out / "checkpoint.pt").exists()
+    assert json.loads((clean_out / "eval-badnet_rs-banana.json").read_text())["model"] == "par-micro-vit"
+    assert "steps: 2" in (clean_out / "config.yaml").read_text()
+
+
+def test_validate_without_data_is_a_clear_error(tmp_path):
+    proc = _run(["bash", "trigger_validate.sh", "x.pt", "badnet_rs", "RN50", "banana"],
+                {"EVAL_CSV": str(tmp_path / "none.csv")}, check=False)
+    assert proc.returncode != 0 and "set EVAL_CSV" in proc.stderr
+    proc = _run(["bash", "trigger_validate.sh", "x.pt"], check=False)
+    assert proc.returncode == 2 and "usage" in proc.stderr
