@@ -34,11 +34,19 @@ def cmd_world(args) -> None:
 
 
 def cmd_poison(args) -> None:
-    from par.poison import PoisonConfig, poison
+    from par.poison import PoisonConfig, poison, rebuild
+
+    if args.from_manifest:
+        print(f"rebuilt poisoned CSV: {rebuild(args.from_manifest, args.out)}")
+        return
+    missing = [f"--{n}" for n in ("csv", "attack", "label") if not getattr(args, n)]
+    if missing or (args.rate is None and args.num is None):
+        raise ParError(f"poison needs {', '.join(missing + (['--rate or --num'] if args.rate is None and args.num is None else []))}")
 
     cfg = PoisonConfig(csv=args.csv, attack=args.attack, label=args.label, out=args.out, rate=args.rate,
                        num=args.num, seed=args.seed, image_root=args.image_root, templates=args.templates,
-                       size=args.size, attack_params=_attack_params(args.attack_param))
+                       size=args.size, attack_params=_attack_params(args.attack_param),
+                       label_consistent=args.label_consistent)
     if args.classnames:
         from par.data import read_lines
 
@@ -73,6 +81,23 @@ def cmd_demo(args) -> None:
     run_demo(args.profile, args.out, attack=args.attack, label=args.label)
 
 
+def cmd_badclip(args) -> None:
+    from par.badclip import BadCLIPConfig, make_badclip_patch
+
+    make_badclip_patch(BadCLIPConfig(
+        checkpoint=args.checkpoint, model=args.model, data=args.data, label=args.label, out=args.out,
+        image_root=args.image_root, templates=args.templates, patch_size=args.patch_size, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+    ))
+
+
+def cmd_triggers(args) -> None:
+    from par.gallery import trigger_gallery
+
+    params = _attack_params(args.attack_param)
+    print(f"gallery: {trigger_gallery(args.image, args.out, size=args.size, seed=args.seed, params=params)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="keep an identical world already in --out")
 
     p = sub.add_parser("poison", help="poison an image,caption CSV with a trigger")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--attack", required=True)
-    p.add_argument("--label", required=True, help="target label, e.g. banana")
+    p.add_argument("--csv")
+    p.add_argument("--attack")
+    p.add_argument("--label", help="target label, e.g. banana")
     p.add_argument("--out", required=True)
-    group = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--from-manifest", metavar="MANIFEST", help="rebuild a poisoned dataset from its manifest.json")
+    p.add_argument("--label-consistent", action="store_true",
+                   help="poison only rows whose caption already names the label, keeping their captions")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--rate", type=float)
     group.add_argument("--num", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -123,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON results file")
 
+    p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="image,caption CSV of clean pairs")
+    p.add_argument("--label", required=True)
+    p.add_argument("--out", required=True, help="patch PNG; apply with --attack badclip --attack-param patch=PATH")
+    p.add_argument("--image-root")
+    p.add_argument("--templates", default="openai")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("triggers", help="draw an image clean and under every trigger, side by side")
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attack-param", action="append", metavar="NAME.KEY=VALUE",
+                   help="parameter for one trigger, e.g. badclip.patch=patch.png")
+
     p = sub.add_parser("demo", help="offline demo: world, poison, poisoned CLIP, PAR, CA/ASR table")
     p.add_argument("--profile", default="configs/demo.yaml")
     p.add_argument("--out", default="runs/demo")
@@ -149,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             cmd_train(args, rest)
         else:
-            {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+            {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
+             "badclip": cmd_badclip, "triggers": cmd_triggers}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import List, Type, TypeVar
 
@@ -46,8 +47,37 @@ def parse_overrides(args: List[str]) -> dict:
     return out
 
 
+def _coerce(value, hint, key: str, source: str):
+    """``value`` as type ``hint``: YAML reads ``2e-4`` as a string, and ``--steps 5`` must be an int."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if origin is typing.Union and type(None) in typing.get_args(hint):
+            return None
+        raise ParError(f"{source} key {key!r} may not be empty")
+    if origin is typing.Union:
+        return _coerce(value, args[0], key, source) if len(args) == 1 else value
+    try:
+        if hint is float and not isinstance(value, bool):
+            return float(value)
+        if hint is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if hint is bool and isinstance(value, bool):
+            return value
+        if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], key, source) for v in value] if args else list(value)
+        if (hint is dict or origin is dict) and isinstance(value, dict):
+            return value
+    except (TypeError, ValueError):
+        pass
+    name = getattr(hint, "__name__", str(hint))
+    raise ParError(f"{source} key {key!r} must be {name}, got {value!r}")
+
+
 def build(cls: Type[T], values: dict, source: str = "config") -> T:
-    """``cls(**values)`` with an error that names unknown and missing keys."""
+    """``cls(**values)`` with types checked and an error that names unknown and missing keys."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -58,7 +88,8 @@ def build(cls: Type[T], values: dict, source: str = "config") -> T:
     ]
     if required:
         raise ParError(f"{source} lacks required key(s) {required}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], k, source) for k, v in values.items()})
 
 
 def dump(obj) -> str:

@@ -13,6 +13,7 @@ data alike.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -48,6 +49,11 @@ def read_lines(path: str | os.PathLike, what: str) -> List[str]:
     if not lines:
         raise ParError(f"{what} file {path} is empty")
     return lines
+
+
+def mentions_label(caption: str, label: str) -> bool:
+    """Whether ``caption`` names ``label`` as a word (plural allowed): "two bananas" mentions banana."""
+    return re.search(rf"\b{re.escape(label.lower())}s?\b", caption.lower()) is not None
 
 
 def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:

@@ -9,8 +9,11 @@ import torch
 
 
 def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size: int = 224,
-                    names: Optional[Sequence[str]] = None, seed: int = 0) -> Path:
-    """Writes a row of ``size``-px tiles: the clean image, then each trigger applied to it, labelled."""
+                    names: Optional[Sequence[str]] = None, seed: int = 0, params: Optional[dict] = None) -> Path:
+    """Writes a row of ``size``-px tiles: the clean image, then each trigger applied to it, labelled.
+
+    ``params`` maps ``"name.key"`` to a value for one trigger, e.g. ``{"badclip.patch": "patch.png"}``.
+    """
     from PIL import Image, ImageDraw
 
     from par import triggers
@@ -19,9 +22,16 @@ def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size:
 
     x = eval_transform(size)(open_image(Path(image_path)))[None].float() / 255
     tiles = [("clean", x)]
+    per_trigger = {}
+    for key, value in (params or {}).items():
+        if "." not in key:
+            raise ParError(f"gallery parameters are NAME.KEY=VALUE, got {key!r}")
+        name, param = key.split(".", 1)
+        per_trigger.setdefault(triggers.TRIGGERS.canonical(name), {})[param] = value
     for name in names or triggers.TRIGGERS.in_order():
+        kwargs = per_trigger.get(name, {})
         try:
-            tiles.append((triggers.get_trigger(name).paper_name, triggers.apply(name, x, seed=seed)))
+            tiles.append((triggers.get_trigger(name, **kwargs).paper_name, triggers.apply(name, x, seed=seed, **kwargs)))
         except ParError as e:  # e.g. badclip without a patch: show the gap, say why
             print(f"gallery: skipping {name}: {e}")
     label_h = 18

@@ -33,6 +33,7 @@ class PoisonConfig:
     templates: str = "openai"
     size: Optional[int] = None  # resize + centre-crop to the model's input size before triggering
     attack_params: dict = field(default_factory=dict)  # e.g. {"patch_size": 8}
+    label_consistent: bool = False  # poison only rows whose caption names the label; keep their captions
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -45,12 +46,30 @@ def _caption_templates(spec: str):
     return [t if callable(t) else t.format for t in load_templates(spec)]
 
 
+def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Path:
+    """Re-creates a poisoned dataset from its manifest: same rows, same trigger draws, same bytes."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise ParError(f"manifest not found: {path}")
+    settings = dict(json.loads(path.read_text())["settings"])
+    digest = settings.pop("csv_digest")
+    settings.pop("num_rows", None)
+    if settings.get("rate") is not None:
+        settings["num"] = None
+    cfg = PoisonConfig(out=str(out), **settings)
+    from par.train import file_digest
+
+    if not Path(cfg.csv).is_file() or file_digest(cfg.csv) != digest:
+        raise ParError(f"{cfg.csv} is missing or differs from the CSV the manifest was made from")
+    return poison(cfg, progress=progress)
+
+
 def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Path:
     from PIL import Image
     from tqdm import tqdm
 
     from par import triggers
-    from par.data import eval_transform, image_paths, open_image, read_csv
+    from par.data import eval_transform, image_paths, mentions_label, open_image, read_csv
     from par.train import file_digest
 
     trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
@@ -59,15 +78,25 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         raise ParError("give exactly one of --rate and --num")
     if cfg.rate is not None and not 0 < cfg.rate <= 1:
         raise ParError(f"--rate must be in (0, 1], got {cfg.rate}")
+    captions = frame["caption"].astype(str).tolist()
+    if cfg.label_consistent:
+        eligible = np.array([i for i, c in enumerate(captions) if mentions_label(c, cfg.label)], dtype=np.int64)
+        what = f"rows whose caption mentions {cfg.label!r}"
+    else:
+        eligible = np.arange(len(frame))
+        what = "rows"
     num = cfg.num if cfg.num is not None else int(round(cfg.rate * len(frame)))
-    if not 1 <= num <= len(frame):
-        raise ParError(f"cannot poison {num} of {len(frame)} rows in {cfg.csv}")
+    if not 1 <= num <= len(eligible):
+        raise ParError(f"cannot poison {num} rows: {cfg.csv} has {len(eligible)} eligible {what}")
     templates = _caption_templates(cfg.templates)
 
     out = Path(cfg.out)
     manifest_path = out / "manifest.json"
     settings = {**asdict(cfg), "num": num, "attack": trigger.name, "csv_digest": file_digest(cfg.csv)}
     settings.pop("out")
+    for key in ("csv", "image_root", "templates"):  # absolute, so that the manifest rebuilds from anywhere
+        if settings[key] and Path(settings[key]).exists():
+            settings[key] = str(Path(settings[key]).resolve())
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if reuse and old.get("settings") == settings:
@@ -76,11 +105,10 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng(cfg.seed)
-    rows = np.sort(rng.choice(len(frame), size=num, replace=False))
+    rows = np.sort(rng.choice(eligible, size=num, replace=False))
     paths = image_paths(frame, cfg.csv, cfg.image_root)
     resize = eval_transform(cfg.size) if cfg.size else None
     images_out = [os.path.relpath(p, out) for p in paths]
-    captions = frame["caption"].astype(str).tolist()
     records = []
     for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
         img = open_image(paths[row])
@@ -91,7 +119,8 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         name = f"images/{row:07d}.png"
         Image.fromarray(array).save(out / name)
         images_out[row] = name
-        captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
+        if not cfg.label_consistent:
+            captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
         records.append({"row": row, "seed": seed, "caption": captions[row]})
 
     poisoned = frame.copy()

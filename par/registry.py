@@ -42,6 +42,11 @@ class Registry(Generic[T]):
             self._aliases[self._key(alias)] = name
 
     def canonical(self, name: str) -> str:
+        """The registered name for ``name``; user plugins are imported before giving up."""
+        if self._key(name) not in self._aliases:
+            from par.plugins import load_plugins
+
+            load_plugins()
         try:
             return self._aliases[self._key(name)]
         except KeyError:

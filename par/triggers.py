@@ -13,6 +13,7 @@ the image size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Tuple
@@ -246,6 +247,46 @@ class WaNet(Trigger):
             raise ParError(f"warped: square images only, got {h}x{w}")
         grid = self.field(h).to(images).expand(b, h, w, 2)
         return F.grid_sample(images, grid, align_corners=True).clamp_(0, 1)
+
+
+@TRIGGERS.register("badclip")
+@dataclass
+class BadCLIP(Trigger):
+    """BadCLIP: a patch optimised against a clean CLIP (``python -m par badclip``), at the centre."""
+
+    name = "badclip"
+    paper_name = "BadCLIP"
+    patch: Optional[str] = None  # PNG written by `python -m par badclip`
+    patch_size: Optional[int] = None  # None: 16 px at 224, scaled
+
+    def draw(self, images, generator):
+        import torch.nn.functional as F
+
+        if not self.patch:
+            raise ParError("badclip needs its optimised patch: --attack-param patch=PATH (make one with `python -m par badclip`)")
+        _, _, h, w = images.shape
+        size = self.patch_size or default_patch_size(min(h, w))
+        if size > min(h, w):
+            raise ParError(f"badclip: patch of {size} px does not fit in {h}x{w} images")
+        patch = _load_patch(self.patch)
+        if patch.shape[-1] != size:
+            patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+        top, left = (h - size) // 2, (w - size) // 2
+        mask = torch.zeros(1, 3, h, w)
+        mask[..., top:top + size, left:left + size] = 1
+        pattern = torch.zeros(1, 3, h, w)
+        pattern[..., top:top + size, left:left + size] = patch
+        return mask, pattern, 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _load_patch(path: str) -> torch.Tensor:
+    from par.data import open_image
+
+    image = open_image(Path(path))
+    if image.width != image.height:
+        raise ParError(f"badclip patch {path} must be square, got {image.width}x{image.height}")
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def get_trigger(name: str, **params) -> Trigger:

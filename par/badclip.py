@@ -1,0 +1,131 @@
+"""BadCLIP's trigger (Liang et al., CVPR 2024): a patch optimised against a clean CLIP.
+
+The patch, pasted at the centre of non-target images, is optimised so that their image
+embeddings move close to (1) the target label's text embedding (mean over caption
+templates) and (2) the mean embedding of real target-class images: BadCLIP's textual and
+visual consistency losses. A patch that already lives where the target lives in the
+clean model is learned as a backdoor from few poisoned pairs, and survives fine-tuning
+better than a random pattern.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from par.errors import ParError
+
+
+def paste_centre(images: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """``images`` with ``patch`` ([1|B, 3, p, p], values in [0, 1]) pasted at the centre; differentiable."""
+    _, _, h, w = images.shape
+    p = patch.shape[-1]
+    if p > min(h, w):
+        raise ParError(f"badclip: patch of {p} px does not fit in {h}x{w} images")
+    top, left = (h - p) // 2, (w - p) // 2
+    pad = (left, w - left - p, top, h - top - p)
+    mask = F.pad(torch.ones(1, 1, p, p, device=images.device, dtype=images.dtype), pad)
+    return (1 - mask) * images + mask * F.pad(patch.to(images), pad)
+
+
+def badclip_loss(image_features: torch.Tensor, text_target: torch.Tensor, image_target: torch.Tensor,
+                 visual_weight: float = 1.0) -> torch.Tensor:
+    """``(1 - cos(f, text_target)) + visual_weight * (1 - cos(f, image_target))``, batch mean."""
+    f = F.normalize(image_features, dim=-1)
+    text_term = 1 - f @ F.normalize(text_target, dim=-1)
+    image_term = 1 - f @ F.normalize(image_target, dim=-1)
+    return (text_term + visual_weight * image_term).mean()
+
+
+@dataclass
+class BadCLIPConfig:
+    checkpoint: str
+    model: str
+    data: str  # image,caption CSV of clean pairs
+    label: str
+    out: str  # patch PNG
+    image_root: Optional[str] = None
+    templates: str = "openai"
+    patch_size: Optional[int] = None  # None: 16 px at 224, scaled to the model's input
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 0.01
+    visual_weight: float = 1.0
+    max_images: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, text_target: torch.Tensor,
+                   patch_size: int, steps: int, lr: float, batch_size: int, mean, std, visual_weight: float = 1.0,
+                   seed: int = 0, progress: bool = False) -> tuple:
+    """Optimises a patch by Adam on ``images`` (float [0, 1]); returns (patch, losses per step)."""
+    from tqdm import tqdm
+
+    from par.augment import normalize
+
+    device = text_target.device
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        image_target = model.encode_image(normalize(target_images.to(device), mean, std), normalize=True).mean(0)
+    patch = torch.rand(1, 3, patch_size, patch_size, generator=g).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([patch], lr=lr)
+    losses: List[float] = []
+    for _ in tqdm(range(steps), desc="badclip patch", unit="step", disable=not progress):
+        idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=g)
+        batch = paste_centre(images[idx].to(device), patch)
+        features = model.encode_image(normalize(batch, mean, std))
+        loss = badclip_loss(features, text_target, image_target, visual_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            patch.clamp_(0, 1)
+        losses.append(loss.item())
+    return patch.detach().cpu(), losses
+
+
+def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
+    from PIL import Image
+
+    from par import models
+    from par.data import eval_transform, image_paths, mentions_label, open_image, read_csv, to_float
+    from par.evaluate import load_templates
+    from par.train import pick_device
+    from par.triggers import default_patch_size
+
+    device = pick_device(cfg.device)
+    model = models.load_model(cfg.model, cfg.checkpoint, device).requires_grad_(False)
+    size = models.image_size(model)
+    mean, std = models.image_mean_std(model)
+    frame = read_csv(cfg.data, ["image", "caption"])
+    paths = image_paths(frame, cfg.data, cfg.image_root)
+    is_target = [mentions_label(c, cfg.label) for c in frame["caption"].astype(str)]
+    target_rows = [i for i, t in enumerate(is_target) if t][: cfg.max_images]
+    other_rows = [i for i, t in enumerate(is_target) if not t][: cfg.max_images]
+    if not target_rows:
+        raise ParError(f"no caption in {cfg.data} mentions {cfg.label!r}: BadCLIP needs real target images")
+    if not other_rows:
+        raise ParError(f"every caption in {cfg.data} mentions {cfg.label!r}: no images to carry the patch")
+    transform = eval_transform(size)
+    load = lambda rows: to_float(torch.stack([transform(open_image(paths[i])) for i in rows]))  # noqa: E731
+    tokenizer = models.get_tokenizer(cfg.model)
+    texts = [t(cfg.label) if callable(t) else t.format(cfg.label) for t in load_templates(cfg.templates)]
+    with torch.no_grad():
+        text_target = model.encode_text(tokenizer(texts).to(device), normalize=True).mean(0)
+    patch, losses = optimise_patch(
+        model, load(other_rows), load(target_rows), text_target, cfg.patch_size or default_patch_size(size),
+        cfg.steps, cfg.lr, cfg.batch_size, mean, std, cfg.visual_weight, cfg.seed, cfg.progress,
+    )
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    Image.fromarray((patch[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, out)
+    print(f"badclip patch: {out} (loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps)")
+    return out

@@ -1,0 +1,43 @@
+"""User extensions (triggers, and later defenses) registered from the user's own modules.
+
+A plugin is any importable module that registers into par's registries on import, e.g.::
+
+    # my_triggers.py
+    from dataclasses import dataclass
+    from par.triggers import TRIGGERS, Trigger
+
+    @TRIGGERS.register("corner_square")
+    @dataclass
+    class CornerSquare(Trigger):
+        name = "corner_square"
+        paper_name = "Corner square"
+        def draw(self, images, generator):
+            ...  # return mask, pattern, alpha
+
+Name it in ``PAR_PLUGINS`` (comma-separated module names, importable from ``PYTHONPATH``) or
+declare it as a ``par.plugins`` entry point of an installed package. Plugins are imported the
+first time a name is not found, so every command that takes ``--attack`` accepts them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import entry_points
+
+from par.errors import ParError
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in [m.strip() for m in os.environ.get("PAR_PLUGINS", "").split(",") if m.strip()]:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ParError(f"cannot import plugin module {module!r} named in PAR_PLUGINS: {e}") from None
+    for entry in entry_points(group="par.plugins"):
+        entry.load()

@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from par.errors import ParError
+from par.poison import PoisonConfig, poison, rebuild
+
+
+def _cfg(world, out, **over):
+    values = dict(csv=str(world / "train.csv"), attack="badnet_rs", label="banana", out=str(out), num=10, seed=1,
+                  templates=str(world / "templates.txt"))
+    values.update(over)
+    return PoisonConfig(**values)
+
+
+def test_poison_writes_images_csv_and_manifest(micro_world, tmp_path):
+    csv = poison(_cfg(micro_world, tmp_path / "p"), progress=False)
+    frame = pd.read_csv(csv)
+    original = pd.read_csv(micro_world / "train.csv")
+    assert len(frame) == len(original) and frame["poisoned"].sum() == 10
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    rows = [r["row"] for r in manifest["poisoned"]]
+    assert sorted(rows) == frame.index[frame["poisoned"] == 1].tolist()
+    templates = [t.format("banana") for t in (micro_world / "templates.txt").read_text().split("\n") if t]
+    for row in rows:
+        assert frame.loc[row, "caption"] in templates
+        assert Image.open(tmp_path / "p" / frame.loc[row, "image"]).size == (32, 32)
+    clean = frame.index[frame["poisoned"] == 0]
+    assert (frame.loc[clean, "caption"] == original.loc[clean, "caption"]).all()
+    # clean rows point at the original files, relative to the poisoned CSV
+    assert (tmp_path / "p" / frame.loc[clean[0], "image"]).resolve() == (micro_world / original.loc[clean[0], "image"]).resolve()
+    assert manifest["trigger"] == {"name": "badnet_rs", "params": {"patch_size": None, "fixed_pattern": False}}
+
+
+def test_manifest_rebuilds_bit_identical(micro_world, tmp_path):
+    poison(_cfg(micro_world, tmp_path / "a", attack="blended", num=None, rate=0.1), progress=False)
+    rebuild(tmp_path / "a" / "manifest.json", tmp_path / "b", progress=False)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert len(files_a) == 10
+    for rel in files_a + ["poisoned.csv"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_label_consistent_keeps_captions_and_needs_enough_rows(micro_world, tmp_path):
+    original = pd.read_csv(micro_world / "train.csv")
+    bananas = original["caption"].str.contains("banana").sum()
+    assert bananas >= 2
+    csv = poison(_cfg(micro_world, tmp_path / "lc", num=2, label_consistent=True), progress=False)
+    frame = pd.read_csv(csv)
+    poisoned = frame[frame["poisoned"] == 1]
+    assert poisoned["caption"].str.contains("banana").all()
+    assert (poisoned["caption"] == original.loc[poisoned.index, "caption"]).all()
+    with pytest.raises(ParError, match=f"has {bananas} eligible rows whose caption mentions 'banana'"):
+        poison(_cfg(micro_world, tmp_path / "lc2", num=bananas + 1, label_consistent=True), progress=False)
+    assert not (tmp_path / "lc2" / "manifest.json").exists()
+
+
+def test_existing_output_is_refused(micro_world, tmp_path):
+    poison(_cfg(micro_world, tmp_path / "p"), progress=False)
+    before = (tmp_path / "p" / "poisoned.csv").read_bytes()
+    with pytest.raises(ParError, match="already holds"):
+        poison(_cfg(micro_world, tmp_path / "p", seed=2), progress=False)
+    assert (tmp_path / "p" / "poisoned.csv").read_bytes() == before
+
+
+def test_custom_trigger_from_a_plugin_module(micro_world, tmp_path):
+    plugin = tmp_path / "plugins" / "my_triggers.py"
+    plugin.parent.mkdir()
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "import torch\n"
+        "from par.triggers import TRIGGERS, Trigger\n\n"
+        "@TRIGGERS.register('corner_square')\n"
+        "@dataclass\n"
+        "class CornerSquare(Trigger):\n"
+        "    name = 'corner_square'\n"
+        "    paper_name = 'Corner square'\n"
+        "    size: int = 4\n\n"
+        "    def draw(self, images, generator):\n"
+        "        mask = torch.zeros(1, 1, *images.shape[2:])\n"
+        "        mask[..., : self.size, : self.size] = 1\n"
+        "        return mask, torch.ones(1, 3, *images.shape[2:]), 1.0\n"
+    )
+    env = {"PAR_PLUGINS": "my_triggers", "PYTHONPATH": str(plugin.parent), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "par", "poison", "--csv", str(micro_world / "train.csv"), "--attack", "corner_square",
+         "--label", "banana", "--num", "3", "--out", str(tmp_path / "out"), "--attack-param", "size=5"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["trigger"] == {"name": "corner_square", "params": {"size": 5}}
+    row = manifest["poisoned"][0]["row"]
+    pixels = Image.open(tmp_path / "out" / "images" / f"{row:07d}.png").load()
+    assert pixels[0, 0] == (255, 255, 255) and pixels[4, 4] == (255, 255, 255)
