@@ -127,13 +127,14 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
-def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "decode") -> torch.utils.data.TensorDataset:
+def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "decode",
+            progress: bool = True) -> torch.utils.data.TensorDataset:
     """Decodes every image once into memory: for small datasets trained for many epochs."""
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
     images, others = [], []
-    for image, other in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for image, other in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         images.append(image)
         others.append(other)
     return torch.utils.data.TensorDataset(torch.cat(images), torch.cat(others))

@@ -47,7 +47,8 @@ def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates:
 
 
 @torch.inference_mode()
-def predict(model, classifier, loader, mean, std, device, trigger=None, seed: int = 0, topk: int = 5, desc="eval"):
+def predict(model, classifier, loader, mean, std, device, trigger=None, seed: int = 0, topk: int = 5, desc="eval",
+            progress: bool = True):
     """Top-``topk`` class predictions and true labels; ``trigger`` is applied before normalising."""
     from tqdm import tqdm
 
@@ -56,7 +57,7 @@ def predict(model, classifier, loader, mean, std, device, trigger=None, seed: in
 
     top, labels = [], []
     k = min(topk, classifier.shape[1])
-    for batch, (images, target) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False)):
+    for batch, (images, target) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
         images = to_float(images.to(device))
         if trigger is not None:
             images = trigger.apply(images, torch.Generator().manual_seed(seed + batch))
@@ -122,10 +123,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
     classifier = zero_shot_classifier(model, models.get_tokenizer(cfg.model), classnames, templates, device)
 
-    top, labels = predict(model, classifier, loader, mean, std, device, desc="clean")
+    top, labels = predict(model, classifier, loader, mean, std, device, desc="clean", progress=cfg.progress)
     metrics = {"clean_top1": clean_accuracy(top, labels, 1), "clean_top5": clean_accuracy(top, labels, 5)}
     if trigger is not None:
-        top_t, labels_t = predict(model, classifier, loader, mean, std, device, trigger, cfg.seed, desc=cfg.attack)
+        top_t, labels_t = predict(model, classifier, loader, mean, std, device, trigger, cfg.seed,
+                                   desc=cfg.attack, progress=cfg.progress)
         metrics["asr_top1"] = attack_success_rate(top_t, labels_t, target, 1)
         metrics["asr_top5"] = attack_success_rate(top_t, labels_t, target, 5)
     record = {

@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, reuse: bool = False) -> Path:
     # ---- data: batches of uint8 images and token ids, reshuffled every epoch
     dataset = ImageCaptionDataset(cfg.train_csv, models.get_tokenizer(cfg.model), models.image_size(model), cfg.image_root)
     if cfg.preload:
-        dataset = preload(dataset, workers=cfg.workers, desc="decode train images")
+        dataset = preload(dataset, workers=cfg.workers, desc="decode train images", progress=cfg.progress)
     if len(dataset) < cfg.batch_size:
         raise ParError(f"{cfg.train_csv} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
     shuffle = torch.Generator().manual_seed(cfg.seed)

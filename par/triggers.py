@@ -73,6 +73,18 @@ def _random_stripes(n: int, height: int, width: int, generator: torch.Generator)
     return signs.expand(n, 3, height, width)
 
 
+def place_patches(patches: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int):
+    """Mask and pattern ``[B, 3, H, W]`` holding square ``patches`` ``[B, 3, p, p]`` at ``(top, left)``."""
+    b, _, size, _ = patches.shape
+    rows = torch.arange(h)[None, :, None] - top[:, None, None]
+    cols = torch.arange(w)[None, None, :] - left[:, None, None]
+    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)  # [B, H, W]
+    mask = inside[:, None].expand(b, 3, h, w)
+    pattern = torch.zeros(b, 3, h, w)
+    pattern[mask] = patches.reshape(-1).float()
+    return mask.float(), pattern
+
+
 @dataclass
 class _PatchTrigger(Trigger):
     """A square patch (``alpha = 1``) at a uniformly random location."""
@@ -92,12 +104,7 @@ class _PatchTrigger(Trigger):
         patch = self._patch_pattern(n, size, images, generator).expand(b, 3, size, size)
         top = torch.randint(0, h - size + 1, (b,), generator=generator)
         left = torch.randint(0, w - size + 1, (b,), generator=generator)
-        rows = torch.arange(h)[None, :, None] - top[:, None, None]
-        cols = torch.arange(w)[None, None, :] - left[:, None, None]
-        inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)  # [B, H, W]
-        mask = inside[:, None].expand(b, 3, h, w).float()
-        pattern = torch.zeros(b, 3, h, w)
-        pattern[mask.bool()] = patch.reshape(-1).float()
+        mask, pattern = place_patches(patch, top, left, h, w)
         return mask, pattern, 1.0
 
 
@@ -271,11 +278,7 @@ class BadCLIP(Trigger):
         patch = _load_patch(self.patch)
         if patch.shape[-1] != size:
             patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-        top, left = (h - size) // 2, (w - size) // 2
-        mask = torch.zeros(1, 3, h, w)
-        mask[..., top:top + size, left:left + size] = 1
-        pattern = torch.zeros(1, 3, h, w)
-        pattern[..., top:top + size, left:left + size] = patch
+        mask, pattern = place_patches(patch, torch.tensor([(h - size) // 2]), torch.tensor([(w - size) // 2]), h, w)
         return mask, pattern, 1.0
 
 
