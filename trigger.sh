@@ -33,7 +33,7 @@ if [ -z "$CHECKPOINT" ]; then
         ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"}
 fi
 
-: "${ENCODER:?set ENCODER (modeln) to the checkpoint's encoder, e.g. RN50}"
+: "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
 : "${TRAIN_CSV:?set TRAIN_CSV (trainData) to a clean image,caption CSV}"
 OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
 "$PY" -m par train --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" --init_checkpoint "$CHECKPOINT" \

@@ -85,7 +85,7 @@ def eval_transform(size: int):
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """``(uint8 image, token ids)`` from an ``image,caption`` CSV."""
+    """``(uint8 image, token ids, row index)`` from an ``image,caption`` CSV."""
 
     def __init__(self, csv_path, tokenizer, size: int, image_root=None):
         frame = read_csv(csv_path, ["image", "caption"])
@@ -98,7 +98,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(open_image(self.paths[i])), self.tokens[i]
+        return self.transform(open_image(self.paths[i])), self.tokens[i], i
 
 
 class LabelledImageDataset(torch.utils.data.Dataset):
@@ -133,11 +133,12 @@ def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "de
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
-    images, others = [], []
-    for image, other in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        images.append(image)
-        others.append(other)
-    return torch.utils.data.TensorDataset(torch.cat(images), torch.cat(others))
+    columns = None
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        columns = [[] for _ in batch] if columns is None else columns
+        for column, part in zip(columns, batch):
+            column.append(part)
+    return torch.utils.data.TensorDataset(*[torch.cat(column) for column in columns])
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

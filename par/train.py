@@ -30,8 +30,9 @@ class TrainConfig:
     out: str
     image_root: Optional[str] = None
     init_checkpoint: Optional[str] = None  # None: random init (pre-training from scratch)
-    objective: str = "clip"  # clip | par
+    objective: str = "clip"  # clip (alias ft) | par | cleanclip
     tau: float = 2.15  # PAR's threshold on the mean squared embedding distance
+    cleanclip_lambda: float = 1.0  # weight of CleanCLIP's unimodal terms
     augment: str = "none"  # none | par
     train_logit_scale: bool = True  # PAR treats the temperature as a constant: false when cleaning
     steps: int = 1000
@@ -48,9 +49,6 @@ class TrainConfig:
     preload: bool = True  # decode every image once into memory (small datasets)
     log_every: int = 10
     progress: bool = True
-
-
-OBJECTIVES = ("clip", "par")
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -73,10 +71,10 @@ def fingerprint(cfg: TrainConfig) -> dict:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.objective not in OBJECTIVES:
-        raise ParError(f"unknown objective {cfg.objective!r}; known: {', '.join(OBJECTIVES)}")
-    if cfg.objective == "par" and not cfg.init_checkpoint:
-        raise ParError("objective 'par' cleans a checkpoint: set init_checkpoint")
+    from par.objectives import OBJECTIVES
+
+    if OBJECTIVES.get(cfg.objective).needs_frozen and not cfg.init_checkpoint:
+        raise ParError(f"objective {cfg.objective!r} cleans a checkpoint: set init_checkpoint")
     for name in ("steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ParError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -133,7 +131,7 @@ def train(cfg: TrainConfig, reuse: bool = False) -> Path:
     from par import models
     from par.augment import AUGMENTATIONS
     from par.data import ImageCaptionDataset, preload, to_float
-    from par.losses import par_terms
+    from par.objectives import OBJECTIVES, Batch
 
     validate(cfg)
     augment = AUGMENTATIONS.get(cfg.augment)
@@ -154,13 +152,15 @@ def train(cfg: TrainConfig, reuse: bool = False) -> Path:
         models.load_weights(model, cfg.init_checkpoint)
     model.logit_scale.requires_grad_(cfg.train_logit_scale)
     model.to(device).train()
-    frozen = None
-    if cfg.objective == "par":
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    objective_cls = OBJECTIVES.get(cfg.objective)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if objective_cls.needs_frozen else None
     mean, std = models.image_mean_std(model)
+    tokenizer = models.get_tokenizer(cfg.model)
+    objective = objective_cls(cfg, ClipLoss(), frozen=frozen, tokenizer=tokenizer, mean=mean, std=std, seed=cfg.seed)
 
-    # ---- data: batches of uint8 images and token ids, reshuffled every epoch
-    dataset = ImageCaptionDataset(cfg.train_csv, models.get_tokenizer(cfg.model), models.image_size(model), cfg.image_root)
+    # ---- data: batches of uint8 images, token ids and row indices, reshuffled every epoch
+    dataset = ImageCaptionDataset(cfg.train_csv, tokenizer, models.image_size(model), cfg.image_root)
+    captions = dataset.captions
     if cfg.preload:
         dataset = preload(dataset, workers=cfg.workers, desc="decode train images", progress=cfg.progress)
     if len(dataset) < cfg.batch_size:
@@ -177,26 +177,23 @@ def train(cfg: TrainConfig, reuse: bool = False) -> Path:
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
     )
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
-    contrastive = ClipLoss()
 
     # ---- loop
     log = open(out / "metrics.jsonl", "w")
     bar = tqdm(total=cfg.steps, desc=f"train ({cfg.objective})", unit="step", disable=not cfg.progress)
     step, start, seen = 0, time.time(), 0
     while step < cfg.steps:
-        for images, tokens in loader:
+        for raw_images, tokens, rows in loader:
             if step >= cfg.steps:
                 break
             lr = schedule(step)
-            images = augment(to_float(images.to(device, non_blocking=True)), mean, std, generator=aug_rng)
-            tokens = tokens.to(device, non_blocking=True)
-            image_features, text_features, logit_scale = model(images, tokens)
-            if frozen is not None:
-                with torch.no_grad():
-                    frozen_image, frozen_text, _ = frozen(images, tokens)
-                terms = par_terms(image_features, text_features, frozen_image, frozen_text, logit_scale, cfg.tau, contrastive)
-            else:
-                terms = {"loss": contrastive(image_features, text_features, logit_scale)}
+            raw_images = raw_images.to(device, non_blocking=True)
+            batch = Batch(
+                images=augment(to_float(raw_images), mean, std, generator=aug_rng),
+                tokens=tokens.to(device, non_blocking=True), raw_images=raw_images,
+                captions=[captions[i] for i in rows.tolist()],
+            )
+            terms = objective(model, batch)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise ParError(f"loss became {loss.item()} at step {step}; lower lr (now {cfg.lr}) or check the data")
@@ -206,10 +203,10 @@ def train(cfg: TrainConfig, reuse: bool = False) -> Path:
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
-            seen += images.shape[0]
+            seen += raw_images.shape[0]
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "lr": lr, "logit_scale": logit_scale.item(),
+                record = {"step": step, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                           "samples_per_s": seen / (time.time() - start), "elapsed_s": time.time() - start}
                 record.update({k: v.item() for k, v in terms.items()})
                 log.write(json.dumps(record) + "\n")
