@@ -61,7 +61,7 @@ def cmd_train(args, overrides: List[str]) -> None:
 
     values = load_yaml(args.config) if args.config else {}
     values.update(parse_overrides(overrides))
-    train(build(TrainConfig, values, source="train config"), reuse=args.reuse)
+    train(build(TrainConfig, values, source="train config"), reuse=args.reuse, resume=args.resume)
 
 
 def cmd_eval(args) -> None:
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train or clean a CLIP: --config FILE [--key value ...]")
     p.add_argument("--config")
     p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
+    p.add_argument("--resume", metavar="latest|STATE", help="continue an interrupted run from its latest saved state")
 
     p = sub.add_parser("eval", help="zero-shot clean accuracy and attack success rate")
     p.add_argument("--checkpoint", required=True)

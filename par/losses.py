@@ -31,11 +31,6 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum(dim=-1).mean()
 
 
-def threshold(distance: torch.Tensor, tau: float) -> torch.Tensor:
-    """``distance`` while it is at most ``tau``, else 0: the push stops once far enough."""
-    return torch.where(distance <= tau, distance, torch.zeros_like(distance))
-
-
 def par_terms(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -44,8 +39,13 @@ def par_terms(
     logit_scale: torch.Tensor | float,
     tau: float = 2.15,
     loss_fn=None,
+    reduce=None,
 ) -> Dict[str, torch.Tensor]:
-    """The PAR loss and its parts (for logging); see ``par_loss``."""
+    """The PAR loss and its parts (for logging); see ``par_loss``.
+
+    ``reduce`` (distributed training) maps a local batch mean to the global one, so that
+    the threshold is decided on the global batch as in a single process.
+    """
     image = F.normalize(image_emb, dim=-1)
     text = F.normalize(text_emb, dim=-1)
     frozen_image = F.normalize(frozen_image_emb.detach(), dim=-1)
@@ -54,7 +54,10 @@ def par_terms(
     l_clip = clip_loss(image, text, scale, loss_fn)
     s_image = squared_distance(image, frozen_image)
     s_text = squared_distance(text, frozen_text)
-    loss = l_clip - 0.5 * (threshold(s_image, tau) + threshold(s_text, tau))
+    keep_image = (reduce(s_image) if reduce else s_image.detach()) <= tau
+    keep_text = (reduce(s_text) if reduce else s_text.detach()) <= tau
+    perturb = torch.where(keep_image, s_image, 0.0) + torch.where(keep_text, s_text, 0.0)
+    loss = l_clip - 0.5 * perturb
     return {"loss": loss, "clip_loss": l_clip, "image_distance": s_image, "text_distance": s_text}
 
 

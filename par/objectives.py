@@ -32,9 +32,9 @@ class Batch:
 class Objective:
     needs_frozen = False
 
-    def __init__(self, cfg, contrastive, frozen=None, tokenizer=None, mean=None, std=None, seed: int = 0):
+    def __init__(self, cfg, contrastive, frozen=None, tokenizer=None, mean=None, std=None, seed: int = 0, dist=None):
         self.cfg, self.contrastive, self.frozen = cfg, contrastive, frozen
-        self.tokenizer, self.mean, self.std = tokenizer, mean, std
+        self.tokenizer, self.mean, self.std, self.dist = tokenizer, mean, std, dist
 
     def __call__(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -61,7 +61,9 @@ class PARObjective(Objective):
         image, text, scale = model(batch.images, batch.tokens)
         with torch.no_grad():
             frozen_image, frozen_text, _ = self.frozen(batch.images, batch.tokens)
-        return par_terms(image, text, frozen_image, frozen_text, scale, self.cfg.tau, self.contrastive)
+        # distributed: the threshold is decided on the global batch mean, as in a single process
+        reduce = self.dist.mean if self.dist is not None and self.dist.world_size > 1 else None
+        return par_terms(image, text, frozen_image, frozen_text, scale, self.cfg.tau, self.contrastive, reduce)
 
 
 @OBJECTIVES.register("cleanclip")
