@@ -295,6 +295,15 @@ class LiveEval:
         return result
 
 
+def replica_drift(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of per-tensor parameter checksums: 0 when DDP kept them in sync."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()] +
+                       [p.detach().double().abs().sum() for p in model.parameters()]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, sums)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+
 def _tensorboard(cfg: TrainConfig, out: Path):
     if not cfg.tensorboard:
         return None
@@ -464,6 +473,12 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
 
     # ---- final checkpoint and plot (rank 0)
     checkpoint = out / "checkpoint.pt"
+    if dist.world_size > 1:
+        drift = replica_drift(raw_model)
+        if dist.main:
+            (out / "distributed.json").write_text(json.dumps({"world_size": dist.world_size, "replica_drift": drift}) + "\n")
+        if drift > 1e-6:
+            raise RuntimeError(f"model replicas diverged across ranks (max checksum difference {drift:.3g})")
     if dist.main:
         log.close()
         if board is not None:
