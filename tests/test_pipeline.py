@@ -46,7 +46,7 @@ def test_demo_reuses_the_poisoned_model(demo):
     assert len(list(out.glob("cleaned-badnet_rs-*/report.json"))) >= 1
 
 
-def test_validate_and_clean_a_given_checkpoint(demo, tmp_path):
+def test_validate_a_given_checkpoint(demo, tmp_path):
     out, _ = demo
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     env = {"EVAL_CSV": str(out / "world" / "test.csv"), "EVAL_OUT": str(tmp_path / "eval.json")}
@@ -56,13 +56,19 @@ def test_validate_and_clean_a_given_checkpoint(demo, tmp_path):
     assert set(record["metrics"]) == {"clean_top1", "clean_top5", "asr_top1", "asr_top5"}
     assert "asr_top1" in proc.stdout
 
+
+@pytest.mark.parametrize("objective", ["par", "ft", "cleanclip"])
+def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, objective):
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     clean_out = tmp_path / "cleaned"
     env = {
         "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_CSV": str(out / "world" / "clean.csv"),
         "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
     }
-    _run(["bash", "trigger.sh", "--steps", "2"], env)
-    assert (clean_out / "checkpoint.pt").exists()
+    _run(["bash", "trigger.sh", "--steps", "2", "--objective", objective], env)
+    assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
+    assert f"objective: {objective}" in (clean_out / "config.yaml").read_text()
     assert json.loads((clean_out / "eval-badnet_rs-banana.json").read_text())["model"] == "par-micro-vit"
     assert "steps: 2" in (clean_out / "config.yaml").read_text()
 
