@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Zero-shot clean accuracy and attack success rate of a checkpoint.
+# Clean accuracy and attack success rate of a checkpoint: zero-shot classification and
+# retrieval, each clean and triggered (the reference's four evaluations).
 #
 #   bash trigger_validate.sh CHECKPOINT ATTACK ENCODER TARGET_LABEL
 #
-# Evaluation data (environment; default: the demo world's test split, runs/demo/world):
-#   EVAL_CSV          image,label CSV (label = index into the class names)
-#   EVAL_CLASSNAMES   class names, one per line (default: classnames.txt beside EVAL_CSV)
-#   EVAL_TEMPLATES    'openai' or a file of '{}' templates (default: templates.txt beside EVAL_CSV if present, else openai)
+# Data, from the environment or from a YAML file named by VALIDATE_CONFIG (same keys, lower case):
+#   EVAL_DATA         classification: image,label CSV or class-folder tree (ImageNet val, CIFAR, ...)
+#                     (EVAL_CSV is accepted too)
+#   EVAL_CLASSNAMES   'imagenet' or a file with one class name per line
+#                     (default: classnames.txt beside a CSV if present, else imagenet)
+#   EVAL_TEMPLATES    'openai' or a file of '{}' templates (default: templates.txt beside a CSV if present, else openai)
 #   EVAL_IMAGE_ROOT   folder the CSV's image paths are relative to (default: the CSV's folder)
-#   ATTACK_PARAMS     trigger parameters, e.g. "patch_size=16"
-#   EVAL_OUT          JSON results file (default: eval-ATTACK-LABEL.json beside the checkpoint)
+#   RETRIEVAL_JSON    retrieval: COCO Karpathy-style JSON list of {image, caption: [...]}
+#   RETRIEVAL_ROOT    folder the retrieval image paths are relative to
+#   ATTACK_PARAMS     trigger parameters, e.g. "patch_size=16" or "patch=badclip_patch.png"
+#   OUT_DIR           folder of the results file results.jsonl (default: beside the checkpoint)
+#   EVAL_OUT          the results file itself (overrides OUT_DIR)
+# With no data configured, classification runs on the demo world's test split (runs/demo/world).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ $# -ne 4 ]; then
@@ -19,22 +26,44 @@ fi
 CHECKPOINT=$1 ATTACK=$2 ENCODER=$3 LABEL=$4
 source scripts/setup.sh
 
-EVAL_CSV="${EVAL_CSV:-runs/demo/world/test.csv}"
-if [ ! -f "$EVAL_CSV" ]; then
-    echo "error: evaluation CSV $EVAL_CSV not found; set EVAL_CSV (or run 'bash trigger.sh' once for the demo world)" >&2
-    exit 2
+if [ -n "${VALIDATE_CONFIG:-}" ]; then
+    # export the config's keys as upper-case variables, without overriding ones already set
+    eval "$("$PY" -c '
+import shlex, sys, yaml
+for k, v in (yaml.safe_load(open(sys.argv[1])) or {}).items():
+    k = k.upper()
+    v = " ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else str(v)
+    print(f": \"${{{k}:={shlex.quote(v)}}}\"")
+' "$VALIDATE_CONFIG")"
 fi
-data_dir="$(dirname "$EVAL_CSV")"
-EVAL_CLASSNAMES="${EVAL_CLASSNAMES:-$data_dir/classnames.txt}"
-if [ -z "${EVAL_TEMPLATES:-}" ]; then
-    if [ -f "$data_dir/templates.txt" ]; then EVAL_TEMPLATES="$data_dir/templates.txt"; else EVAL_TEMPLATES=openai; fi
+EVAL_DATA="${EVAL_DATA:-${EVAL_CSV:-}}"
+if [ -z "$EVAL_DATA" ] && [ -z "${RETRIEVAL_JSON:-}" ]; then
+    EVAL_DATA=runs/demo/world/test.csv
+    if [ ! -f "$EVAL_DATA" ]; then
+        echo "error: no evaluation data: set EVAL_DATA and/or RETRIEVAL_JSON (or run 'bash trigger.sh' once for the demo world)" >&2
+        exit 2
+    fi
 fi
-EVAL_OUT="${EVAL_OUT:-$(dirname "$CHECKPOINT")/eval-$ATTACK-$LABEL.json}"
-params=()
-for p in ${ATTACK_PARAMS:-}; do params+=(--attack-param "$p"); done
+args=()
+if [ -n "$EVAL_DATA" ]; then
+    data_dir="$(dirname "$EVAL_DATA")"
+    if [ -z "${EVAL_CLASSNAMES:-}" ]; then
+        if [ -f "$EVAL_DATA" ] && [ -f "$data_dir/classnames.txt" ]; then EVAL_CLASSNAMES="$data_dir/classnames.txt"; else EVAL_CLASSNAMES=imagenet; fi
+    fi
+    if [ -z "${EVAL_TEMPLATES:-}" ]; then
+        if [ -f "$EVAL_DATA" ] && [ -f "$data_dir/templates.txt" ]; then EVAL_TEMPLATES="$data_dir/templates.txt"; else EVAL_TEMPLATES=openai; fi
+    fi
+    args+=(--data "$EVAL_DATA" --classnames "$EVAL_CLASSNAMES" --templates "$EVAL_TEMPLATES")
+    [ -n "${EVAL_IMAGE_ROOT:-}" ] && args+=(--image-root "$EVAL_IMAGE_ROOT")
+    echo "classification: $EVAL_DATA (classes $EVAL_CLASSNAMES, templates $EVAL_TEMPLATES)"
+fi
+if [ -n "${RETRIEVAL_JSON:-}" ]; then
+    args+=(--retrieval-json "$RETRIEVAL_JSON" --retrieval-root "${RETRIEVAL_ROOT:?set RETRIEVAL_ROOT for $RETRIEVAL_JSON}")
+    echo "retrieval: $RETRIEVAL_JSON"
+fi
+for p in ${ATTACK_PARAMS:-}; do args+=(--attack-param "$p"); done
+EVAL_OUT="${EVAL_OUT:-${OUT_DIR:-$(dirname "$CHECKPOINT")}/results.jsonl}"
 
-echo "validating $CHECKPOINT ($ENCODER) on $EVAL_CSV, attack $ATTACK -> $LABEL, templates $EVAL_TEMPLATES"
-"$PY" -m par eval --checkpoint "$CHECKPOINT" --model "$ENCODER" --data "$EVAL_CSV" --classnames "$EVAL_CLASSNAMES" \
-    --templates "$EVAL_TEMPLATES" ${EVAL_IMAGE_ROOT:+--image-root "$EVAL_IMAGE_ROOT"} \
-    --attack "$ATTACK" --label "$LABEL" "${params[@]}" --out "$EVAL_OUT"
-echo "results: $EVAL_OUT"
+echo "validating $CHECKPOINT ($ENCODER), attack $ATTACK -> $LABEL"
+exec "$PY" -m par eval --checkpoint "$CHECKPOINT" --model "$ENCODER" --attack "$ATTACK" --label "$LABEL" \
+    "${args[@]}" --out "$EVAL_OUT"

@@ -65,14 +65,20 @@ def cmd_train(args, overrides: List[str]) -> None:
 
 
 def cmd_eval(args) -> None:
-    from par.evaluate import EvalConfig, evaluate
+    from par.evaluate import EvalConfig, evaluate, format_records
 
     cfg = EvalConfig(checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames,
-                     templates=args.templates, image_root=args.image_root, attack=args.attack, label=args.label,
+                     templates=args.templates, image_root=args.image_root, retrieval_json=args.retrieval_json,
+                     retrieval_root=args.retrieval_root, attack=args.attack, label=args.label,
                      attack_params=_attack_params(args.attack_param), seed=args.seed, batch_size=args.batch_size,
                      workers=args.workers, device=args.device, out=args.out)
-    record = evaluate(cfg)
-    print(json.dumps(record["metrics"]))
+    if not cfg.data:
+        print("classification: skipped (no --data)")
+    if not cfg.retrieval_json:
+        print("retrieval: skipped (no --retrieval-json)")
+    print(format_records(evaluate(cfg)))
+    if args.out:
+        print(f"results appended to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -136,13 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
     p.add_argument("--resume", metavar="latest|STATE", help="continue an interrupted run from its latest saved state")
 
-    p = sub.add_parser("eval", help="zero-shot clean accuracy and attack success rate")
+    p = sub.add_parser("eval", help="zero-shot CA/ASR and retrieval recall/ASR of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="image,label CSV")
-    p.add_argument("--classnames", required=True)
-    p.add_argument("--templates", default="openai")
-    p.add_argument("--image-root")
+    p.add_argument("--data", help="classification data: image,label CSV or class-folder tree")
+    p.add_argument("--classnames", default="imagenet", help="'imagenet' or a file with one class name per line")
+    p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' templates")
+    p.add_argument("--image-root", help="folder the CSV's image paths are relative to")
+    p.add_argument("--retrieval-json", help="retrieval annotations: JSON list of {image, caption: [...]}")
+    p.add_argument("--retrieval-root", help="folder the retrieval image paths are relative to")
     p.add_argument("--attack")
     p.add_argument("--label")
     p.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON results file")
+    p.add_argument("--out", help="JSONL results file (one record per evaluation is appended)")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)

@@ -127,6 +127,65 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+
+
+def load_classnames(spec: str) -> List[str]:
+    """``imagenet`` for open_clip's 1000 ImageNet class names, else a file with one name per line."""
+    if spec == "imagenet":
+        from open_clip import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    return read_lines(spec, "class names")
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``(uint8 image, label)`` from a class-folder tree (``root/<class>/<image>``).
+
+    Folders named like the class names map by name (CIFAR-style trees); otherwise the sorted
+    folder names map in order to the class names (ImageNet's synset folders, whose sorted
+    order is the standard class index order of ``IMAGENET_CLASSNAMES``).
+    """
+
+    def __init__(self, root, classnames: Sequence[str], size: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise ParError(f"image folder not found: {root}")
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise ParError(f"{root} has no class folders")
+        if all(f.name in classnames for f in folders):
+            index = {f: list(classnames).index(f.name) for f in folders}
+        elif len(folders) == len(classnames):
+            index = {f: i for i, f in enumerate(folders)}
+        else:
+            raise ParError(f"{root} has {len(folders)} class folders but {len(classnames)} class names, "
+                           "and the folder names are not class names")
+        self.paths, labels = [], []
+        for folder in folders:
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    self.paths.append(path)
+                    labels.append(index[folder])
+        if not self.paths:
+            raise ParError(f"no images under {root}")
+        self.labels = torch.tensor(labels)
+        self.transform = eval_transform(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+def labelled_dataset(data, classnames: Sequence[str], size: int, image_root=None) -> torch.utils.data.Dataset:
+    """An ``image,label`` CSV or a class-folder tree, whichever ``data`` is."""
+    if Path(data).is_dir():
+        return ImageFolderDataset(data, classnames, size)
+    return LabelledImageDataset(data, len(classnames), size, image_root)
+
+
 def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "decode",
             progress: bool = True) -> torch.utils.data.TensorDataset:
     """Decodes every image once into memory: for small datasets trained for many epochs."""

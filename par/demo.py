@@ -42,7 +42,7 @@ def format_table(rows) -> str:
 
 def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: Optional[str] = None) -> dict:
     from par import triggers
-    from par.evaluate import EvalConfig, evaluate
+    from par.evaluate import EvalConfig, evaluate, merged_metrics
     from par.poison import PoisonConfig, poison
     from par.synthetic import CLASS_NAMES, WorldConfig, make_world
     from par.train import TrainConfig, train
@@ -85,13 +85,13 @@ def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: O
 
     results = {}
     for name, ckpt in (("poisoned", poisoned_ckpt), (clean_cfg.objective.upper(), cleaned_ckpt)):
-        record = evaluate(EvalConfig(
+        records = evaluate(EvalConfig(
             checkpoint=str(ckpt), model=pretrain_cfg.model, data=str(world / "test.csv"),
             classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"),
-            attack=attack, label=label, attack_params=attack_params, out=str(Path(ckpt).parent / "eval.json"),
+            attack=attack, label=label, attack_params=attack_params, out=str(Path(ckpt).parent / "results.jsonl"),
             **profile.get("eval", {}),
         ))
-        results[name] = record["metrics"]
+        results[name] = merged_metrics(records)
     report = {"attack": attack, "label": label, "poisoned_checkpoint": str(poisoned_ckpt),
               "cleaned_checkpoint": str(cleaned_ckpt), "results": results, "seconds": round(time.time() - started, 1)}
     (Path(cleaned_ckpt).parent / "report.json").write_text(json.dumps(report, indent=2) + "\n")

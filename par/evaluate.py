@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,14 @@ def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates:
         )
 
 
+def _autocast(device):
+    """Mixed precision for inference on CUDA; exact fp32 on CPU."""
+    import contextlib
+
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def predict(model, classifier, loader, mean, std, device, trigger=None, seed: int = 0, topk: int = 5, desc="eval",
             progress: bool = True):
@@ -58,10 +66,11 @@ def predict(model, classifier, loader, mean, std, device, trigger=None, seed: in
     top, labels = [], []
     k = min(topk, classifier.shape[1])
     for batch, (images, target) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
-        images = to_float(images.to(device))
+        images = to_float(images.to(device, non_blocking=True))
         if trigger is not None:
             images = trigger.apply(images, torch.Generator().manual_seed(seed + batch))
-        features = model.encode_image(normalize(images, mean, std), normalize=True)
+        with _autocast(device):
+            features = model.encode_image(normalize(images, mean, std), normalize=True).float()
         top.append((features @ classifier).topk(k, dim=-1).indices.cpu())
         labels.append(target.cpu())
     return torch.cat(top), torch.cat(labels)
@@ -84,10 +93,12 @@ def attack_success_rate(top_predictions: torch.Tensor, labels: torch.Tensor, tar
 class EvalConfig:
     checkpoint: str
     model: str
-    data: str  # image,label CSV
-    classnames: str
+    data: Optional[str] = None  # classification: image,label CSV or class-folder tree
+    classnames: str = "imagenet"  # file, or "imagenet"
     templates: str = "openai"
     image_root: Optional[str] = None
+    retrieval_json: Optional[str] = None  # retrieval: Karpathy-style JSON
+    retrieval_root: Optional[str] = None
     attack: Optional[str] = None
     label: Optional[str] = None
     attack_params: dict = field(default_factory=dict)  # e.g. {"patch_size": 8}
@@ -95,51 +106,100 @@ class EvalConfig:
     batch_size: int = 256
     workers: int = 0
     device: str = "auto"
-    out: Optional[str] = None  # JSON results file
+    out: Optional[str] = None  # JSONL results file: one record per evaluation is appended
     progress: bool = True
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """CA (and, with an attack, ASR) of a checkpoint; returns the record also written to ``cfg.out``."""
+def evaluate(cfg: EvalConfig) -> List[dict]:
+    """Clean and triggered zero-shot classification and retrieval of one checkpoint.
+
+    Returns one record per evaluation (checkpoint, encoder, attack and parameters, label,
+    data, metrics, seconds) and appends them to ``cfg.out``. A dataset that is not
+    configured is skipped with a message; having none is an error.
+    """
     from par import models, triggers
-    from par.data import LabelledImageDataset, read_lines
+    from par.data import labelled_dataset, load_classnames
+    from par.retrieval import RetrievalDataset, evaluate_retrieval
     from par.train import pick_device
 
-    start = time.time()
-    classnames = read_lines(cfg.classnames, "class names")
-    templates = load_templates(cfg.templates)
-    trigger, target = None, None
+    if not cfg.data and not cfg.retrieval_json:
+        raise ParError("nothing to evaluate: give classification data (CSV or folder) and/or retrieval annotations")
+    if cfg.retrieval_json and not cfg.retrieval_root:
+        raise ParError("retrieval annotations need the image root they are relative to")
+    for what, path in (("classification data", cfg.data), ("retrieval annotations", cfg.retrieval_json)):
+        if path and not Path(path).exists():
+            raise ParError(f"{what} not found: {path}")
+    trigger = None
     if cfg.attack:
         if cfg.label is None:
             raise ParError("an attack needs the target --label")
         trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
-        if cfg.label not in classnames:
-            raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
-        target = classnames.index(cfg.label)
+    classnames = load_classnames(cfg.classnames) if cfg.data else None
+    if trigger is not None and classnames is not None and cfg.label not in classnames:
+        raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
     device = pick_device(cfg.device)
     model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any evaluation if weights fail
     mean, std = models.image_mean_std(model)
-    dataset = LabelledImageDataset(cfg.data, len(classnames), models.image_size(model), cfg.image_root)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    classifier = zero_shot_classifier(model, models.get_tokenizer(cfg.model), classnames, templates, device)
+    size = models.image_size(model)
+    tokenizer = models.get_tokenizer(cfg.model)
+    base = {"checkpoint": str(cfg.checkpoint), "encoder": models.canonical_model_name(cfg.model),
+            "attack": trigger.name if trigger else None, "attack_params": trigger.params() if trigger else None,
+            "label": cfg.label, "seed": cfg.seed}
+    records = []
 
-    top, labels = predict(model, classifier, loader, mean, std, device, desc="clean", progress=cfg.progress)
-    metrics = {"clean_top1": clean_accuracy(top, labels, 1), "clean_top5": clean_accuracy(top, labels, 5)}
-    if trigger is not None:
-        top_t, labels_t = predict(model, classifier, loader, mean, std, device, trigger, cfg.seed,
-                                   desc=cfg.attack, progress=cfg.progress)
-        metrics["asr_top1"] = attack_success_rate(top_t, labels_t, target, 1)
-        metrics["asr_top5"] = attack_success_rate(top_t, labels_t, target, 5)
-    record = {
-        "checkpoint": str(cfg.checkpoint), "model": models.canonical_model_name(cfg.model), "data": str(cfg.data),
-        "num_images": len(dataset), "num_classes": len(classnames),
-        "attack": trigger.name if trigger else None, "attack_params": trigger.params() if trigger else None,
-        "label": cfg.label, "seed": cfg.seed, "metrics": metrics, "seconds": round(time.time() - start, 2),
-    }
+    def record(task, condition, data, metrics, started, **extra):
+        records.append({**base, "evaluation": f"{task}/{condition}", "data": str(data), **extra,
+                        "metrics": metrics, "seconds": round(time.time() - started, 2)})
+
+    if cfg.data:
+        started = time.time()
+        dataset = labelled_dataset(cfg.data, classnames, size, cfg.image_root)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                             pin_memory=device.type == "cuda")
+        classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
+        top, labels = predict(model, classifier, loader, mean, std, device, desc="clean", progress=cfg.progress)
+        record("classification", "clean", cfg.data, {"clean_top1": clean_accuracy(top, labels, 1),
+                                                    "clean_top5": clean_accuracy(top, labels, 5)},
+               started, num_images=len(dataset), num_classes=len(classnames))
+        if trigger is not None:
+            started = time.time()
+            target = classnames.index(cfg.label)
+            top, labels = predict(model, classifier, loader, mean, std, device, trigger, cfg.seed,
+                                  desc=trigger.name, progress=cfg.progress)
+            record("classification", trigger.name, cfg.data, {"asr_top1": attack_success_rate(top, labels, target, 1),
+                                                               "asr_top5": attack_success_rate(top, labels, target, 5)},
+                   started, num_images=int((labels != target).sum()), num_classes=len(classnames))
+    if cfg.retrieval_json:
+        started = time.time()
+        dataset = RetrievalDataset(cfg.retrieval_json, cfg.retrieval_root, size)
+        common = dict(seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)
+        metrics, text_emb = evaluate_retrieval(model, tokenizer, dataset, mean, std, device, **common)
+        record("retrieval", "clean", cfg.retrieval_json, metrics, started,
+               num_images=len(dataset), num_captions=len(dataset.captions))
+        if trigger is not None:
+            started = time.time()
+            metrics, _ = evaluate_retrieval(model, tokenizer, dataset, mean, std, device, trigger, cfg.label,
+                                            text_emb=text_emb, **common)
+            record("retrieval", trigger.name, cfg.retrieval_json, metrics, started,
+                   num_images=len(dataset), num_captions=len(dataset.captions))
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out)
-    return record
+        with out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def merged_metrics(records: List[dict]) -> dict:
+    return {k: v for r in records for k, v in r["metrics"].items()}
+
+
+def format_records(records: List[dict]) -> str:
+    """The compact table ``trigger_validate.sh`` prints."""
+    names = {"clean_top1": "CA top-1", "clean_top5": "CA top-5", "asr_top1": "ASR top-1", "asr_top5": "ASR top-5",
+             "retrieval_asr_top5": "ASR@5"}
+    lines = []
+    for r in records:
+        parts = [f"{names.get(k, k.replace('_r', ' R@'))} {100 * v:.1f}" for k, v in r["metrics"].items()]
+        lines.append(f"{r['evaluation']:<28}" + "  ".join(parts))
+    return "\n".join(lines)

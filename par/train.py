@@ -63,7 +63,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # steps between resumable states (0: none); the latest is kept
     eval_every: int = 0  # steps between live CA/ASR measurements (0: none)
-    eval_csv: Optional[str] = None  # image,label CSV for live evaluation
+    eval_csv: Optional[str] = None  # image,label CSV or class-folder tree for live evaluation
     eval_classnames: Optional[str] = None
     eval_templates: str = "openai"
     eval_image_root: Optional[str] = None
@@ -261,12 +261,12 @@ class LiveEval:
     """CA/ASR on a held-out subset, through the eval transform (never the training augmentation)."""
 
     def __init__(self, cfg: TrainConfig, image_size: int, device):
-        from par.data import LabelledImageDataset, preload, read_lines
+        from par.data import labelled_dataset, load_classnames, preload
         from par.evaluate import load_templates
 
-        self.classnames = read_lines(cfg.eval_classnames, "class names")
+        self.classnames = load_classnames(cfg.eval_classnames)
         self.templates = load_templates(cfg.eval_templates)
-        dataset = LabelledImageDataset(cfg.eval_csv, len(self.classnames), image_size, cfg.eval_image_root)
+        dataset = labelled_dataset(cfg.eval_csv, self.classnames, image_size, cfg.eval_image_root)
         subset = torch.utils.data.Subset(dataset, range(min(cfg.eval_max_images, len(dataset))))
         self.data = preload(subset, desc="decode eval images", progress=cfg.progress)
         self.trigger, self.target = None, None

@@ -49,12 +49,14 @@ def test_demo_reuses_the_poisoned_model(demo):
 def test_validate_a_given_checkpoint(demo, tmp_path):
     out, _ = demo
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
-    env = {"EVAL_CSV": str(out / "world" / "test.csv"), "EVAL_OUT": str(tmp_path / "eval.json")}
+    env = {"EVAL_CSV": str(out / "world" / "test.csv"), "OUT_DIR": str(tmp_path)}
     proc = _run(["bash", "trigger_validate.sh", str(poisoned), "badnet_rs", "par-micro-vit", "banana"], env)
-    record = json.loads((tmp_path / "eval.json").read_text())
-    assert record["attack"] == "badnet_rs" and record["label"] == "banana"
-    assert set(record["metrics"]) == {"clean_top1", "clean_top5", "asr_top1", "asr_top5"}
-    assert "asr_top1" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["evaluation"] for r in records] == ["classification/clean", "classification/badnet_rs"]
+    assert all(r["attack"] == "badnet_rs" and r["label"] == "banana" for r in records)
+    assert set(records[0]["metrics"]) == {"clean_top1", "clean_top5"}
+    assert set(records[1]["metrics"]) == {"asr_top1", "asr_top5"}
+    assert "ASR top-1" in proc.stdout and "retrieval: skipped" in proc.stdout
 
 
 @pytest.mark.parametrize("objective", ["par", "ft", "cleanclip"])
@@ -69,13 +71,14 @@ def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, objective):
     _run(["bash", "trigger.sh", "--steps", "2", "--objective", objective], env)
     assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
     assert f"objective: {objective}" in (clean_out / "config.yaml").read_text()
-    assert json.loads((clean_out / "eval-badnet_rs-banana.json").read_text())["model"] == "par-micro-vit"
+    record = json.loads((clean_out / "results.jsonl").read_text().splitlines()[0])
+    assert record["encoder"] == "par-micro-vit" and record["checkpoint"] == str(clean_out / "checkpoint.pt")
     assert "steps: 2" in (clean_out / "config.yaml").read_text()
 
 
 def test_validate_without_data_is_a_clear_error(tmp_path):
     proc = _run(["bash", "trigger_validate.sh", "x.pt", "badnet_rs", "RN50", "banana"],
                 {"EVAL_CSV": str(tmp_path / "none.csv")}, check=False)
-    assert proc.returncode != 0 and "set EVAL_CSV" in proc.stderr
+    assert proc.returncode != 0 and f"classification data not found: {tmp_path / 'none.csv'}" in proc.stderr
     proc = _run(["bash", "trigger_validate.sh", "x.pt"], check=False)
     assert proc.returncode == 2 and "usage" in proc.stderr

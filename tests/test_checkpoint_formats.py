@@ -1,0 +1,53 @@
+"""Checkpoints of the field, in their exact layouts, built from randomly initialised real architectures."""
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from par import models
+
+
+@pytest.fixture(scope="module", params=["RN50", "ViT-B-32"])
+def arch(request):
+    torch.manual_seed(0)
+    model = models.create_model(request.param)
+    return request.param, model.state_dict()
+
+
+def _par_authors(state, path):
+    # PAR's reference code: DDP keys, epoch, optimizer and the argparse Namespace of its arguments
+    torch.save({"epoch": 2, "state_dict": {"module." + k: v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 3e-6, "params": [0, 1]}]},
+                "args": argparse.Namespace(lr=3e-5, batch_size=512, model="RN50")}, path)
+
+
+def _cleanclip(state, path):
+    # CleanCLIP: OpenAI-CLIP key names (shared by open_clip's CLIP), DDP prefix, epoch/name/optimizer
+    torch.save({"epoch": 10, "name": "cleanclip", "state_dict": {"module." + k: v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+
+
+def _open_clip(state, path):
+    torch.save({"epoch": 32, "name": "open_clip", "state_dict": dict(state)}, path)
+
+
+def _bare(state, path):
+    torch.save(dict(state), path)
+
+
+def _safetensors(state, path):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+@pytest.mark.parametrize("writer,name", [(_par_authors, "epoch_2.pt"), (_cleanclip, "epoch_10.pt"),
+                                         (_open_clip, "epoch_32.pt"), (_bare, "model.bin"),
+                                         (_safetensors, "open_clip_model.safetensors")])
+def test_loaded_weights_equal_saved(arch, tmp_path, writer, name):
+    arch_name, state = arch
+    path = tmp_path / name
+    writer(state, path)
+    loaded = models.load_model(arch_name, path).state_dict()
+    assert loaded.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k

@@ -1,0 +1,130 @@
+"""Evaluation data in the layouts real datasets come in, on toy models with known embeddings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from par.data import ImageFolderDataset, labelled_dataset
+from par.errors import ParError
+from par.retrieval import RetrievalDataset, evaluate_retrieval, recall_at_k, retrieval_asr
+
+COLOURS = [(230, 26, 26), (26, 230, 26), (26, 26, 230)]
+
+
+def _folder_tree(root, names, per_class=2):
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 30), COLOURS[c]).save(root / name / f"img{i}.JPEG")
+    return root
+
+
+def test_synset_folders_map_in_sorted_order(tmp_path):
+    root = _folder_tree(tmp_path / "val", ["n02", "n01", "n03"])
+    data = ImageFolderDataset(root, ["tench", "goldfish", "shark"], size=32)
+    assert len(data) == 6
+    # sorted synsets n01, n02, n03 -> classes 0, 1, 2; n01 holds colour 1
+    image, label = data[0]
+    assert label == 0 and image.shape == (3, 32, 32) and image[1].float().mean() > 200
+
+
+def test_named_folders_map_by_name(tmp_path):
+    root = _folder_tree(tmp_path / "cifar", ["dog", "cat"])
+    data = labelled_dataset(root, ["airplane", "cat", "dog"], size=32)
+    assert sorted(set(data.labels.tolist())) == [1, 2]
+
+
+def test_folder_count_mismatch_is_an_error(tmp_path):
+    root = _folder_tree(tmp_path / "val", ["n01", "n02"])
+    with pytest.raises(ParError, match="2 class folders but 3 class names"):
+        ImageFolderDataset(root, ["a", "b", "c"], size=32)
+
+
+def test_recall_at_k_hand_computed():
+    image = torch.eye(3)
+    text = torch.tensor([[0.9, 0.1, 0.0],  # caption 0, of image 0
+                         [0.2, 0.7, 0.1],  # caption 1, of image 0
+                         [0.1, 0.8, 0.3],  # caption 2, of image 1
+                         [0.5, 0.3, 0.25]])  # caption 3, of image 2
+    m = recall_at_k(image, text, [0, 0, 1, 2], ks=(1, 2, 3))
+    # image->text: images 0 and 1 rank an own caption first; image 2 ranks caption 2, then its own
+    assert (m["i2t_r1"], m["i2t_r2"]) == (pytest.approx(2 / 3), 1.0)
+    # text->image: captions 0, 2 hit at 1; caption 1 at 2; caption 3 only at 3
+    assert (m["t2i_r1"], m["t2i_r2"], m["t2i_r3"]) == (0.5, 0.75, 1.0)
+
+
+def test_retrieval_asr_excludes_images_captioned_with_the_target():
+    captions = ["a banana", "a car", "a dog", "a cat"]
+    text = torch.eye(4)
+    triggered = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0]])  # images 0,1 -> banana caption
+    # image 0 owns the banana caption: excluded; of images 1 and 2, image 1 hits within top-1... top-5 sees all 4
+    assert retrieval_asr(triggered, text, captions, [0, 1, 2, 2], "banana", k=1) == pytest.approx(0.5)
+
+
+class ToyRetrievalCLIP(torch.nn.Module):
+    """Images embed as their dominant colour; texts as the colour word they name."""
+
+    def encode_image(self, images, normalize=True):
+        return torch.nn.functional.one_hot(images.mean(dim=(2, 3)).argmax(dim=1), 3).float()
+
+    def encode_text(self, tokens, normalize=True):
+        return torch.nn.functional.one_hot(tokens[:, 0], 3).float()
+
+
+def _karpathy(tmp_path, entries):
+    for i, (colour, _) in enumerate(entries):
+        Image.new("RGB", (32, 32), COLOURS[colour]).save(tmp_path / f"{i}.jpg")
+    data = [{"image": f"{i}.jpg", "caption": caps} for i, (_, caps) in enumerate(entries)]
+    (tmp_path / "test.json").write_text(json.dumps(data))
+    return tmp_path / "test.json"
+
+
+def test_retrieval_on_files_with_a_toy_model(tmp_path):
+    words = ["red", "green", "blue"]
+    ann = _karpathy(tmp_path, [(0, ["a red thing", "red"]), (1, ["a green thing"]), (2, ["a red ball"])])
+    tokenizer = lambda texts: torch.tensor([[next(i for i, w in enumerate(words) if w in t)] for t in texts])  # noqa
+    data = RetrievalDataset(ann, tmp_path, size=32)
+    metrics, text = evaluate_retrieval(ToyRetrievalCLIP(), tokenizer, data, (0, 0, 0), (1, 1, 1), "cpu", progress=False)
+    assert text.shape == (4, 3)
+    # the blue image has only a "red" caption: it retrieves nothing of its own
+    assert metrics["i2t_r1"] == pytest.approx(2 / 3) and metrics["i2t_r10"] == pytest.approx(1.0)
+    # "a red ball" (image 2) retrieves the red image first: miss at 1, hit within 3 images
+    assert metrics["t2i_r1"] == pytest.approx(3 / 4) and metrics["t2i_r5"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("entry,match", [({"caption": ["x"]}, r"entry 0 lacks field\(s\) \['image'\]"),
+                                         ({"image": "a.jpg"}, r"lacks field\(s\) \['caption'\]"),
+                                         ({"image": "a.jpg", "caption": []}, "no usable caption")])
+def test_bad_karpathy_json(tmp_path, entry, match):
+    (tmp_path / "bad.json").write_text(json.dumps([entry]))
+    with pytest.raises(ParError, match=match):
+        RetrievalDataset(tmp_path / "bad.json", tmp_path, size=32)
+
+
+def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
+    from par import models
+
+    ckpt = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "ckpt" / "model.pt")
+    captions = ["a photo of a banana.", "a photo of a red car.", "a cup on the grass.", "a blue boat on the water."]
+    entries = [{"image": f"images/test/{i:06d}.png", "caption": [captions[i % 4], captions[(i + 1) % 4]]}
+               for i in range(12)]
+    (tmp_path / "coco.json").write_text(json.dumps(entries))
+    env = dict(os.environ, PAR_PYTHON=sys.executable, EVAL_DATA=str(micro_world / "test.csv"),
+               RETRIEVAL_JSON=str(tmp_path / "coco.json"), RETRIEVAL_ROOT=str(micro_world))
+    proc = subprocess.run(["bash", "trigger_validate.sh", str(ckpt), "blended", "par-micro-vit", "banana"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "results.jsonl").read_text().splitlines()]
+    assert [r["evaluation"] for r in records] == ["classification/clean", "classification/blended",
+                                                 "retrieval/clean", "retrieval/blended"]
+    assert set(records[2]["metrics"]) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert records[2]["num_captions"] == 24 and records[3]["attack_params"] == {"alpha": 0.2, "fixed_pattern": False}
+    for r in records:
+        assert r["encoder"] == "par-micro-vit" and r["seconds"] >= 0
+        assert all(0 <= v <= 1 for v in r["metrics"].values())
+    assert "retrieval/blended" in proc.stdout
