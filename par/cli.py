@@ -104,6 +104,13 @@ def cmd_triggers(args) -> None:
     print(f"gallery: {trigger_gallery(args.image, args.out, size=args.size, seed=args.seed, params=params)}")
 
 
+def cmd_bench(args) -> None:
+    from par.bench import run_bench
+
+    split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
+    run_bench(args.config, args.out, quick=args.quick, attacks=split(args.attacks), defenses=split(args.defenses))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-param", action="append", metavar="NAME.KEY=VALUE",
                    help="parameter for one trigger, e.g. badclip.patch=patch.png")
 
+    p = sub.add_parser("bench", help="every attack against every defense on the synthetic world")
+    p.add_argument("--config", default="configs/bench.yaml")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true", help="the config's quick subset")
+    p.add_argument("--attacks", help="comma-separated subset of attacks")
+    p.add_argument("--defenses", help="comma-separated subset of defenses")
+
     p = sub.add_parser("demo", help="offline demo: world, poison, poisoned CLIP, PAR, CA/ASR table")
     p.add_argument("--profile", default="configs/demo.yaml")
     p.add_argument("--out", default="runs/demo")
@@ -210,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd_train(args, rest)
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
-             "badclip": cmd_badclip, "triggers": cmd_triggers}[args.command](args)
+             "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

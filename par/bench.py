@@ -1,0 +1,175 @@
+"""The benchmark: every attack against every defense on the synthetic world.
+
+For each attack a poisoned tiny CLIP is built (or reused, keyed by its settings); each
+defense cleans it under the same data and step budget (and optionally over a sweep of one
+setting and several seeds); every cell is evaluated for CA and ASR. Cells are cached by
+their settings, so re-running resumes; a cell that fails is recorded with its error and the
+others go on. Outputs: ``results.csv``, ``results.md``, ``tradeoff.png``, ``triggers.png``.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from par.config import load_yaml
+from par.errors import ParError
+
+FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr",
+          "clean_seconds", "status", "error"]
+DEFENSE_LABELS = {"clip": "ft"}
+
+
+def _defense_values(profile: dict, name: str) -> dict:
+    from par import pipeline
+
+    base = pipeline.stage_config(profile.get("clean", {}), "clean")
+    specific = pipeline.stage_config((profile.get("defense_settings") or {}).get(name) or {}, f"defense_settings.{name}")
+    return {**base, **specific, "objective": name}
+
+
+def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict):
+    for attack in attacks:
+        for defense in defenses:
+            for seed in seeds:
+                yield attack, defense, "default", seed, {}
+            for key, values in (sweeps.get(defense) or {}).items():
+                for value in values:
+                    yield attack, defense, f"{key}={value}", seeds[0], {key: value}
+
+
+def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
+              defenses: Optional[List[str]] = None, progress: bool = True) -> Path:
+    from par import pipeline, triggers
+    from par.gallery import trigger_gallery
+    from par.objectives import OBJECTIVES
+
+    profile = load_yaml(config)
+    if quick:
+        profile = {**profile, **(profile.get("quick") or {})}
+    label = profile.get("label", "banana")
+    attacks = [triggers.TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or triggers.TRIGGERS.in_order())]
+    defenses = [OBJECTIVES.canonical(d) for d in (defenses or profile.get("defenses") or OBJECTIVES.in_order())]
+    seeds = list(profile.get("seeds") or [0])
+    sweeps = profile.get("sweeps") or {}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = pipeline.make_world_stage(profile, out)
+
+    rows: List[Dict] = []
+    poisoned_cache: Dict[str, tuple] = {}
+    for attack, defense, setting, seed, override in _cells(profile, attacks, defenses, seeds, sweeps):
+        row = {"attack": attack, "defense": DEFENSE_LABELS.get(defense, defense), "setting": setting, "seed": seed,
+               "status": "ok", "error": ""}
+        try:
+            if attack not in poisoned_cache:
+                params = dict((profile.get("attack_params") or {}).get(attack, {}))
+                if attack == "badclip" and "patch" not in params:
+                    params["patch"] = str(pipeline.badclip_patch_stage(profile, out, world, label))
+                checkpoint, key = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
+                metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
+                poisoned_cache[attack] = (checkpoint, key, params, metrics)
+            checkpoint, key, params, poisoned = poisoned_cache[attack]
+            values = {**_defense_values(profile, defense), **override, "seed": seed, "progress": progress}
+            run_dir = out / f"cleaned-{attack}-{defense}-{pipeline.digest(key, values)}"
+            started = time.time()
+            cleaned_ckpt = pipeline.clean_stage(world, checkpoint, values, run_dir, reuse=True)
+            cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))
+            row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
+                       cleaned_ca=cleaned["clean_top1"], cleaned_asr=cleaned["asr_top1"],
+                       clean_seconds=_seconds(run_dir, started))
+        except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
+            row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+            if progress:
+                traceback.print_exc()
+        rows.append(row)
+        _write_results(out, rows)
+    _write_markdown(out / "results.md", rows, attacks, [DEFENSE_LABELS.get(d, d) for d in defenses], label)
+    _plot_tradeoff(out / "tradeoff.png", rows)
+    sample = world.path / "images" / "test" / "000001.png"
+    gallery_params = {f"badclip.{k}": v for k, v in (poisoned_cache.get("badclip", (0, 0, {}, 0))[2]).items()}
+    trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
+    print(f"benchmark results: {out / 'results.md'}")
+    return out
+
+
+def _seconds(run_dir: Path, started: float) -> float:
+    import json
+
+    log = run_dir / "metrics.jsonl"
+    if log.exists():  # the cell's own training time, also when it was reused from an earlier run
+        lines = log.read_text().splitlines()
+        if lines:
+            return round(json.loads(lines[-1])["elapsed_s"], 1)
+    return round(time.time() - started, 1)
+
+
+def _write_results(out: Path, rows: List[Dict]) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+
+
+def _mean_std(values: List[float]) -> str:
+    if not values:
+        return "failed"
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str) -> None:
+    from par.triggers import get_trigger
+
+    default = [r for r in rows if r["setting"] == "default"]
+    seeds = sorted({r["seed"] for r in default})
+    head = "| attack | poisoned CA | poisoned ASR | " + " | ".join(f"{d} CA | {d} ASR" for d in defenses) + " |"
+    lines = [f"Zero-shot CA / ASR (%, target '{label}') on the synthetic world; mean ± std over {len(seeds)} "
+             f"cleaning seed(s).", "", head, "|" + "---|" * (3 + 2 * len(defenses))]
+    for attack in attacks:
+        cells = [r for r in default if r["attack"] == attack]
+        ok = [r for r in cells if r["status"] == "ok"]
+        line = [f"{get_trigger(attack).paper_name} (`{attack}`)", _mean_std([r["poisoned_ca"] for r in ok][:1]),
+                _mean_std([r["poisoned_asr"] for r in ok][:1])]
+        for defense in defenses:
+            mine = [r for r in ok if r["defense"] == defense]
+            line += [_mean_std([r["cleaned_ca"] for r in mine]), _mean_std([r["cleaned_asr"] for r in mine])]
+        lines.append("| " + " | ".join(line) + " |")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed cells:"] + [f"- {r['attack']} / {r['defense']} ({r['setting']}, seed {r['seed']}): "
+                                          f"{r['error']}" for r in failed]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
+    """ASR against CA: each defense's sweep as a line per attack (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ok = [r for r in rows if r["status"] == "ok"]
+    markers = {"par": "o", "cleanclip": "s", "ft": "^"}
+    for defense in sorted({r["defense"] for r in ok}):
+        for attack in sorted({r["attack"] for r in ok}):
+            points = sorted((r["cleaned_ca"], r["cleaned_asr"], r["setting"]) for r in ok
+                            if r["defense"] == defense and r["attack"] == attack)
+            if points:
+                ax.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker=markers.get(defense, "x"),
+                        label=f"{defense} / {attack}", alpha=0.8)
+    poisoned = {r["attack"]: (r["poisoned_ca"], r["poisoned_asr"]) for r in ok}
+    for attack, (ca, asr) in poisoned.items():
+        ax.scatter([100 * ca], [100 * asr], color="black", marker="*", zorder=5)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_title("defense trade-off (black stars: poisoned models)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

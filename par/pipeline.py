@@ -1,0 +1,117 @@
+"""The stages the demo and the benchmark share: world -> (BadCLIP patch) -> poison -> poisoned model -> clean -> evaluate.
+
+Every stage lands in a folder named by a digest of everything it depends on, so that a
+re-run reuses what was already built with the same settings and computes only what is
+missing (a finished stage is never overwritten).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from par.config import build, load_yaml
+from par.errors import ParError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def stage_config(spec, what: str) -> dict:
+    """A stage's settings: an inline mapping, or a YAML path (relative to the working directory or the repo)."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if isinstance(spec, str):
+        path = Path(spec)
+        return load_yaml(path if path.is_absolute() or path.exists() else REPO / path)
+    raise ParError(f"profile key {what!r} must be a mapping or a YAML file path")
+
+
+@dataclass
+class World:
+    path: Path
+    key: str
+    model: str  # the encoder every stage trains
+
+    @property
+    def test_csv(self) -> str:
+        return str(self.path / "test.csv")
+
+
+def make_world_stage(profile: dict, out: Path) -> World:
+    from par.synthetic import WorldConfig, make_world
+
+    cfg = build(WorldConfig, profile.get("world", {}), "profile 'world'")
+    path = make_world(cfg, out / "world", reuse=True)
+    model = stage_config(profile.get("pretrain", {}), "pretrain").get("model")
+    if not model:
+        raise ParError("profile 'pretrain' must name the model")
+    return World(path=path, key=digest(asdict(cfg)), model=model)
+
+
+def badclip_patch_stage(profile: dict, out: Path, world: World, label: str) -> Path:
+    """BadCLIP's patch, optimised against a tiny CLIP pre-trained on the clean world (both reused)."""
+    from par.badclip import BadCLIPConfig, make_badclip_patch
+    from par.train import TrainConfig, train
+
+    pretrain_values = stage_config(profile.get("pretrain", {}), "pretrain")
+    clean_key = digest(world.key, pretrain_values)
+    clean_model = train(build(TrainConfig, {**pretrain_values, "train_csv": str(world.path / "train.csv"),
+                                            "out": str(out / f"clean-model-{clean_key}")}), reuse=True)
+    values = {"steps": 200, "lr": 0.01, "batch_size": 64, **profile.get("badclip", {})}
+    patch = out / f"badclip-patch-{digest(clean_key, label, values)}.png"
+    if not patch.exists():
+        make_badclip_patch(build(BadCLIPConfig, {
+            "checkpoint": str(clean_model), "model": world.model, "data": str(world.path / "clean.csv"),
+            "label": label, "out": str(patch), "templates": str(world.path / "templates.txt"), **values}))
+    return patch
+
+
+def poisoned_model_stage(profile: dict, out: Path, world: World, attack: str, label: str, attack_params: dict):
+    """(checkpoint, key) of a tiny CLIP pre-trained on the world poisoned with ``attack``."""
+    from par.poison import PoisonConfig, poison
+    from par.train import TrainConfig, train
+
+    poison_values = {"rate": 0.05, "seed": 0, **profile.get("poison", {})}
+    poison_key = digest(world.key, attack, label, attack_params, poison_values)
+    poisoned_csv = poison(build(PoisonConfig, {
+        "csv": str(world.path / "train.csv"), "attack": attack, "label": label,
+        "out": str(out / f"poison-{attack}-{poison_key}"), "templates": str(world.path / "templates.txt"),
+        "attack_params": attack_params, **poison_values,
+    }, "profile 'poison'"), reuse=True)
+    pretrain_values = stage_config(profile.get("pretrain", {}), "pretrain")
+    key = digest(poison_key, pretrain_values)
+    checkpoint = train(build(TrainConfig, {
+        **pretrain_values, "train_csv": str(poisoned_csv), "out": str(out / f"poisoned-{attack}-{key}"),
+    }, "profile 'pretrain'"), reuse=True)
+    return checkpoint, key
+
+
+def clean_stage(world: World, poisoned: Path, values: dict, run_dir: Path, reuse: bool,
+                train_csv: Optional[str] = None) -> Path:
+    from par.train import TrainConfig, train
+
+    cfg = build(TrainConfig, {"model": world.model, **values, "train_csv": train_csv or str(world.path / "clean.csv"),
+                              "init_checkpoint": str(poisoned), "out": str(run_dir)}, "cleaning config")
+    return train(cfg, reuse=reuse)
+
+
+def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, attack_params: dict,
+                   eval_values: Optional[dict] = None) -> dict:
+    """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
+    from par.evaluate import EvalConfig, evaluate, merged_metrics
+
+    results = Path(checkpoint).parent / f"results-{attack}.jsonl"
+    if results.exists():  # evaluated before: the checkpoint of a finished run never changes
+        return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
+    records = evaluate(EvalConfig(
+        checkpoint=str(checkpoint), model=world.model, data=world.test_csv,
+        classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
+        attack=attack, label=label, attack_params=attack_params, out=str(results), **(eval_values or {}),
+    ))
+    return merged_metrics(records)

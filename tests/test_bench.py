@@ -1,0 +1,62 @@
+import csv
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO
+from par.bench import run_bench
+from par.errors import ParError
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run_bench(f"{REPO}/configs/micro-bench.yaml", str(out), quick=True, progress=False)
+    return out
+
+
+def test_quick_bench_writes_csv_markdown_and_plots(bench):
+    rows = list(csv.DictReader((bench / "results.csv").open()))
+    assert [(r["attack"], r["defense"], r["setting"]) for r in rows] == [("badnet_rs", "par", "default"),
+                                                                         ("badnet_rs", "ft", "default")]
+    for r in rows:
+        assert r["status"] == "ok"
+        for key in ("poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    md = (bench / "results.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert table[0] == "| attack | poisoned CA | poisoned ASR | par CA | par ASR | ft CA | ft ASR |"
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert table[2].startswith("| BadNet-Stripes (`badnet_rs`) |")
+    for png in ("tradeoff.png", "triggers.png"):
+        assert Image.open(bench / png).format == "PNG"
+
+
+def test_rerun_resumes_finished_cells(bench, capsys):
+    cleaned = sorted(bench.glob("cleaned-*/checkpoint.pt"))
+    stamps = [p.stat().st_mtime_ns for p in cleaned]
+    run_bench(f"{REPO}/configs/micro-bench.yaml", str(bench), quick=True, progress=False)
+    assert [p.stat().st_mtime_ns for p in cleaned] == stamps
+    assert capsys.readouterr().out.count("reusing") >= 3  # poisoned model + both cleaned cells
+
+
+def test_failed_cell_is_recorded_and_others_continue(tmp_path):
+    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    config["quick"]["sweeps"] = {"par": {"warmup": [99]}}  # warmup longer than steps: this cell fails
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_bench(str(path), str(tmp_path / "out"), quick=True, progress=False)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    status = {(r["defense"], r["setting"]): (r["status"], r["error"]) for r in rows}
+    assert status[("par", "warmup=99")][0] == "failed" and "warmup (99)" in status[("par", "warmup=99")][1]
+    assert status[("par", "default")][0] == "ok" and status[("ft", "default")][0] == "ok"
+    assert "Failed cells:" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_unknown_attack_or_defense_lists_known(tmp_path):
+    with pytest.raises(ParError, match="unknown attack 'nope'.*badnet_rs"):
+        run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), attacks=["nope"])
+    with pytest.raises(ParError, match="unknown objective 'roclip'.*cleanclip"):
+        run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), defenses=["roclip"])
