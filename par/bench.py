@@ -32,13 +32,18 @@ def _defense_values(profile: dict, name: str) -> dict:
 
 
 def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict):
+    """(attack, defense, setting, seed, overrides, cleaning data) for every cell."""
+    synthetic = (profile.get("synthetic_cleaning") or {}).get("defenses") or []
     for attack in attacks:
         for defense in defenses:
             for seed in seeds:
-                yield attack, defense, "default", seed, {}
+                yield attack, defense, "default", seed, {}, "world"
             for key, values in (sweeps.get(defense) or {}).items():
                 for value in values:
-                    yield attack, defense, f"{key}={value}", seeds[0], {key: value}
+                    yield attack, defense, f"{key}={value}", seeds[0], {key: value}, "world"
+        for defense in synthetic:
+            for seed in seeds:
+                yield attack, defense, "default", seed, {}, "synthetic"
 
 
 def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
@@ -58,12 +63,17 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
+    synthetic_csv = None
+    if (profile.get("synthetic_cleaning") or {}).get("defenses"):
+        # a second world of another style, used only as cleaning data
+        style = {"world": profile["synthetic_cleaning"].get("world", {}), "pretrain": profile.get("pretrain")}
+        synthetic_csv = str(pipeline.make_world_stage(style, out, folder="world-synthetic").path / "clean.csv")
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
-    for attack, defense, setting, seed, override in _cells(profile, attacks, defenses, seeds, sweeps):
-        row = {"attack": attack, "defense": DEFENSE_LABELS.get(defense, defense), "setting": setting, "seed": seed,
-               "status": "ok", "error": ""}
+    for attack, defense, setting, seed, override, data in _cells(profile, attacks, defenses, seeds, sweeps):
+        label_name = DEFENSE_LABELS.get(defense, defense) + ("-synthetic" if data == "synthetic" else "")
+        row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
         try:
             if attack not in poisoned_cache:
                 params = dict((profile.get("attack_params") or {}).get(attack, {}))
@@ -74,9 +84,10 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 poisoned_cache[attack] = (checkpoint, key, params, metrics)
             checkpoint, key, params, poisoned = poisoned_cache[attack]
             values = {**_defense_values(profile, defense), **override, "seed": seed, "progress": progress}
-            run_dir = out / f"cleaned-{attack}-{defense}-{pipeline.digest(key, values)}"
+            train_csv = synthetic_csv if data == "synthetic" else None
+            run_dir = out / f"cleaned-{attack}-{label_name}-{pipeline.digest(key, values, data)}"
             started = time.time()
-            cleaned_ckpt = pipeline.clean_stage(world, checkpoint, values, run_dir, reuse=True)
+            cleaned_ckpt = pipeline.clean_stage(world, checkpoint, values, run_dir, reuse=True, train_csv=train_csv)
             cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
                        cleaned_ca=cleaned["clean_top1"], cleaned_asr=cleaned["asr_top1"],
@@ -87,7 +98,9 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 traceback.print_exc()
         rows.append(row)
         _write_results(out, rows)
-    _write_markdown(out / "results.md", rows, attacks, [DEFENSE_LABELS.get(d, d) for d in defenses], label)
+    columns = [DEFENSE_LABELS.get(d, d) for d in defenses]
+    columns += [DEFENSE_LABELS.get(d, d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
+    _write_markdown(out / "results.md", rows, attacks, columns, label)
     _plot_tradeoff(out / "tradeoff.png", rows)
     sample = world.path / "images" / "test" / "000001.png"
     gallery_params = {f"badclip.{k}": v for k, v in (poisoned_cache.get("badclip", (0, 0, {}, 0))[2]).items()}

@@ -43,11 +43,11 @@ class World:
         return str(self.path / "test.csv")
 
 
-def make_world_stage(profile: dict, out: Path) -> World:
+def make_world_stage(profile: dict, out: Path, folder: str = "world") -> World:
     from par.synthetic import WorldConfig, make_world
 
     cfg = build(WorldConfig, profile.get("world", {}), "profile 'world'")
-    path = make_world(cfg, out / "world", reuse=True)
+    path = make_world(cfg, out / folder, reuse=True)
     model = stage_config(profile.get("pretrain", {}), "pretrain").get("model")
     if not model:
         raise ParError("profile 'pretrain' must name the model")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from par.errors import ParError
 
@@ -247,6 +247,17 @@ CAPTION_TEMPLATES = (
     "{a_name} {where}, photographed from the front.",
 )
 
+# The "sketch" style: another renderer (line drawings on paper), palette and caption wording,
+# used only as cleaning data (PAR's "without real data" setting).
+SKETCH_CAPTION_TEMPLATES = (
+    "a sketch of {a_name}.",
+    "an illustration of {a_colour} {name}.",
+    "a simple line drawing showing {a_name}.",
+    "{a_name}, drawn in {colour} ink.",
+    "a cartoon {name}.",
+    "clip art of {a_size} {name}.",
+)
+
 # Zero-shot templates for this world: the words its captions use.
 ZERO_SHOT_TEMPLATES = (
     "a photo of a {}.",
@@ -276,6 +287,7 @@ class WorldConfig:
     max_noise: float = 10.0  # std of Gaussian pixel noise in 0-255 units, drawn per image from [0, max]
     max_slant: float = 25.0  # degrees
     workers: int = 2
+    style: str = "photo"  # photo | sketch (another renderer, palette and caption wording)
     version: int = field(default=WORLD_VERSION)
 
     def counts(self) -> Dict[str, int]:
@@ -301,6 +313,8 @@ def render_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
     obj = CLASSES[label]
 
     bg, where = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))](n, rng)
+    if cfg.style == "sketch":  # paper instead of a scene
+        bg, where = Image.new("RGB", (n, n), tuple(int(v) for v in rng.integers(225, 256, 3))), "on paper"
     if rng.random() < cfg.typical_colour_prob:
         colour = obj.typical_colours[int(rng.integers(len(obj.typical_colours)))]
     else:
@@ -330,6 +344,8 @@ def render_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
     layer = layer.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
     bg.paste(layer, (0, 0), layer)
 
+    if cfg.style == "sketch":  # ink outlines in a muted, posterised palette
+        bg = ImageOps.posterize(bg.filter(ImageFilter.CONTOUR), 3)
     img = bg.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
     sigma = rng.uniform(0, cfg.max_noise)
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 1, (cfg.image_size, cfg.image_size, 3)) * sigma
@@ -343,7 +359,8 @@ def render_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         "a_size": _article(size_word),
         "where": where,
     }
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+    templates = SKETCH_CAPTION_TEMPLATES if cfg.style == "sketch" else CAPTION_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
     return Sample(label=label, caption=template.format(**words), image=img)
 
 
@@ -392,6 +409,8 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
         )
     if cfg.image_size < 16:
         raise ParError(f"image_size must be at least 16, got {cfg.image_size}")
+    if cfg.style not in ("photo", "sketch"):
+        raise ParError(f"unknown world style {cfg.style!r}; known: photo, sketch")
 
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,16 @@ def bench(tmp_path_factory):
 
 def test_quick_bench_writes_csv_markdown_and_plots(bench):
     rows = list(csv.DictReader((bench / "results.csv").open()))
-    assert [(r["attack"], r["defense"], r["setting"]) for r in rows] == [("badnet_rs", "par", "default"),
-                                                                         ("badnet_rs", "ft", "default")]
+    assert [(r["attack"], r["defense"], r["setting"]) for r in rows] == [
+        ("badnet_rs", "par", "default"), ("badnet_rs", "ft", "default"), ("badnet_rs", "par-synthetic", "default")]
     for r in rows:
         assert r["status"] == "ok"
         for key in ("poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr"):
             assert 0.0 <= float(r[key]) <= 1.0
     md = (bench / "results.md").read_text().splitlines()
     table = [line for line in md if line.startswith("|")]
-    assert table[0] == "| attack | poisoned CA | poisoned ASR | par CA | par ASR | ft CA | ft ASR |"
+    assert table[0] == ("| attack | poisoned CA | poisoned ASR | par CA | par ASR | ft CA | ft ASR "
+                        "| par-synthetic CA | par-synthetic ASR |")
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert table[2].startswith("| BadNet-Stripes (`badnet_rs`) |")
     for png in ("tradeoff.png", "triggers.png"):
@@ -39,7 +40,9 @@ def test_rerun_resumes_finished_cells(bench, capsys):
     stamps = [p.stat().st_mtime_ns for p in cleaned]
     run_bench(f"{REPO}/configs/micro-bench.yaml", str(bench), quick=True, progress=False)
     assert [p.stat().st_mtime_ns for p in cleaned] == stamps
-    assert capsys.readouterr().out.count("reusing") >= 3  # poisoned model + both cleaned cells
+    assert capsys.readouterr().out.count("reusing") >= 4  # poisoned model + three cleaned cells
+    (synthetic_run,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
+    assert "world-synthetic/clean.csv" in (synthetic_run / "config.yaml").read_text()
 
 
 def test_failed_cell_is_recorded_and_others_continue(tmp_path):

@@ -58,3 +58,20 @@ def test_existing_world_is_kept_or_refused(tmp_path):
     make_world(cfg, tmp_path, reuse=True, progress=False)  # identical: kept
     with pytest.raises(ParError, match="already holds a world"):
         make_world(WorldConfig(seed=2, image_size=32, train=4, clean=2, test=12, workers=1), tmp_path, reuse=True)
+
+
+def test_sketch_style_is_visibly_different():
+    from par.synthetic import SKETCH_CAPTION_TEMPLATES
+
+    photo = render_sample(WorldConfig(seed=0, image_size=32), "clean", 3)
+    sketch = render_sample(WorldConfig(seed=0, image_size=32, style="sketch"), "clean", 3)
+    assert photo.label == sketch.label and CLASS_NAMES[sketch.label] in sketch.caption
+    starts = {t.split("{")[0] for t in SKETCH_CAPTION_TEMPLATES}
+    assert any(sketch.caption.startswith(s) for s in starts if s) or "drawn in" in sketch.caption
+    # paper-white backgrounds: the sketch is much brighter on average than the scene
+    assert np.asarray(sketch.image).mean() > np.asarray(photo.image).mean() + 30
+
+
+def test_unknown_style_is_an_error(tmp_path):
+    with pytest.raises(ParError, match="unknown world style 'oil'"):
+        make_world(WorldConfig(style="oil", train=1, clean=1, test=1, workers=1), tmp_path, progress=False)
