@@ -135,38 +135,46 @@ class BadNetStripes(_PatchTrigger):
         return _random_stripes(n, size, size, generator)
 
 
+@dataclass
+class _RandomBlend(Trigger):
+    """A full-image random pattern, redrawn per image (or shared), blended with weight ``alpha``."""
+
+    alpha: float = 0.0
+    fixed_pattern: bool = False
+
+    def _pattern(self, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, images, generator):
+        b, _, h, w = images.shape
+        pattern = self._pattern(1 if self.fixed_pattern else b, h, w, generator).expand(b, 3, h, w)
+        return torch.ones(1, 1, 1, 1), pattern, self.alpha
+
+
 @TRIGGERS.register("blended")
 @dataclass
-class Blended(Trigger):
+class Blended(_RandomBlend):
     """Blended: ``0.8 x + 0.2 u`` with uniform noise ``u`` over the whole image."""
 
     name = "blended"
     paper_name = "Blended"
     alpha: float = 0.2
-    fixed_pattern: bool = False
 
-    def draw(self, images, generator):
-        b, _, h, w = images.shape
-        n = 1 if self.fixed_pattern else b
-        pattern = torch.rand(n, 3, h, w, generator=generator).expand(b, 3, h, w)
-        return torch.ones(1, 1, 1, 1), pattern, self.alpha
+    def _pattern(self, n, h, w, generator):
+        return torch.rand(n, 3, h, w, generator=generator)
 
 
 @TRIGGERS.register("blended_rs", "blended-stripes")
 @dataclass
-class BlendedStripes(Trigger):
+class BlendedStripes(_RandomBlend):
     """Blended-Stripes: ``0.97 x + 0.03 p`` with full-image 1-px vertical stripes ``p`` of random +-1."""
 
     name = "blended_rs"
     paper_name = "Blended-Stripes"
     alpha: float = 0.03
-    fixed_pattern: bool = False
 
-    def draw(self, images, generator):
-        b, _, h, w = images.shape
-        n = 1 if self.fixed_pattern else b
-        pattern = 2 * _random_stripes(n, h, w, generator) - 1  # +-1, blended before clamping
-        return torch.ones(1, 1, 1, 1), pattern.expand(b, 3, h, w), self.alpha
+    def _pattern(self, n, h, w, generator):
+        return 2 * _random_stripes(n, h, w, generator) - 1  # +-1, blended before clamping
 
 
 @TRIGGERS.register("tri_patt", "blended-triangles")
