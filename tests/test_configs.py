@@ -7,24 +7,38 @@ from conftest import REPO
 from par.config import build, load_yaml
 from par.train import TrainConfig, validate
 
-TRAIN_CONFIGS = sorted(str(p.relative_to(REPO)) for p in Path(REPO, "configs").rglob("*.yaml")
-                       if p.name not in ("demo.yaml", "micro.yaml"))
+ALL = sorted(Path(REPO, "configs").rglob("*.yaml"))
+PROFILES = [p for p in ALL if "world" in load_yaml(p)]  # demo and benchmark profiles
+TRAIN_CONFIGS = [p for p in ALL if p not in PROFILES]
 
 
-@pytest.mark.parametrize("path", TRAIN_CONFIGS)
-def test_train_configs_are_valid(path, tmp_path):
-    values = {"model": "par-micro-vit", "train_csv": "x.csv", "out": "o", "init_checkpoint": "x.pt", **load_yaml(Path(REPO, path))}
-    cfg = build(TrainConfig, values, path)
-    validate(cfg)
+def _check_train(values: dict, source: str) -> None:
+    values = {"model": "par-micro-vit", "train_csv": "x.csv", "out": "o", "init_checkpoint": "x.pt", **values}
+    validate(build(TrainConfig, values, source))
 
 
-@pytest.mark.parametrize("profile", ["configs/demo.yaml", "configs/micro.yaml"])
-def test_demo_profiles_name_valid_stages(profile):
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_train_configs_are_valid(path):
+    _check_train(load_yaml(path), str(path))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_profiles_name_valid_stages(path):
+    from par import triggers
+    from par.objectives import OBJECTIVES
+    from par.pipeline import stage_config
     from par.synthetic import WorldConfig
 
-    data = load_yaml(Path(REPO, profile))
+    data = load_yaml(path)
     build(WorldConfig, data["world"], "world")
     for stage in ("pretrain", "clean"):
-        values = load_yaml(Path(REPO, data[stage]))
-        values.setdefault("model", "par-micro-vit")
-        validate(build(TrainConfig, {"train_csv": "x.csv", "out": "o", "init_checkpoint": "x.pt", **values}, stage))
+        _check_train(stage_config(data[stage], stage), f"{path}:{stage}")
+    for name, settings in (data.get("defense_settings") or {}).items():
+        _check_train({**stage_config(data["clean"], "clean"), **settings, "objective": name}, f"{path}:{name}")
+    for name in data.get("defenses") or []:
+        OBJECTIVES.get(name)
+    for name, params in (data.get("attack_params") or {}).items():
+        triggers.get_trigger(name, **params)
+    for name in data.get("attacks") or []:
+        triggers.get_trigger(name)
+    assert len(PROFILES) == 4 and len(TRAIN_CONFIGS) >= 8
