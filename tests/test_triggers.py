@@ -164,3 +164,21 @@ def test_wanet_field_is_fixed_and_identity_without_strength():
     a = triggers.apply("warped", x, seed=0)
     assert not torch.equal(a, triggers.apply("warped", x, seed=0, field_seed=1))
     assert (a - x).abs().max() > 0.01
+
+
+def test_blended_text_mask_pinned_at_224():
+    # regression pin of the rendered "Watermarked" mask (shipped DejaVu Sans Mono, 20 px at 224)
+    ink = triggers.apply("water_patt", torch.zeros(1, 3, 224, 224), seed=0)[0, 0] * 2
+    rows, cols = (ink > 0).nonzero(as_tuple=True)
+    assert len(rows) == 903 and ink.sum().item() == pytest.approx(605.125, abs=0.01)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (104, 118, 46, 176)
+
+
+def test_wanet_field_pinned_at_224():
+    field = triggers.get_trigger("warped").field(224)
+    assert field.shape == (1, 224, 224, 2)
+    assert field.abs().sum().item() == pytest.approx(50400.88, rel=1e-5)
+    assert field[0, 100, 100].tolist() == pytest.approx([-0.107437, -0.106894], abs=1e-5)
+    identity = torch.linspace(-1, 1, 224)
+    # displacement is s * noise / S with mean |noise| = 1 before interpolation: a fraction of a pixel
+    assert (field[0, :, :, 0] - identity[None, :]).abs().mean().item() < 2 / 224
