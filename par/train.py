@@ -489,5 +489,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
 
         plot_training(out / "metrics.jsonl", out / "training.png", tau=cfg.tau if cfg.objective == "par" else None)
         print(f"wrote {checkpoint} ({step - first_step} steps in {time.time() - start:.0f} s)")
-    dist.barrier()
+    if dist.world_size > 1:
+        dist.barrier()
+        torch.distributed.destroy_process_group()
     return checkpoint
