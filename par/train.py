@@ -391,8 +391,10 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        rng = torch.load(out / f"rng-rank{dist.rank}.pt", map_location="cpu", weights_only=True)
-        _set_rng_state(rng, aug_rng, objective)
+        if len(state["rng"]) != dist.world_size:
+            raise ParError(f"{found} was saved by {len(state['rng'])} process(es); resume it with as many, "
+                           f"not {dist.world_size}")
+        _set_rng_state(state["rng"][dist.rank], aug_rng, objective)
         if dist.main:
             print(f"resuming {out} at step {step}")
 
@@ -445,12 +447,17 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
             bar.update(1)
 
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                _atomic_save(_rng_state(aug_rng, objective), out / f"rng-rank{dist.rank}.pt")
-                dist.barrier()  # every rank's random state is on disk before the state that points to it
+                # one file, written atomically, holds everything, the random streams of every rank included,
+                # so a kill at any moment leaves a consistent state behind
+                rng = [_rng_state(aug_rng, objective)]
+                if dist.world_size > 1:
+                    gathered = [None] * dist.world_size if dist.main else None
+                    torch.distributed.gather_object(rng[0], gathered, dst=0)
+                    rng = gathered
                 if dist.main:
                     _atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                                  "batches_done": batches_done}, out / "state-latest.pt")
+                                  "batches_done": batches_done, "rng": rng}, out / "state-latest.pt")
             if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": raw_model.logit_scale.exp().item(),
                           **{k: dist.mean(v).item() for k, v in totals.items()}}

@@ -21,7 +21,7 @@ def _train_args(world, ckpt, out, *extra):
     return ["-m", "par", "train", "--config", "configs/micro/par.yaml", "--model", "par-micro-vit",
             "--init_checkpoint", str(ckpt), "--train_csv", str(world / "train.csv"), "--out", str(out),
             "--augment", "none", "--batch_size", "16", "--steps", "4", "--warmup", "1", "--lr", "1e-3",
-            "--threads", "1", *extra]
+            "--threads", "1", "--save_every", "2", *extra]
 
 
 def _run(cmd):
@@ -41,6 +41,8 @@ def test_two_gloo_ranks_match_one_process(micro_world, init_ckpt, tmp_path, obje
     _run([sys.executable] + _train_args(micro_world, init_ckpt, single, "--objective", objective))
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
          + _train_args(micro_world, init_ckpt, multi, "--objective", objective))
+    # the resumable state holds the random streams of both ranks
+    assert len(torch.load(multi / "state-latest.pt", weights_only=True)["rng"]) == 2
     # (a) the replicas stayed identical: gradients were all-reduced
     assert json.loads((multi / "distributed.json").read_text()) == {"world_size": 2, "replica_drift": 0.0}
     # (b) same global batch, same losses and weights as one process
