@@ -114,7 +114,7 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         img = open_image(paths[row])
         x = resize(img) if resize else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
         seed = row_seed(cfg.seed, row)
-        triggered = triggers.apply(trigger.name, x[None].float() / 255, seed=seed, **trigger.params())[0]
+        triggered = trigger.apply(x[None].float() / 255, torch.Generator().manual_seed(seed))[0]
         array = (triggered * 255).round().byte().permute(1, 2, 0).numpy()
         name = f"images/{row:07d}.png"
         Image.fromarray(array).save(out / name)
