@@ -5,7 +5,6 @@ Problems with the user's input end as one ``error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List, Optional
 

@@ -9,7 +9,6 @@ target (the reference code forgets that exclusion).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 
 def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size: int = 224,
