@@ -32,12 +32,19 @@ def _defense_values(profile: dict, name: str) -> dict:
 
 
 def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict):
-    """(attack, defense, setting, seed, overrides, cleaning data) for every cell."""
+    """(attack, defense, setting, seed, overrides, cleaning data) for every cell.
+
+    Sweeps run on ``sweep_attacks`` (default: every attack): a trade-off curve per attack
+    multiplies the benchmark's cost by the sweep's length.
+    """
     synthetic = (profile.get("synthetic_cleaning") or {}).get("defenses") or []
+    swept = profile.get("sweep_attacks")
     for attack in attacks:
         for defense in defenses:
             for seed in seeds:
                 yield attack, defense, "default", seed, {}, "world"
+            if swept is not None and attack not in swept:
+                continue
             for key, values in (sweeps.get(defense) or {}).items():
                 for value in values:
                     yield attack, defense, f"{key}={value}", seeds[0], {key: value}, "world"
@@ -60,6 +67,8 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     defenses = [OBJECTIVES.canonical(d) for d in (defenses or profile.get("defenses") or OBJECTIVES.in_order())]
     seeds = list(profile.get("seeds") or [0])
     sweeps = profile.get("sweeps") or {}
+    if profile.get("sweep_attacks") is not None:
+        profile["sweep_attacks"] = [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
@@ -168,6 +177,8 @@ def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ok = [r for r in rows if r["status"] == "ok"]
+    swept = {r["attack"] for r in ok if r["setting"] != "default"}
+    ok = [r for r in ok if r["attack"] in swept] or ok  # the curves; every attack when nothing was swept
     markers = {"par": "o", "cleanclip": "s", "ft": "^"}
     for defense in sorted({r["defense"] for r in ok}):
         for attack in sorted({r["attack"] for r in ok}):

@@ -27,7 +27,7 @@ def cmd_world(args) -> None:
     from par.synthetic import WorldConfig, make_world
 
     cfg = WorldConfig(seed=args.seed, image_size=args.image_size, train=args.train, clean=args.clean,
-                      test=args.test, workers=args.workers)
+                      test=args.test, workers=args.workers, style=args.style)
     out = make_world(cfg, args.out, reuse=args.reuse)
     print(f"world in {out}: train.csv ({cfg.train}), clean.csv ({cfg.clean}), test.csv ({cfg.test}), classnames.txt")
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=1200, help="labelled test images")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep an identical world already in --out")
+    p.add_argument("--style", default="photo",
+                   help="photo (the world) | sketch | cartoon (other renderers: cleaning data 'without real data')")
 
     p = sub.add_parser("poison", help="poison an image,caption CSV with a trigger")
     p.add_argument("--csv")

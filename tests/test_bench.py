@@ -5,7 +5,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from par.bench import run_bench
+from par.bench import _cells, run_bench
 from par.errors import ParError
 
 
@@ -62,3 +62,18 @@ def test_unknown_attack_or_defense_lists_known(tmp_path):
         run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), attacks=["nope"])
     with pytest.raises(ParError, match="unknown objective 'roclip'.*cleanclip"):
         run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), defenses=["roclip"])
+
+
+def test_sweeps_run_only_on_sweep_attacks():
+    profile = {"sweep_attacks": ["blended"], "synthetic_cleaning": {"defenses": ["par"]}}
+    cells = [(a, d, s, data) for a, d, s, _, _, data in
+             _cells(profile, ["badnet_rs", "blended"], ["par", "clip"], [0], {"par": {"tau": [0.5, 1.0]}})]
+    assert cells == [
+        ("badnet_rs", "par", "default", "world"), ("badnet_rs", "clip", "default", "world"),
+        ("badnet_rs", "par", "default", "synthetic"),
+        ("blended", "par", "default", "world"), ("blended", "par", "tau=0.5", "world"),
+        ("blended", "par", "tau=1.0", "world"), ("blended", "clip", "default", "world"),
+        ("blended", "par", "default", "synthetic")]
+    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"tau": [0.5]}})]
+    assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
+                     ("blended", "par", "default"), ("blended", "par", "tau=0.5")]

@@ -111,3 +111,11 @@ def test_module_entry_point_exit_status(tmp_path):
                            "badnet_rs", "--label", "banana", "--out", str(tmp_path / "o"), "--num", "1"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: CSV not found: {tmp_path / 'none.csv'}"
+
+
+def test_world_style_from_the_command_line(capsys, tmp_path):
+    args = ["world", "--seed", "1", "--image-size", "32", "--train", "0", "--clean", "6", "--test", "0", "--workers", "1"]
+    assert main(args + ["--out", str(tmp_path / "cartoon"), "--style", "cartoon"]) == 0
+    assert "cartoon" in (tmp_path / "cartoon" / "world.json").read_text()
+    msg = _error(capsys, args + ["--out", str(tmp_path / "oil"), "--style", "oil"])
+    assert msg == "error: unknown world style 'oil'; known: photo, sketch, cartoon"

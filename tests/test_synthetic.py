@@ -72,6 +72,25 @@ def test_sketch_style_is_visibly_different():
     assert np.asarray(sketch.image).mean() > np.asarray(photo.image).mean() + 30
 
 
+def test_cartoon_style_keeps_class_colour_with_another_renderer():
+    from par.synthetic import CARTOON_BACKGROUNDS, CARTOON_CAPTION_TEMPLATES
+
+    cfg = WorldConfig(seed=0, image_size=64, style="cartoon")
+    samples = [render_sample(cfg, "clean", i) for i in range(12)]
+    starts = [t.split("{")[0] for t in CARTOON_CAPTION_TEMPLATES]
+    for sample in samples:
+        assert CLASS_NAMES[sample.label] in sample.caption
+        assert any(sample.caption.startswith(s) for s in starts if s) or "children's book" in sample.caption
+        image = np.asarray(sample.image).astype(int)
+        assert (image.max(axis=2) < 60).sum() > 20  # a thick black contour
+        corner = image[:6, :6].reshape(-1, 3)  # flat pastel card (no sensor noise), unless a distractor is there
+        if corner.std(axis=0).max() < 1:
+            posterised = [np.array(c) & 0xE0 for c in CARTOON_BACKGROUNDS]  # 3-bit flat tones
+            assert min(np.abs(corner[0] - c).max() for c in posterised) <= 1
+    photo = render_sample(WorldConfig(seed=0, image_size=64), "clean", 0)
+    assert photo.label == samples[0].label and photo.caption != samples[0].caption
+
+
 def test_unknown_style_is_an_error(tmp_path):
     with pytest.raises(ParError, match="unknown world style 'oil'"):
         make_world(WorldConfig(style="oil", train=1, clean=1, test=1, workers=1), tmp_path, progress=False)

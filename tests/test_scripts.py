@@ -1,0 +1,37 @@
+"""The measurement scripts run end to end on tiny inputs (their figures are benchmarks, not tests)."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(args, tmp_path):
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path):
+    out = tmp_path / "train.jsonl"
+    stdout = _run(["scripts/train_throughput.py", "--model", "par-micro-vit", "--batch", "8", "--steps", "2",
+                   "--warmup", "1", "--device", "cpu", "--precision", "fp32", "amp", "--workers", "0",
+                   "--csv", str(micro_world / "train.csv"), "--peak-tflops", "1", "--out", str(out)], tmp_path)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["source"], r["precision"]) for r in records] == [("synthetic", "fp32"), ("loader", "fp32")]
+    for r in records:
+        assert r["samples_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] == round(r["tflops"] / 1, 4)
+    assert "amp       skipped: fp16 autocast is for CUDA" in stdout
+    assert "GFLOP per sample per PAR step" in stdout
+
+
+def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path):
+    out = tmp_path / "eval.jsonl"
+    _run(["scripts/eval_throughput.py", "--model", "par-micro-vit", "--data", str(micro_world / "test.csv"),
+          "--classnames", str(micro_world / "classnames.txt"), "--batch", "16", "--device", "cpu",
+          "--out", str(out)], tmp_path)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    (record,) = records
+    assert record["images"] == 48 and record["attack"] == "badnet_rs"
+    assert all(record[key] > 0 for key in ("forward_only", "clean_eval", "triggered_eval"))
