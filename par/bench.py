@@ -72,11 +72,13 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
-    synthetic_csv = None
+    synthetic_csv, synthetic_key = None, None
     if (profile.get("synthetic_cleaning") or {}).get("defenses"):
-        # a second world of another style, used only as cleaning data
+        # a second world of another style, used only as cleaning data; its folder and the cells
+        # cleaned with it are keyed by its settings, so changing them never reuses stale cells
         style = {"world": profile["synthetic_cleaning"].get("world", {}), "pretrain": profile.get("pretrain")}
-        synthetic_csv = str(pipeline.make_world_stage(style, out, folder="world-synthetic").path / "clean.csv")
+        synthetic = pipeline.make_world_stage(style, out, folder=f"world-synthetic-{pipeline.digest(style['world'])}")
+        synthetic_csv, synthetic_key = str(synthetic.path / "clean.csv"), synthetic.key
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
@@ -94,7 +96,8 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
             checkpoint, key, params, poisoned = poisoned_cache[attack]
             values = {**_defense_values(profile, defense), **override, "seed": seed, "progress": progress}
             train_csv = synthetic_csv if data == "synthetic" else None
-            run_dir = out / f"cleaned-{attack}-{label_name}-{pipeline.digest(key, values, data)}"
+            data_key = data if data == "world" else [data, synthetic_key]
+            run_dir = out / f"cleaned-{attack}-{label_name}-{pipeline.digest(key, values, data_key)}"
             started = time.time()
             cleaned_ckpt = pipeline.clean_stage(world, checkpoint, values, run_dir, reuse=True, train_csv=train_csv)
             cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))

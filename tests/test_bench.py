@@ -1,4 +1,6 @@
 import csv
+import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,7 +43,23 @@ def test_rerun_resumes_finished_cells(bench, capsys):
     assert [p.stat().st_mtime_ns for p in cleaned] == stamps
     assert capsys.readouterr().out.count("reusing") >= 4  # poisoned model + three cleaned cells
     (synthetic_run,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
-    assert "world-synthetic/clean.csv" in (synthetic_run / "config.yaml").read_text()
+    assert "world-synthetic-" in (synthetic_run / "config.yaml").read_text()
+
+
+def test_changing_the_synthetic_world_recleans_only_its_cells(bench, tmp_path):
+    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    config["synthetic_cleaning"]["world"]["style"] = "cartoon"
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (before,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
+    others = {p: p.stat().st_mtime_ns for p in bench.glob("cleaned-*/checkpoint.pt") if p.parent != before}
+    run_bench(str(path), str(bench), quick=True, progress=False)
+    synthetic_runs = sorted(bench.glob("cleaned-badnet_rs-par-synthetic-*"))
+    assert len(synthetic_runs) == 2 and len(list(bench.glob("world-synthetic-*"))) == 2
+    (after,) = [p for p in synthetic_runs if p != before]
+    assert "cartoon" in json.loads(Path(yaml.safe_load((after / "config.yaml").read_text())["train_csv"])
+                                   .parent.joinpath("world.json").read_text())["config"]["style"]
+    assert {p: p.stat().st_mtime_ns for p in others} == others
 
 
 def test_failed_cell_is_recorded_and_others_continue(tmp_path):
