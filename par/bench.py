@@ -110,7 +110,11 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 traceback.print_exc()
         rows.append(row)
         _write_results(out, rows)
-    columns = [DEFENSE_LABELS.get(d, d) for d in defenses]
+    if profile.get("reference", True):
+        rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache)
+        _write_results(out, rows)
+    columns = ["never-poisoned"] if profile.get("reference", True) else []
+    columns += [DEFENSE_LABELS.get(d, d) for d in defenses]
     columns += [DEFENSE_LABELS.get(d, d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
     _write_markdown(out / "results.md", rows, attacks, columns, label)
     _plot_tradeoff(out / "tradeoff.png", rows)
@@ -119,6 +123,25 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
     print(f"benchmark results: {out / 'results.md'}")
     return out
+
+
+def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_cache: dict) -> List[Dict]:
+    """The floor a cleaned model can reach: CA and ASR of the same tiny CLIP pre-trained without poison.
+
+    Its "ASR" is how often triggered non-target images land on the target anyway, so a cleaned
+    model's ASR is read against it rather than against zero.
+    """
+    from par import pipeline
+
+    checkpoint, _ = pipeline.clean_model_stage(profile, out, world)
+    rows = []
+    for attack, (_, _, params, poisoned) in poisoned_cache.items():
+        metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
+        rows.append({"attack": attack, "defense": "never-poisoned", "setting": "default", "seed": 0,
+                     "poisoned_ca": poisoned["clean_top1"], "poisoned_asr": poisoned["asr_top1"],
+                     "cleaned_ca": metrics["clean_top1"], "cleaned_asr": metrics["asr_top1"], "clean_seconds": "",
+                     "status": "ok", "error": ""})
+    return rows
 
 
 def _seconds(run_dir: Path, started: float) -> float:
@@ -182,6 +205,8 @@ def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     swept = {r["attack"] for r in ok if r["setting"] != "default"}
     ok = [r for r in ok if r["attack"] in swept] or ok  # the curves; every attack when nothing was swept
+    floors = [r for r in ok if r["defense"] == "never-poisoned"]
+    ok = [r for r in ok if r["defense"] != "never-poisoned"]
     markers = {"par": "o", "cleanclip": "s", "ft": "^"}
     for defense in sorted({r["defense"] for r in ok}):
         for attack in sorted({r["attack"] for r in ok}):
@@ -193,6 +218,9 @@ def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
     poisoned = {r["attack"]: (r["poisoned_ca"], r["poisoned_asr"]) for r in ok}
     for attack, (ca, asr) in poisoned.items():
         ax.scatter([100 * ca], [100 * asr], color="black", marker="*", zorder=5)
+    if floors:
+        ax.scatter([100 * r["cleaned_ca"] for r in floors], [100 * r["cleaned_asr"] for r in floors], color="gray",
+                   marker="P", zorder=5, label="never poisoned")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("attack success rate (%)")
     ax.set_title("defense trade-off (black stars: poisoned models)")

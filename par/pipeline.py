@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from par.config import build, load_yaml
 from par.errors import ParError
@@ -54,15 +54,22 @@ def make_world_stage(profile: dict, out: Path, folder: str = "world") -> World:
     return World(path=path, key=digest(asdict(cfg)), model=model)
 
 
-def badclip_patch_stage(profile: dict, out: Path, world: World, label: str) -> Path:
-    """BadCLIP's patch, optimised against a tiny CLIP pre-trained on the clean world (both reused)."""
-    from par.badclip import BadCLIPConfig, make_badclip_patch
+def clean_model_stage(profile: dict, out: Path, world: World) -> Tuple[Path, str]:
+    """(checkpoint, key) of a tiny CLIP pre-trained like the poisoned ones on the never-poisoned world."""
     from par.train import TrainConfig, train
 
     pretrain_values = stage_config(profile.get("pretrain", {}), "pretrain")
     clean_key = digest(world.key, pretrain_values)
-    clean_model = train(build(TrainConfig, {**pretrain_values, "train_csv": str(world.path / "train.csv"),
-                                            "out": str(out / f"clean-model-{clean_key}")}), reuse=True)
+    checkpoint = train(build(TrainConfig, {**pretrain_values, "train_csv": str(world.path / "train.csv"),
+                                           "out": str(out / f"clean-model-{clean_key}")}), reuse=True)
+    return checkpoint, clean_key
+
+
+def badclip_patch_stage(profile: dict, out: Path, world: World, label: str) -> Path:
+    """BadCLIP's patch, optimised against a tiny CLIP pre-trained on the clean world (both reused)."""
+    from par.badclip import BadCLIPConfig, make_badclip_patch
+
+    clean_model, clean_key = clean_model_stage(profile, out, world)
     values = {"steps": 200, "lr": 0.01, "batch_size": 64, **profile.get("badclip", {})}
     patch = out / f"badclip-patch-{digest(clean_key, label, values)}.png"
     if not patch.exists():
@@ -106,9 +113,16 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
     from par.evaluate import EvalConfig, evaluate, merged_metrics
 
-    results = Path(checkpoint).parent / f"results-{attack}.jsonl"
-    if results.exists():  # evaluated before: the checkpoint of a finished run never changes
-        return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
+    folder = Path(checkpoint).parent
+    results = folder / f"results-{attack}-{digest(label, attack_params, eval_values)}.jsonl"
+    for path in (results, folder / f"results-{attack}.jsonl"):  # the second: unkeyed, from older versions
+        if path.exists():  # evaluated before (a finished run's checkpoint never changes), if with these settings
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            if all(r.get("label") == label and r.get("attack") == attack
+                   and r.get("seed") == (eval_values or {}).get("seed", r.get("seed"))
+                   and all(r.get("attack_params", {}).get(k) == v for k, v in attack_params.items())
+                   for r in records):
+                return merged_metrics(records)
     records = evaluate(EvalConfig(
         checkpoint=str(checkpoint), model=world.model, data=world.test_csv,
         classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),

@@ -21,17 +21,24 @@ def bench(tmp_path_factory):
 def test_quick_bench_writes_csv_markdown_and_plots(bench):
     rows = list(csv.DictReader((bench / "results.csv").open()))
     assert [(r["attack"], r["defense"], r["setting"]) for r in rows] == [
-        ("badnet_rs", "par", "default"), ("badnet_rs", "ft", "default"), ("badnet_rs", "par-synthetic", "default")]
+        ("badnet_rs", "par", "default"), ("badnet_rs", "ft", "default"), ("badnet_rs", "par-synthetic", "default"),
+        ("badnet_rs", "never-poisoned", "default")]
     for r in rows:
         assert r["status"] == "ok"
         for key in ("poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr"):
             assert 0.0 <= float(r[key]) <= 1.0
     md = (bench / "results.md").read_text().splitlines()
     table = [line for line in md if line.startswith("|")]
-    assert table[0] == ("| attack | poisoned CA | poisoned ASR | par CA | par ASR | ft CA | ft ASR "
-                        "| par-synthetic CA | par-synthetic ASR |")
+    assert table[0] == ("| attack | poisoned CA | poisoned ASR | never-poisoned CA | never-poisoned ASR | par CA "
+                        "| par ASR | ft CA | ft ASR | par-synthetic CA | par-synthetic ASR |")
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert table[2].startswith("| BadNet-Stripes (`badnet_rs`) |")
+    # the never-poisoned reference is the clean model's own evaluation, not the poisoned one's
+    (clean_run,) = bench.glob("clean-model-*")
+    floor = [r for r in rows if r["defense"] == "never-poisoned"][0]
+    records = [json.loads(line) for line in next(clean_run.glob("results-badnet_rs-*.jsonl")).read_text().splitlines()]
+    assert float(floor["cleaned_asr"]) == pytest.approx(records[-1]["metrics"]["asr_top1"])
+    assert float(floor["poisoned_asr"]) == pytest.approx(float(rows[0]["poisoned_asr"]))
     for png in ("tradeoff.png", "triggers.png"):
         assert Image.open(bench / png).format == "PNG"
 
@@ -95,3 +102,20 @@ def test_sweeps_run_only_on_sweep_attacks():
     every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"tau": [0.5]}})]
     assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
                      ("blended", "par", "default"), ("blended", "par", "tau=0.5")]
+
+
+def test_cached_evaluations_are_keyed_by_trigger_settings(micro_world, tmp_path):
+    from par import models, pipeline
+
+    checkpoint = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "model.pt")
+    world = pipeline.World(path=micro_world, key="w", model="par-micro-vit")
+    settings = {"seed": 0, "batch_size": 64}
+    pipeline.evaluate_stage(world, checkpoint, "badnet_rs", "banana", {"patch_size": 4}, settings)
+    pipeline.evaluate_stage(world, checkpoint, "badnet_rs", "banana", {"patch_size": 8}, settings)
+    files = sorted(tmp_path.glob("results-badnet_rs-*.jsonl"))
+    assert len(files) == 2  # another patch size is another evaluation, not a stale cache hit
+    sizes = {json.loads(f.read_text().splitlines()[-1])["attack_params"]["patch_size"] for f in files}
+    assert sizes == {4, 8}
+    stamps = [f.stat().st_mtime_ns for f in files]
+    pipeline.evaluate_stage(world, checkpoint, "badnet_rs", "banana", {"patch_size": 8}, settings)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and len(list(tmp_path.glob("results-*"))) == 2
