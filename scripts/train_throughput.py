@@ -141,11 +141,11 @@ def main() -> int:
             peak = args.peak_tflops or (peaks or {}).get(precision)
             mfu = tflops / peak if peak else None
             record = {"device": name, "model": args.model, "batch": args.batch, "precision": precision,
-                      "source": source, "samples_per_s": round(rate, 1), "tflops": round(tflops, 2),
-                      "mfu": round(mfu, 4) if mfu else None, "compile": args.compile}
+                      "source": source, "samples_per_s": round(rate, 1), "tflops": float(f"{tflops:.4g}"),
+                      "mfu": float(f"{mfu:.4g}") if mfu is not None else None, "compile": args.compile}
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"{source:<10}{precision:<10}{rate:>12.1f}{tflops:>10.2f}{(f'{100 * mfu:.1f}%' if mfu else 'n/a'):>8}")
+            print(f"{source:<10}{precision:<10}{rate:>12.1f}{tflops:>10.2f}{(f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'):>8}")
     return 0
 
 

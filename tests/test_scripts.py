@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -21,8 +23,9 @@ def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["source"], r["precision"]) for r in records] == [("synthetic", "fp32"), ("loader", "fp32")]
     for r in records:
-        assert r["samples_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] == round(r["tflops"] / 1, 4)
-    assert "amp       skipped: fp16 autocast is for CUDA" in stdout
+        assert r["samples_per_s"] > 0 and r["tflops"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1, rel=1e-3)  # --peak-tflops 1
+    assert any(line.split() == ["amp", "skipped:", "fp16", "autocast", "is", "for", "CUDA"] for line in stdout.splitlines())
     assert "GFLOP per sample per PAR step" in stdout
 
 
