@@ -68,7 +68,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     seeds = list(profile.get("seeds") or [0])
     sweeps = profile.get("sweeps") or {}
     if profile.get("sweep_attacks") is not None:
-        profile["sweep_attacks"] = [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]
+        profile = {**profile, "sweep_attacks": [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
@@ -110,10 +110,11 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 traceback.print_exc()
         rows.append(row)
         _write_results(out, rows)
-    if profile.get("reference", True):
+    reference = profile.get("reference", True)
+    if reference:
         rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache)
         _write_results(out, rows)
-    columns = ["never-poisoned"] if profile.get("reference", True) else []
+    columns = ["never-poisoned"] if reference else []
     columns += [DEFENSE_LABELS.get(d, d) for d in defenses]
     columns += [DEFENSE_LABELS.get(d, d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
     _write_markdown(out / "results.md", rows, attacks, columns, label)

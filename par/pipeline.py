@@ -113,16 +113,9 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
     from par.evaluate import EvalConfig, evaluate, merged_metrics
 
-    folder = Path(checkpoint).parent
-    results = folder / f"results-{attack}-{digest(label, attack_params, eval_values)}.jsonl"
-    for path in (results, folder / f"results-{attack}.jsonl"):  # the second: unkeyed, from older versions
-        if path.exists():  # evaluated before (a finished run's checkpoint never changes), if with these settings
-            records = [json.loads(line) for line in path.read_text().splitlines()]
-            if all(r.get("label") == label and r.get("attack") == attack
-                   and r.get("seed") == (eval_values or {}).get("seed", r.get("seed"))
-                   and all(r.get("attack_params", {}).get(k) == v for k, v in attack_params.items())
-                   for r in records):
-                return merged_metrics(records)
+    results = Path(checkpoint).parent / f"results-{attack}-{digest(label, attack_params, eval_values)}.jsonl"
+    if results.exists():  # evaluated before with these settings: a finished run's checkpoint never changes
+        return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
     records = evaluate(EvalConfig(
         checkpoint=str(checkpoint), model=world.model, data=world.test_csv,
         classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
