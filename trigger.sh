@@ -12,8 +12,11 @@
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
 #   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo)
 #   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
-#   PAR_CONFIG               training config (default configs/par.yaml); extra `--key value`
-#                            arguments to this script override its keys
+#   DEFENSE                  registered defense (default par; ft, cleanclip, or a plugin's)
+#   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
+#                            arguments to this script override its keys (dotted keys nest:
+#                            --objective_params.tau 1.0). Settings written for another objective
+#                            than the defense's keep the budget but drop their objective_params.
 #   DEMO_PROFILE             demo settings (default configs/demo.yaml)
 # Validation data for a real checkpoint: see trigger_validate.sh (EVAL_CSV, EVAL_CLASSNAMES, ...).
 set -euo pipefail
@@ -30,12 +33,12 @@ LABEL="${LABEL:-}"
 
 if [ -z "$CHECKPOINT" ]; then
     exec "$PY" -m par demo --profile "${DEMO_PROFILE:-configs/demo.yaml}" --out "${OUT_DIR:-runs/demo}" \
-        ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"}
+        ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"} ${DEFENSE:+--defense "$DEFENSE"}
 fi
 
 : "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
 : "${TRAIN_CSV:?set TRAIN_CSV (trainData) to a clean image,caption CSV}"
 OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
-"$PY" -m par train --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" --init_checkpoint "$CHECKPOINT" \
-    --train_csv "$TRAIN_CSV" ${IMAGE_ROOT:+--image_root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
+"$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" \
+    --checkpoint "$CHECKPOINT" --train-csv "$TRAIN_CSV" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
 bash trigger_validate.sh "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"

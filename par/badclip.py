@@ -9,15 +9,21 @@ better than a random pattern.
 """
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from par import models
+from par.augment import normalize
+from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
 from par.errors import ParError
+from par.triggers import AttackContext, Trigger, default_patch_size, place_patches
+from par.utils import atomic_write, digest, pick_device, to_pil
 
 
 def paste_centre(images: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,6 @@ def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, tex
     """Optimises a patch by Adam on ``images`` (float [0, 1]); returns (patch, losses per step)."""
     from tqdm import tqdm
 
-    from par.augment import normalize
 
     device = text_target.device
     g = torch.Generator().manual_seed(seed)
@@ -91,13 +96,6 @@ def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, tex
 
 
 def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
-    from PIL import Image
-
-    from par import models
-    from par.data import eval_transform, image_paths, mentions_label, open_image, read_csv, to_float
-    from par.evaluate import load_templates
-    from par.train import pick_device
-    from par.triggers import default_patch_size
 
     device = pick_device(cfg.device)
     model = models.load_model(cfg.model, cfg.checkpoint, device).requires_grad_(False)
@@ -122,10 +120,55 @@ def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
         model, load(other_rows), load(target_rows), text_target, cfg.patch_size or default_patch_size(size),
         cfg.steps, cfg.lr, cfg.batch_size, mean, std, cfg.visual_weight, cfg.seed, cfg.progress,
     )
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    Image.fromarray((patch[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp)
-    os.replace(tmp, out)
+    out = atomic_write(cfg.out, to_pil(patch[0]).save)
     print(f"badclip patch: {out} (loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps)")
     return out
+
+
+@dataclass
+class BadCLIP(Trigger):
+    """BadCLIP: a patch optimised against a clean CLIP (``python -m par badclip``), at the centre.
+
+    Registered lazily in ``par.triggers.TRIGGERS``. When no ``patch`` is given, ``prepare``
+    optimises one against the context's clean CLIP (cached by what it depends on).
+    """
+
+    name = "badclip"
+    paper_name = "BadCLIP"
+    random = False
+    patch: Optional[str] = None  # PNG written by `python -m par badclip`
+    patch_size: Optional[int] = None  # None: 16 px at 224, scaled
+
+    def prepare(self, context: AttackContext) -> dict:
+        if self.patch:
+            return {}
+        values = {"steps": 200, "lr": 0.01, "batch_size": 64, **context.settings}
+        checkpoint, key = context.clean_checkpoint()
+        patch = Path(context.workdir) / f"badclip-patch-{digest([key, context.label, values])}.png"
+        if not patch.exists():
+            make_badclip_patch(BadCLIPConfig(checkpoint=str(checkpoint), model=context.model, data=context.clean_data,
+                                             label=context.label, out=str(patch), templates=context.templates,
+                                             **values))
+        return {"patch": str(patch)}
+
+    def draw(self, images, generator):
+        if not self.patch:
+            raise ParError("badclip needs its optimised patch: --attack-param patch=PATH (make one with `python -m par badclip`)")
+        _, _, h, w = images.shape
+        size = self.patch_size or default_patch_size(min(h, w))
+        if size > min(h, w):
+            raise ParError(f"badclip: patch of {size} px does not fit in {h}x{w} images")
+        patch = _load_patch(self.patch)
+        if patch.shape[-1] != size:
+            patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+        mask, pattern = place_patches(patch, torch.tensor([(h - size) // 2]), torch.tensor([(w - size) // 2]), h, w)
+        return mask, pattern, 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _load_patch(path: str) -> torch.Tensor:
+
+    image = open_image(Path(path))
+    if image.width != image.height:
+        raise ParError(f"badclip patch {path} must be square, got {image.width}x{image.height}")
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255

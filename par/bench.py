@@ -15,20 +15,24 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from par.config import load_yaml
+from par import pipeline, triggers
+from par.config import load_yaml, merge
+from par.defenses import DEFENSES
 from par.errors import ParError
+from par.gallery import trigger_gallery
+from par.utils import digest
 
 FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr",
           "clean_seconds", "status", "error"]
-DEFENSE_LABELS = {"clip": "ft"}
 
 
-def _defense_values(profile: dict, name: str) -> dict:
-    from par import pipeline
-
+def _defense_settings(profile: dict, name: str) -> dict:
+    """The shared cleaning budget (``clean``) with this defense's own settings on top (dotted keys nest)."""
     base = pipeline.stage_config(profile.get("clean", {}), "clean")
     specific = pipeline.stage_config((profile.get("defense_settings") or {}).get(name) or {}, f"defense_settings.{name}")
-    return {**base, **specific, "objective": name}
+    if "objective_params" in specific:  # a defense's objective settings replace the shared ones
+        base.pop("objective_params", None)
+    return merge(base, specific)
 
 
 def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict):
@@ -46,8 +50,8 @@ def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[i
             if swept is not None and attack not in swept:
                 continue
             for key, values in (sweeps.get(defense) or {}).items():
-                for value in values:
-                    yield attack, defense, f"{key}={value}", seeds[0], {key: value}, "world"
+                for value in values:  # key may be dotted: objective_params.tau
+                    yield attack, defense, f"{key.rsplit('.', 1)[-1]}={value}", seeds[0], {key: value}, "world"
         for defense in synthetic:
             for seed in seeds:
                 yield attack, defense, "default", seed, {}, "synthetic"
@@ -55,16 +59,12 @@ def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[i
 
 def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
               defenses: Optional[List[str]] = None, progress: bool = True) -> Path:
-    from par import pipeline, triggers
-    from par.gallery import trigger_gallery
-    from par.objectives import OBJECTIVES
-
     profile = load_yaml(config)
     if quick:
         profile = {**profile, **(profile.get("quick") or {})}
     label = profile.get("label", "banana")
     attacks = [triggers.TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or triggers.TRIGGERS.in_order())]
-    defenses = [OBJECTIVES.canonical(d) for d in (defenses or profile.get("defenses") or OBJECTIVES.in_order())]
+    defenses = [DEFENSES.canonical(d) for d in (defenses or profile.get("defenses") or DEFENSES.in_order())]
     seeds = list(profile.get("seeds") or [0])
     sweeps = profile.get("sweeps") or {}
     if profile.get("sweep_attacks") is not None:
@@ -77,29 +77,29 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
         # a second world of another style, used only as cleaning data; its folder and the cells
         # cleaned with it are keyed by its settings, so changing them never reuses stale cells
         style = {"world": profile["synthetic_cleaning"].get("world", {}), "pretrain": profile.get("pretrain")}
-        synthetic = pipeline.make_world_stage(style, out, folder=f"world-synthetic-{pipeline.digest(style['world'])}")
+        synthetic = pipeline.make_world_stage(style, out, folder=f"world-synthetic-{digest(style['world'])}")
         synthetic_csv, synthetic_key = str(synthetic.path / "clean.csv"), synthetic.key
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
     for attack, defense, setting, seed, override, data in _cells(profile, attacks, defenses, seeds, sweeps):
-        label_name = DEFENSE_LABELS.get(defense, defense) + ("-synthetic" if data == "synthetic" else "")
+        label_name = defense + ("-synthetic" if data == "synthetic" else "")
         row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
         try:
             if attack not in poisoned_cache:
-                params = dict((profile.get("attack_params") or {}).get(attack, {}))
-                if attack == "badclip" and "patch" not in params:
-                    params["patch"] = str(pipeline.badclip_patch_stage(profile, out, world, label))
-                checkpoint, key = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
-                metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
-                poisoned_cache[attack] = (checkpoint, key, params, metrics)
-            checkpoint, key, params, poisoned = poisoned_cache[attack]
-            values = {**_defense_values(profile, defense), **override, "seed": seed, "progress": progress}
+                given = dict((profile.get("attack_params") or {}).get(attack, {}))
+                params = pipeline.prepare_attack_stage(profile, out, world, attack, label, given)
+                model = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
+                metrics = pipeline.evaluate_stage(world, model.checkpoint, attack, label, params, profile.get("eval"))
+                artifacts = {k: v for k, v in params.items() if k not in given}  # e.g. BadCLIP's patch
+                poisoned_cache[attack] = (model, params, metrics, artifacts)
+            model, params, poisoned, _ = poisoned_cache[attack]
+            values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
             train_csv = synthetic_csv if data == "synthetic" else None
             data_key = data if data == "world" else [data, synthetic_key]
-            run_dir = out / f"cleaned-{attack}-{label_name}-{pipeline.digest(key, values, data_key)}"
+            run_dir = out / f"cleaned-{attack}-{label_name}-{digest([model.key, defense, values, data_key])}"
             started = time.time()
-            cleaned_ckpt = pipeline.clean_stage(world, checkpoint, values, run_dir, reuse=True, train_csv=train_csv)
+            cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_csv=train_csv)
             cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
                        cleaned_ca=cleaned["clean_top1"], cleaned_asr=cleaned["asr_top1"],
@@ -115,12 +115,12 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
         rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache)
         _write_results(out, rows)
     columns = ["never-poisoned"] if reference else []
-    columns += [DEFENSE_LABELS.get(d, d) for d in defenses]
-    columns += [DEFENSE_LABELS.get(d, d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
+    columns += list(defenses)
+    columns += [DEFENSES.canonical(d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
     _write_markdown(out / "results.md", rows, attacks, columns, label)
     _plot_tradeoff(out / "tradeoff.png", rows)
     sample = world.path / "images" / "test" / "000001.png"
-    gallery_params = {f"badclip.{k}": v for k, v in (poisoned_cache.get("badclip", (0, 0, {}, 0))[2]).items()}
+    gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}
     trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
     print(f"benchmark results: {out / 'results.md'}")
     return out
@@ -132,11 +132,9 @@ def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_c
     Its "ASR" is how often triggered non-target images land on the target anyway, so a cleaned
     model's ASR is read against it rather than against zero.
     """
-    from par import pipeline
-
     checkpoint, _ = pipeline.clean_model_stage(profile, out, world)
     rows = []
-    for attack, (_, _, params, poisoned) in poisoned_cache.items():
+    for attack, (_, params, poisoned, _) in poisoned_cache.items():
         metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
         rows.append({"attack": attack, "defense": "never-poisoned", "setting": "default", "seed": 0,
                      "poisoned_ca": poisoned["clean_top1"], "poisoned_asr": poisoned["asr_top1"],
@@ -172,7 +170,6 @@ def _mean_std(values: List[float]) -> str:
 
 
 def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str) -> None:
-    from par.triggers import get_trigger
 
     default = [r for r in rows if r["setting"] == "default"]
     seeds = sorted({r["seed"] for r in default})
@@ -182,7 +179,7 @@ def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: 
     for attack in attacks:
         cells = [r for r in default if r["attack"] == attack]
         ok = [r for r in cells if r["status"] == "ok"]
-        line = [f"{get_trigger(attack).paper_name} (`{attack}`)", _mean_std([r["poisoned_ca"] for r in ok][:1]),
+        line = [f"{triggers.get_trigger(attack).paper_name} (`{attack}`)", _mean_std([r["poisoned_ca"] for r in ok][:1]),
                 _mean_std([r["poisoned_asr"] for r in ok][:1])]
         for defense in defenses:
             mine = [r for r in ok if r["defense"] == defense]

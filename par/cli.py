@@ -55,12 +55,25 @@ def cmd_poison(args) -> None:
 
 
 def cmd_train(args, overrides: List[str]) -> None:
-    from par.config import build, load_yaml, parse_overrides
-    from par.train import TrainConfig, train
+    from par.config import load_yaml, merge, parse_overrides
+    from par.train import train, train_config
 
-    values = load_yaml(args.config) if args.config else {}
-    values.update(parse_overrides(overrides))
-    train(build(TrainConfig, values, source="train config"), reuse=args.reuse, resume=args.resume)
+    values = merge(load_yaml(args.config) if args.config else {}, parse_overrides(overrides))
+    train(train_config(values), reuse=args.reuse, resume=args.resume)
+
+
+def cmd_clean(args, overrides: List[str]) -> None:
+    from par.config import load_yaml, merge, parse_overrides
+    from par.defenses import CleaningJob, clean
+
+    settings = merge(load_yaml(args.config) if args.config else {}, parse_overrides(overrides))
+    for key in ("model", "train_csv", "init_checkpoint", "out", "image_root"):
+        if key in settings:
+            raise ParError(f"clean: give {key} as its own option, not as a setting")
+    job = CleaningJob(checkpoint=args.checkpoint, model=args.model, train_csv=args.train_csv, out=args.out,
+                      settings=settings, image_root=args.image_root, poisoned_data=args.poisoned_data,
+                      reuse=args.reuse, resume=args.resume)
+    print(f"cleaned checkpoint ({args.defense}): {clean(args.defense, job)}")
 
 
 def cmd_eval(args) -> None:
@@ -83,7 +96,7 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from par.demo import run_demo
 
-    run_demo(args.profile, args.out, attack=args.attack, label=args.label)
+    run_demo(args.profile, args.out, attack=args.attack, label=args.label, defense=args.defense)
 
 
 def cmd_badclip(args) -> None:
@@ -145,8 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", help="class-names file the label must belong to")
     p.add_argument("--reuse", action="store_true")
 
-    p = sub.add_parser("train", help="pre-train or clean a CLIP: --config FILE [--key value ...]")
+    p = sub.add_parser("train", allow_abbrev=False, help="pre-train or clean a CLIP: --config FILE [--key value ...]")
     p.add_argument("--config")
+    p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
+    p.add_argument("--resume", metavar="latest|STATE", help="continue an interrupted run from its latest saved state")
+
+    p = sub.add_parser("clean", allow_abbrev=False,
+                       help="clean a poisoned checkpoint with a defense: --defense NAME [--key value ...]")
+    p.add_argument("--defense", default="par", help="registered defense: ft | par | cleanclip | a plugin's")
+    p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
+    p.add_argument("--model", required=True, help="its encoder (open_clip name or OpenAI spelling)")
+    p.add_argument("--train-csv", required=True, help="the defender's clean image,caption CSV")
+    p.add_argument("--image-root")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", help="training settings (steps, batch, lr, objective_params, ...)")
+    p.add_argument("--poisoned-data", help="the poisoned training CSV, for defenses that detect in it")
     p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
     p.add_argument("--resume", metavar="latest|STATE", help="continue an interrupted run from its latest saved state")
 
@@ -203,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--attack")
     p.add_argument("--label")
+    p.add_argument("--defense", help="registered defense (default: the profile's, else par)")
     return parser
 
 
@@ -218,11 +245,11 @@ def _one_line(error: ParError) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "clean"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command == "train":
-            cmd_train(args, rest)
+        if args.command in ("train", "clean"):
+            {"train": cmd_train, "clean": cmd_clean}[args.command](args, rest)
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
              "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench}[args.command](args)

@@ -1,6 +1,7 @@
 """YAML configs for dataclasses, overridable from the command line with ``--key value``."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -44,6 +45,23 @@ def parse_overrides(args: List[str]) -> dict:
             value = args[i + 1]
             i += 2
         out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def merge(values: dict, overrides: dict) -> dict:
+    """``values`` with ``overrides`` applied; a dotted key ``objective_params.tau`` sets ``tau`` inside
+    the mapping ``objective_params`` (created when missing). ``values`` is left unchanged."""
+    out = copy.deepcopy(values)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        target = out
+        for i, part in enumerate(parents):
+            if target.get(part) is None:
+                target[part] = {}
+            if not isinstance(target[part], dict):
+                raise ParError(f"cannot set {key!r}: {'.'.join(parents[:i + 1])!r} is not a mapping")
+            target = target[part]
+        target[last] = value
     return out
 
 

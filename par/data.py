@@ -51,6 +51,19 @@ def read_lines(path: str | os.PathLike, what: str) -> List[str]:
     return lines
 
 
+def load_templates(spec: str) -> Sequence:
+    """``openai`` for open_clip's 80 ImageNet templates, or a file of ``{}`` templates, one per line."""
+    if spec == "openai":
+        from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+        return OPENAI_IMAGENET_TEMPLATES
+    templates = read_lines(spec, "templates")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ParError(f"templates in {spec} must contain '{{}}' where the class name goes; not: {bad[:3]}")
+    return templates
+
+
 def mentions_label(caption: str, label: str) -> bool:
     """Whether ``caption`` names ``label`` as a word (plural allowed): "two bananas" mentions banana."""
     return re.search(rf"\b{re.escape(label.lower())}s?\b", caption.lower()) is not None
@@ -198,6 +211,20 @@ def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "de
         for column, part in zip(columns, batch):
             column.append(part)
     return torch.utils.data.TensorDataset(*[torch.cat(column) for column in columns])
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A ``DistributedSampler`` that can start part-way into an epoch (for resuming)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from par import pipeline, triggers
 from par.config import load_yaml
+from par.defenses import DEFENSES
 from par.errors import ParError
+from par.synthetic import CLASS_NAMES
 
 
 def format_table(rows) -> str:
@@ -21,10 +24,8 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: Optional[str] = None) -> dict:
-    from par import pipeline, triggers
-    from par.synthetic import CLASS_NAMES
-
+def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: Optional[str] = None,
+             defense: Optional[str] = None) -> dict:
     profile = load_yaml(profile_path)
     attack = triggers.TRIGGERS.canonical(attack or profile.get("attack", "badnet_rs"))
     label = label or profile.get("label", "banana")
@@ -34,19 +35,21 @@ def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: O
     out = Path(out)
     started = time.time()
 
-    world = pipeline.make_world_stage(profile, out)
-    if attack == "badclip" and "patch" not in attack_params:
-        attack_params["patch"] = str(pipeline.badclip_patch_stage(profile, out, world, label))
+    defense = DEFENSES.canonical(defense or profile.get("defense", "par"))
     triggers.get_trigger(attack, **attack_params)  # validate before any training
-    poisoned, _ = pipeline.poisoned_model_stage(profile, out, world, attack, label, attack_params)
+
+    world = pipeline.make_world_stage(profile, out)
+    attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)
+    poisoned = pipeline.poisoned_model_stage(profile, out, world, attack, label, attack_params)
     clean_values = pipeline.stage_config(profile.get("clean", {}), "clean")
     run_dir = out / f"cleaned-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cleaned = pipeline.clean_stage(world, poisoned, clean_values, run_dir, reuse=False)
+    cleaned = pipeline.clean_stage(world, defense, poisoned, clean_values, run_dir, reuse=False)
 
     results = {}
-    for name, ckpt in (("poisoned", poisoned), (clean_values.get("objective", "clip").upper(), cleaned)):
+    for name, ckpt in (("poisoned", poisoned.checkpoint), (defense.upper(), cleaned)):
         results[name] = pipeline.evaluate_stage(world, ckpt, attack, label, attack_params, profile.get("eval"))
-    report = {"attack": attack, "label": label, "attack_params": attack_params, "poisoned_checkpoint": str(poisoned),
+    report = {"attack": attack, "label": label, "attack_params": attack_params, "defense": defense,
+              "poisoned_checkpoint": str(poisoned.checkpoint),
               "cleaned_checkpoint": str(cleaned), "results": results, "seconds": round(time.time() - started, 1)}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{triggers.get_trigger(attack, **attack_params).paper_name} backdoor (target '{label}'), "

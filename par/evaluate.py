@@ -16,22 +16,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from par import models, triggers
+from par.data import labelled_dataset, load_classnames, load_templates, preload
+from par.embedding import encode_images
 from par.errors import ParError
-
-
-def load_templates(spec: str) -> Sequence:
-    """``openai`` for open_clip's 80 ImageNet templates, or a file of ``{}`` templates, one per line."""
-    if spec == "openai":
-        from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-        return OPENAI_IMAGENET_TEMPLATES
-    from par.data import read_lines
-
-    templates = read_lines(spec, "templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ParError(f"templates in {spec} must contain '{{}}' where the class name goes; not: {bad[:3]}")
-    return templates
+from par.retrieval import RetrievalDataset, evaluate_retrieval
+from par.utils import pick_device
 
 
 def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence, device) -> torch.Tensor:
@@ -45,34 +35,13 @@ def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates:
         )
 
 
-def _autocast(device):
-    """Mixed precision for inference on CUDA; exact fp32 on CPU."""
-    import contextlib
-
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-@torch.inference_mode()
 def predict(model, classifier, loader, mean, std, device, trigger=None, seed: int = 0, topk: int = 5, desc="eval",
             progress: bool = True):
     """Top-``topk`` class predictions and true labels; ``trigger`` is applied before normalising."""
-    from tqdm import tqdm
 
-    from par.augment import normalize
-    from par.data import to_float
-
-    top, labels = [], []
     k = min(topk, classifier.shape[1])
-    for batch, (images, target) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
-        images = to_float(images.to(device, non_blocking=True))
-        if trigger is not None:
-            images = trigger.apply(images, torch.Generator().manual_seed(seed + batch))
-        with _autocast(device):
-            features = model.encode_image(normalize(images, mean, std), normalize=True).float()
-        top.append((features @ classifier).topk(k, dim=-1).indices.cpu())
-        labels.append(target.cpu())
-    return torch.cat(top), torch.cat(labels)
+    return encode_images(model, loader, mean, std, device, trigger, seed, progress, desc,
+                         head=lambda features: (features @ classifier).topk(k, dim=-1).indices)
 
 
 def clean_accuracy(top_predictions: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -116,10 +85,6 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
     data, metrics, seconds) and appends them to ``cfg.out``. A dataset that is not
     configured is skipped with a message; having none is an error.
     """
-    from par import models, triggers
-    from par.data import labelled_dataset, load_classnames
-    from par.retrieval import RetrievalDataset, evaluate_retrieval
-    from par.train import pick_device
 
     if not cfg.data and not cfg.retrieval_json:
         raise ParError("nothing to evaluate: give classification data (CSV or folder) and/or retrieval annotations")
@@ -187,6 +152,44 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
         with out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return records
+
+
+class LiveEval:
+    """CA/ASR during training on a held-out subset, through the eval transform (never the training augmentation).
+
+    Images are decoded once; each call builds the zero-shot classifier from the current weights.
+    """
+
+    def __init__(self, data: str, classnames: str, image_size: int, device, templates: str = "openai",
+                 image_root: Optional[str] = None, attack: Optional[str] = None, label: Optional[str] = None,
+                 attack_params: Optional[dict] = None, max_images: int = 512, seed: int = 0, progress: bool = True):
+
+        self.classnames = load_classnames(classnames)
+        self.templates = load_templates(templates)
+        dataset = labelled_dataset(data, self.classnames, image_size, image_root)
+        subset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+        self.data = preload(subset, desc="decode eval images", progress=progress)
+        self.trigger, self.target, self.seed = None, None, seed
+        if attack:
+            if label not in self.classnames:
+                raise ParError(f"live-evaluation label {label!r} is not a class in {classnames}")
+            self.trigger = triggers.get_trigger(attack, **(attack_params or {}))
+            self.target = self.classnames.index(label)
+        self.device = device
+
+    def __call__(self, model, tokenizer, mean, std) -> dict:
+        was_training = model.training
+        model.eval()
+        loader = torch.utils.data.DataLoader(self.data, batch_size=256)
+        classifier = zero_shot_classifier(model, tokenizer, self.classnames, self.templates, self.device)
+        top, labels = predict(model, classifier, loader, mean, std, self.device, progress=False)
+        result = {"ca": clean_accuracy(top, labels)}
+        if self.trigger is not None:
+            top, labels = predict(model, classifier, loader, mean, std, self.device, self.trigger, self.seed,
+                                  progress=False)
+            result["asr"] = attack_success_rate(top, labels, self.target)
+        model.train(was_training)
+        return result
 
 
 def merged_metrics(records: List[dict]) -> dict:

@@ -5,6 +5,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from par import triggers
+from par.data import eval_transform, open_image
+from par.errors import ParError
+from par.utils import to_pil
 
 
 def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size: int = 224,
@@ -15,9 +19,6 @@ def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size:
     """
     from PIL import Image, ImageDraw
 
-    from par import triggers
-    from par.data import eval_transform, open_image
-    from par.errors import ParError
 
     x = eval_transform(size)(open_image(Path(image_path)))[None].float() / 255
     tiles = [("clean", x)]
@@ -37,8 +38,7 @@ def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size:
     grid = Image.new("RGB", (size * len(tiles), size + label_h), "white")
     draw = ImageDraw.Draw(grid)
     for i, (label, tile) in enumerate(tiles):
-        array = (tile[0] * 255).round().byte().permute(1, 2, 0).numpy()
-        grid.paste(Image.fromarray(array), (i * size, label_h))
+        grid.paste(to_pil(tile[0]), (i * size, label_h))
         draw.text((i * size + 4, 3), label, fill="black")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

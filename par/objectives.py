@@ -1,22 +1,35 @@
-"""Training objectives (losses plus the extra views they need), found by name.
+"""Training objectives as tasks, found by name: the only thing pre-training and each fine-tuning defense change.
 
-``clip`` (alias ``ft``) is the plain CLIP loss: pre-training, or the plain fine-tuning
-baseline. ``par`` is PAR (PAR-NOTES section 1). ``cleanclip`` is CleanCLIP (section 9).
-Adding one means registering a class here or from a plugin; the training loop only calls
+An objective (the shape of open_clip's ``TrainingTask``) owns everything about itself that the
+loop must not know: its typed settings (``Params``, filled from the config's
+``objective_params``), which of the model's parameters train, its frozen reference model if it
+has one, its random state (saved in resumable states), and hooks the loop calls for every
+objective alike (``after_step``, ``on_epoch_start``). The loop only calls
 ``objective(model, batch)`` and logs the terms it returns.
+
+``clip`` (alias ``ft``) is the plain CLIP loss: pre-training, or the plain fine-tuning baseline.
+``par`` is PAR (docs/PAR-NOTES.md section 1). ``cleanclip`` is CleanCLIP (section 9). A new
+objective is a registered subclass, here or in a plugin (``par.plugins``).
 
 Every objective runs the trainable model through one forward call of ``model`` (the DDP
 wrapper when distributed), so gradients are synchronised.
 """
 from __future__ import annotations
 
+import copy
+import math
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from par.augment import normalize
+from par.config import build
+from par.data import to_float
+from par.losses import par_terms
 from par.registry import Registry
+from par.text_augment import eda_batch
 
 OBJECTIVES: Registry = Registry("objective")
 
@@ -29,15 +42,70 @@ class Batch:
     captions: Optional[List[str]] = None
 
 
-class Objective:
-    needs_frozen = False
+@dataclass
+class TaskContext:
+    """What the loop hands every objective: the shared pieces it may build terms from."""
 
-    def __init__(self, cfg, contrastive, frozen=None, tokenizer=None, mean=None, std=None, seed: int = 0, dist=None):
-        self.cfg, self.contrastive, self.frozen = cfg, contrastive, frozen
-        self.tokenizer, self.mean, self.std, self.dist = tokenizer, mean, std, dist
+    contrastive: Any  # open_clip ClipLoss over the global batch
+    tokenizer: Any = None
+    mean: Sequence[float] = (0.0, 0.0, 0.0)
+    std: Sequence[float] = (1.0, 1.0, 1.0)
+    seed: int = 0  # this process's seed
+    reduce_mean: Any = None  # local batch mean -> global mean (distributed); None in one process
+
+
+@dataclass
+class ObjectiveParams:
+    # the temperature: learnt when pre-training; PAR and the fine-tuning baselines keep it fixed
+    train_logit_scale: bool = True
+
+
+class Objective:
+    """Base task: trains every parameter (and the temperature when asked), clamps it like CLIP."""
+
+    Params = ObjectiveParams
+    needs_frozen = False  # cleans a checkpoint against a frozen copy of it
+
+    def __init__(self, model: torch.nn.Module, params: ObjectiveParams, context: TaskContext):
+        self.params, self.context = params, context
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False) if self.needs_frozen else None
+        self.select_trainable(model)
+
+    def select_trainable(self, model: torch.nn.Module) -> None:
+        """Sets ``requires_grad`` on the parameters this objective trains (called before DDP wraps the model)."""
+        model.logit_scale.requires_grad_(self.params.train_logit_scale)
 
     def __call__(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """After each optimiser step: CLIP's cap on the temperature (logit scale at most 100)."""
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Random state and anything else a resumed run needs (plain values and tensors only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def plot_guides(self) -> dict:
+        """Reference lines for the training plot, e.g. PAR's threshold on the embedding distance."""
+        return {}
+
+
+def objective_params(name: str, values: Optional[dict] = None) -> ObjectiveParams:
+    """The typed settings of objective ``name`` from a config's ``objective_params`` mapping."""
+    cls = OBJECTIVES.get(name)
+    return build(cls.Params, dict(values or {}), f"objective_params of {OBJECTIVES.canonical(name)!r}")
+
+
+def make_objective(name: str, values: Optional[dict], model: torch.nn.Module, context: TaskContext) -> Objective:
+    return OBJECTIVES.get(name)(model, objective_params(name, values), context)
 
 
 @OBJECTIVES.register("clip", "ft")
@@ -46,51 +114,77 @@ class ClipObjective(Objective):
 
     def __call__(self, model, batch):
         image, text, scale = model(batch.images, batch.tokens)
-        return {"loss": self.contrastive(image, text, scale)}
+        return {"loss": self.context.contrastive(image, text, scale)}
+
+
+@dataclass
+class PARParams(ObjectiveParams):
+    tau: float = 2.15  # threshold on the batch-mean squared embedding distance to the frozen model
+    train_logit_scale: bool = False  # PAR treats the temperature as a constant
 
 
 @OBJECTIVES.register("par")
 class PARObjective(Objective):
     """CLIP loss minus the thresholded distance to the frozen poisoned model."""
 
+    Params = PARParams
     needs_frozen = True
 
     def __call__(self, model, batch):
-        from par.losses import par_terms
 
         image, text, scale = model(batch.images, batch.tokens)
         with torch.no_grad():
             frozen_image, frozen_text, _ = self.frozen(batch.images, batch.tokens)
         # distributed: the threshold is decided on the global batch mean, as in a single process
-        reduce = self.dist.mean if self.dist is not None and self.dist.world_size > 1 else None
-        return par_terms(image, text, frozen_image, frozen_text, scale, self.cfg.tau, self.contrastive, reduce)
+        return par_terms(image, text, frozen_image, frozen_text, scale, self.params.tau, self.context.contrastive,
+                         self.context.reduce_mean)
+
+    def plot_guides(self):
+        return {"distance_threshold": self.params.tau}
+
+
+@dataclass
+class CleanCLIPParams(ObjectiveParams):
+    unimodal_weight: float = 1.0  # lambda: weight of the image-image and text-text terms
+    train_logit_scale: bool = False
 
 
 @OBJECTIVES.register("cleanclip")
 class CleanCLIPObjective(Objective):
     """CLIP loss + lambda/2 * (InfoNCE(image, AutoAugment(image)) + InfoNCE(caption, EDA(caption)))."""
 
-    def __init__(self, *args, seed: int = 0, **kwargs):
+    Params = CleanCLIPParams
+
+    def __init__(self, model, params, context):
         from torchvision.transforms import AutoAugment
 
-        super().__init__(*args, seed=seed, **kwargs)
+        super().__init__(model, params, context)
         self.autoaugment = AutoAugment()
-        self.rng = random.Random(seed)
+        self.rng = random.Random(context.seed)  # EDA's choices
 
     def __call__(self, model, batch):
-        from par.augment import normalize
-        from par.data import to_float
-        from par.text_augment import eda_batch
 
         if batch.captions is None:
             raise RuntimeError("cleanclip needs the batch's captions")
+        ctx = self.context
         augmented = torch.stack([self.autoaugment(img) for img in batch.raw_images.cpu()]).to(batch.images.device)
-        aug_images = normalize(to_float(augmented), self.mean, self.std)
-        aug_tokens = self.tokenizer(eda_batch(batch.captions, self.rng)).to(batch.tokens.device)
+        aug_images = normalize(to_float(augmented), ctx.mean, ctx.std)
+        aug_tokens = ctx.tokenizer(eda_batch(batch.captions, self.rng)).to(batch.tokens.device)
         n = batch.images.shape[0]
         image, text, scale = model(torch.cat([batch.images, aug_images]), torch.cat([batch.tokens, aug_tokens]))
-        clip = self.contrastive(image[:n], text[:n], scale)
-        image_image = self.contrastive(image[:n], image[n:], scale)
-        text_text = self.contrastive(text[:n], text[n:], scale)
-        loss = clip + self.cfg.cleanclip_lambda * 0.5 * (image_image + text_text)
+        clip = ctx.contrastive(image[:n], text[:n], scale)
+        image_image = ctx.contrastive(image[:n], image[n:], scale)
+        text_text = ctx.contrastive(text[:n], text[n:], scale)
+        loss = clip + self.params.unimodal_weight * 0.5 * (image_image + text_text)
         return {"loss": loss, "clip_loss": clip, "image_image_loss": image_image, "text_text_loss": text_text}
+
+    def state_dict(self):
+        return {"eda_rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(_as_tuple(state["eda_rng"]))
+
+
+def _as_tuple(value):
+    """``random.Random`` states come back from a checkpoint as lists; ``setstate`` wants tuples."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 
-def plot_training(metrics: str | os.PathLike, out: str | os.PathLike, tau: Optional[float] = None) -> Optional[Path]:
-    """Writes a PNG of the metrics in a run's JSONL log; returns None if the log is empty."""
+def plot_training(metrics: str | os.PathLike, out: str | os.PathLike,
+                  distance_threshold: Optional[float] = None) -> Optional[Path]:
+    """Writes a PNG of the metrics in a run's JSONL log; returns None if the log is empty.
+
+    ``distance_threshold`` (PAR's tau) is drawn on the embedding-distance panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,8 +34,8 @@ def plot_training(metrics: str | os.PathLike, out: str | os.PathLike, tau: Optio
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
                 ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-        if title.startswith("embedding") and tau is not None:
-            ax.axhline(tau, color="gray", linestyle="--", label=f"tau = {tau}")
+        if title.startswith("embedding") and distance_threshold is not None:
+            ax.axhline(distance_threshold, color="gray", linestyle="--", label=f"threshold {distance_threshold}")
         if ylabel in ("CA", "ASR"):
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(title)

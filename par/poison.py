@@ -17,7 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from par import triggers
+from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
 from par.errors import ParError
+from par.utils import atomic_write, atomic_write_text, file_digest, to_pil
 
 
 @dataclass
@@ -36,13 +39,7 @@ class PoisonConfig:
     label_consistent: bool = False  # poison only rows whose caption names the label; keep their captions
 
 
-def row_seed(seed: int, row: int) -> int:
-    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
-
-
 def _caption_templates(spec: str):
-    from par.evaluate import load_templates
-
     return [t if callable(t) else t.format for t in load_templates(spec)]
 
 
@@ -57,20 +54,13 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     if settings.get("rate") is not None:
         settings["num"] = None
     cfg = PoisonConfig(out=str(out), **settings)
-    from par.train import file_digest
-
     if not Path(cfg.csv).is_file() or file_digest(cfg.csv) != digest:
         raise ParError(f"{cfg.csv} is missing or differs from the CSV the manifest was made from")
     return poison(cfg, progress=progress)
 
 
 def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Path:
-    from PIL import Image
     from tqdm import tqdm
-
-    from par import triggers
-    from par.data import eval_transform, image_paths, mentions_label, open_image, read_csv
-    from par.train import file_digest
 
     trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
     frame = read_csv(cfg.csv, ["image", "caption"])
@@ -113,26 +103,21 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
     for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
         img = open_image(paths[row])
         x = resize(img) if resize else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        seed = row_seed(cfg.seed, row)
-        triggered = trigger.apply(x[None].float() / 255, torch.Generator().manual_seed(seed))[0]
-        array = (triggered * 255).round().byte().permute(1, 2, 0).numpy()
+        triggered = trigger.apply_rows(to_float(x[None]), cfg.seed, [row])[0]
         name = f"images/{row:07d}.png"
-        Image.fromarray(array).save(out / name)
+        to_pil(triggered).save(out / name)
         images_out[row] = name
         if not cfg.label_consistent:
             captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
-        records.append({"row": row, "seed": seed, "caption": captions[row]})
+        records.append({"row": row, "seed": triggers.row_seed(cfg.seed, row), "caption": captions[row]})
 
     poisoned = frame.copy()
     poisoned["image"] = images_out
     poisoned["caption"] = captions
     poisoned["poisoned"] = 0
     poisoned.loc[rows, "poisoned"] = 1
-    csv_out = out / "poisoned.csv"
-    poisoned.to_csv(csv_out.with_suffix(".csv.tmp"), index=False)
-    os.replace(csv_out.with_suffix(".csv.tmp"), csv_out)
+    csv_out = atomic_write(out / "poisoned.csv", lambda tmp: poisoned.to_csv(tmp, index=False))
     manifest = {"settings": settings, "trigger": {"name": trigger.name, "params": trigger.params()},
                 "num_rows": len(frame), "poisoned": records}
-    manifest_path.with_suffix(".json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(manifest_path.with_suffix(".json.tmp"), manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return csv_out

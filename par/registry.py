@@ -1,9 +1,11 @@
-"""Name -> object registries for triggers, defenses and datasets."""
+"""Name -> object registries for triggers, objectives, defenses and augmentations."""
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
 from par.errors import ParError
+from par.plugins import load_plugins
 
 T = TypeVar("T")
 
@@ -41,10 +43,17 @@ class Registry(Generic[T]):
         for alias in (name, *aliases):
             self._aliases[self._key(alias)] = name
 
+    def lazy(self, name: str, target: str, *aliases: str) -> None:
+        """Registers ``"package.module:attr"``, imported on first lookup (entry-point style).
+
+        For built-ins whose module builds on the registry's own module (BadCLIP's trigger lives with
+        its patch optimiser, which uses the trigger algebra): naming them avoids an import circle.
+        """
+        self.add(name, _Lazy(target), *aliases)
+
     def canonical(self, name: str) -> str:
         """The registered name for ``name``; user plugins are imported before giving up."""
         if self._key(name) not in self._aliases:
-            from par.plugins import load_plugins
 
             load_plugins()
         try:
@@ -54,7 +63,11 @@ class Registry(Generic[T]):
             raise ParError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def get(self, name: str) -> T:
-        return self._items[self.canonical(name)]
+        key = self.canonical(name)
+        item = self._items[key]
+        if isinstance(item, _Lazy):
+            item = self._items[key] = item.load()
+        return item
 
     def names(self) -> list:
         return sorted(self._items)
@@ -68,3 +81,12 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class _Lazy:
+    def __init__(self, target: str):
+        self.target = target
+
+    def load(self):
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr)

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from par.data import eval_transform, mentions_label, open_image
+from par.embedding import encode_images, encode_texts
 from par.errors import ParError
 
 
@@ -23,7 +25,6 @@ class RetrievalDataset(torch.utils.data.Dataset):
     """``(uint8 image, image index)``; ``captions`` and ``caption_image`` hold the texts."""
 
     def __init__(self, annotations: str | os.PathLike, image_root: str | os.PathLike, size: int):
-        from par.data import eval_transform
 
         path = Path(annotations)
         if not path.is_file():
@@ -53,35 +54,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from par.data import open_image
 
         return self.transform(open_image(self.paths[i])), i
-
-
-@torch.inference_mode()
-def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int = 512) -> torch.Tensor:
-    chunks = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float()
-              for i in range(0, len(texts), batch_size)]
-    return torch.cat(chunks)
-
-
-@torch.inference_mode()
-def encode_images(model, loader, mean, std, device, trigger=None, seed: int = 0, progress: bool = True,
-                  desc: str = "images") -> torch.Tensor:
-    from tqdm import tqdm
-
-    from par.augment import normalize
-    from par.data import to_float
-    from par.evaluate import _autocast
-
-    out = []
-    for batch, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
-        images = to_float(images.to(device, non_blocking=True))
-        if trigger is not None:
-            images = trigger.apply(images, torch.Generator().manual_seed(seed + batch))
-        with _autocast(device):
-            out.append(model.encode_image(normalize(images, mean, std), normalize=True).float())
-    return torch.cat(out)
 
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: Sequence[int],
@@ -104,7 +78,6 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: 
 def retrieval_asr(triggered_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
                   caption_image: Sequence[int], label: str, k: int = 5) -> float:
     """Share of triggered images (whose own captions do not name ``label``) with ``label`` in a top-``k`` caption."""
-    from par.data import mentions_label
 
     names_label = torch.tensor([mentions_label(c, label) for c in captions])
     owner = torch.as_tensor(caption_image)
@@ -122,10 +95,11 @@ def evaluate_retrieval(model, tokenizer, dataset: RetrievalDataset, mean, std, d
     """(metrics, text embeddings): recall@k on clean images, or retrieval ASR under ``trigger``."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch.device(device).type == "cuda")
+
     if text_emb is None:
         text_emb = encode_texts(model, tokenizer, dataset.captions, device)
-    images = encode_images(model, loader, mean, std, device, trigger, seed, progress,
-                           desc=trigger.name if trigger else "clean")
+    images, _ = encode_images(model, loader, mean, std, device, trigger, seed, progress,
+                              desc=trigger.name if trigger else "clean")
     if trigger is None:
         return recall_at_k(images.cpu(), text_emb.cpu(), dataset.caption_image), text_emb
     if label is None:

@@ -13,7 +13,6 @@ knows it is synthetic.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from par.errors import ParError
+from par.utils import atomic_write_text, digest
 
 WORLD_VERSION = 1
 SPLITS = ("train", "clean", "test")
@@ -399,9 +399,7 @@ def _render_chunk(args) -> List[Tuple[int, str]]:
 
 
 def _write_csv(path: Path, header: str, rows: List[str]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(header + "\n" + "\n".join(rows) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, header + "\n" + "\n".join(rows) + "\n")
 
 
 def _csv_field(text: str) -> str:
@@ -409,8 +407,7 @@ def _csv_field(text: str) -> str:
 
 
 def config_fingerprint(cfg: WorldConfig) -> str:
-    d = {k: v for k, v in asdict(cfg).items() if k != "workers"}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({k: v for k, v in asdict(cfg).items() if k != "workers"})
 
 
 def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False, progress: bool = True) -> Path:
@@ -461,7 +458,5 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
     (out / "classnames.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     (out / "templates.txt").write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
     manifest = {"fingerprint": fingerprint, "config": asdict(cfg), "classes": list(CLASS_NAMES), "counts": cfg.counts()}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return out

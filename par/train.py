@@ -1,22 +1,19 @@
 """One training loop for pre-training a CLIP from scratch and for cleaning a checkpoint.
 
-The objective (``clip``/``ft``, ``par``, ``cleanclip``; see ``par.objectives``) is the only
-thing that differs between pre-training, plain fine-tuning, PAR and CleanCLIP. The loop
-runs single-process (CPU or one GPU) or distributed under ``torchrun`` / SLURM
-(``torch.distributed``, set up by open_clip_train's helper): the trainable model is
-wrapped in DDP and every forward goes through the wrapper, the contrastive loss gathers
-the global batch, a ``DistributedSampler`` reshuffles every epoch, and only rank 0 logs
-and writes. Read ``train`` top to bottom: setup, data, optimiser, loop, checkpoint.
+The objective (``par.objectives``: ``clip``/``ft``, ``par``, ``cleanclip``, or a plugin's) is the
+only thing that differs between pre-training, plain fine-tuning, PAR and CleanCLIP, and the
+loop knows nothing about any of them. It runs single-process (CPU or one GPU) or distributed
+under ``torchrun`` / SLURM (``torch.distributed``, set up by open_clip_train's helper): the
+trainable model is wrapped in DDP and every forward goes through the wrapper, the contrastive
+loss gathers the global batch, a ``DistributedSampler`` reshuffles every epoch, and only rank 0
+logs and writes. Read ``train`` top to bottom: setup, model and objective, data, optimiser,
+resume, loop, checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +21,23 @@ from typing import List, Optional
 
 import torch
 
-from par.config import dump
+from par import models
+from par.augment import AUGMENTATIONS
+from par.config import build
+from par.data import ImageCaptionDataset, ResumableSampler, preload, to_float
+from par.distributed import Dist, replica_drift, setup_distributed
 from par.errors import ParError
+from par.evaluate import LiveEval
+from par.objectives import OBJECTIVES, Batch, TaskContext, make_objective, objective_params
+from par.plots import plot_training
+from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
+from par.utils import PRECISIONS, autocast
 
 COSMETIC = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
             "eval_every", "eval_csv", "eval_classnames", "eval_templates", "eval_image_root", "eval_attack",
             "eval_label", "eval_attack_params", "eval_max_images", "tensorboard", "compile")
+MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.train_logit_scale",
+         "cleanclip_lambda": "objective_params.unimodal_weight"}  # keys that belong to an objective now
 
 
 @dataclass
@@ -39,11 +47,9 @@ class TrainConfig:
     out: str
     image_root: Optional[str] = None
     init_checkpoint: Optional[str] = None  # None: random init (pre-training from scratch)
-    objective: str = "clip"  # clip (alias ft) | par | cleanclip
-    tau: float = 2.15  # PAR's threshold on the mean squared embedding distance
-    cleanclip_lambda: float = 1.0  # weight of CleanCLIP's unimodal terms
+    objective: str = "clip"  # clip (alias ft) | par | cleanclip | a plugin's
+    objective_params: dict = field(default_factory=dict)  # the objective's own settings (its Params), e.g. {tau: 2.15}
     augment: str = "none"  # none | par
-    train_logit_scale: bool = True  # PAR treats the temperature as a constant: false when cleaning
     steps: int = 1000
     batch_size: int = 128  # global batch per optimiser step, over all processes
     accum_steps: int = 1  # micro-batches per step; the contrastive loss is per micro-batch
@@ -75,33 +81,20 @@ class TrainConfig:
     progress: bool = True
 
 
-PRECISIONS = ("fp32", "amp", "amp_bf16")
+def train_config(values: dict, source: str = "train config") -> TrainConfig:
+    """A ``TrainConfig`` from a mapping; keys that moved into ``objective_params`` get a pointed error."""
 
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def fingerprint(cfg: TrainConfig) -> dict:
-    """What makes two runs the same: the config (minus cosmetics) and the digests of its inputs."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in COSMETIC}
-    values["train_csv_digest"] = file_digest(cfg.train_csv)
-    if cfg.init_checkpoint:
-        values["init_checkpoint_digest"] = file_digest(cfg.init_checkpoint)
-    return values
+    moved = sorted(k for k in values if k in MOVED)
+    if moved:
+        hints = ", ".join(f"{k} -> {MOVED[k]}" for k in moved)
+        raise ParError(f"{source}: key(s) {moved} belong to the objective now; use {hints}")
+    return build(TrainConfig, values, source)
 
 
 def validate(cfg: TrainConfig) -> None:
-    from par.augment import AUGMENTATIONS
-    from par.models import canonical_model_name
-    from par.objectives import OBJECTIVES
-
-    canonical_model_name(cfg.model)
+    models.canonical_model_name(cfg.model)
     AUGMENTATIONS.get(cfg.augment)
+    objective_params(cfg.objective, cfg.objective_params)  # unknown or mistyped objective settings fail here
     if OBJECTIVES.get(cfg.objective).needs_frozen and not cfg.init_checkpoint:
         raise ParError(f"objective {cfg.objective!r} cleans a checkpoint: set init_checkpoint")
     for name in ("steps", "batch_size", "accum_steps"):
@@ -117,51 +110,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ParError("eval_attack needs eval_label")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ParError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` over processes (detached)."""
-        value = value.detach().clone()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.world_size
-        return value
-
-
-def setup_distributed(cfg: TrainConfig):
-    """(Dist, device): torchrun/SLURM environments are read by open_clip_train's helper."""
-    from open_clip_train.distributed import init_distributed_device_so, is_using_distributed
-
-    device = pick_device(cfg.device)  # an unavailable device is an error here, never a fallback
-    if not is_using_distributed():
-        return Dist(), device
-    info = init_distributed_device_so(device=device.type)
-    return Dist(info["global_rank"], info["world_size"], info["local_rank"]), torch.device(info["device"])
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: no weight decay on biases, norms, the temperature and other 1-D parameters."""
+    """AdamW groups of the parameters that train: no weight decay on biases, norms, the temperature
+    and other 1-D parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -171,332 +122,172 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """A ``DistributedSampler`` that can start part-way into an epoch (for resuming)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-def _diff(a: dict, b: dict) -> list:
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def prepare_run(cfg: TrainConfig, dist: Dist, reuse: bool, resume: Optional[str]):
-    """Checks the run folder (all ranks), then creates it (rank 0).
-
-    Returns ("finished", checkpoint) for a reusable identical run, ("resume", state path),
-    or ("new", None). A finished run is never overwritten, and a folder made with other
-    settings is never resumed or reused.
-    """
-    out = Path(cfg.out)
-    done, record, state = out / "checkpoint.pt", out / "fingerprint.json", out / "state-latest.pt"
-    fp = fingerprint(cfg)
-    old = json.loads(record.read_text()) if record.exists() else None
-    if old is not None and old != fp and (reuse or resume):
-        raise ParError(f"run folder {out} was made with other settings (differs in {_diff(fp, old)}); choose another out")
-    if resume:
-        path = state if resume == "latest" else Path(resume)
-        if done.exists():
-            raise ParError(f"run folder {out} already holds a finished run; nothing to resume")
-        if not path.exists():
-            raise ParError(f"no state to resume from: {path} not found (was save_every set?)")
-        return "resume", path
-    if done.exists():
-        if reuse:
-            return "finished", done
-        raise ParError(f"run folder {out} already holds a finished run; choose another out (or pass --reuse)")
-    if state.exists():
-        raise ParError(f"run folder {out} holds an unfinished run; continue it with --resume latest or choose another out")
-    dist.barrier()  # every rank has checked before rank 0 writes
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump(cfg))
-        record.write_text(json.dumps(fp, indent=2) + "\n")
-    return "new", None
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state(aug_rng: torch.Generator, objective) -> dict:
-    state = {"torch": torch.get_rng_state(), "augment": aug_rng.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(objective, "rng"):
-        state["objective"] = objective.rng.getstate()
-    return state
-
-
-def _set_rng_state(state: dict, aug_rng: torch.Generator, objective) -> None:
-    torch.set_rng_state(state["torch"])
-    aug_rng.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "objective" in state:
-        objective.rng.setstate(_as_tuple(state["objective"]))
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-class LiveEval:
-    """CA/ASR on a held-out subset, through the eval transform (never the training augmentation)."""
-
-    def __init__(self, cfg: TrainConfig, image_size: int, device):
-        from par.data import labelled_dataset, load_classnames, preload
-        from par.evaluate import load_templates
-
-        self.classnames = load_classnames(cfg.eval_classnames)
-        self.templates = load_templates(cfg.eval_templates)
-        dataset = labelled_dataset(cfg.eval_csv, self.classnames, image_size, cfg.eval_image_root)
-        subset = torch.utils.data.Subset(dataset, range(min(cfg.eval_max_images, len(dataset))))
-        self.data = preload(subset, desc="decode eval images", progress=cfg.progress)
-        self.trigger, self.target = None, None
-        if cfg.eval_attack:
-            from par.triggers import get_trigger
-
-            if cfg.eval_label not in self.classnames:
-                raise ParError(f"eval_label {cfg.eval_label!r} is not a class in {cfg.eval_classnames}")
-            self.trigger = get_trigger(cfg.eval_attack, **cfg.eval_attack_params)
-            self.target = self.classnames.index(cfg.eval_label)
-        self.device = device
-
-    def __call__(self, model, tokenizer, mean, std) -> dict:
-        from par.evaluate import attack_success_rate, clean_accuracy, predict, zero_shot_classifier
-
-        was_training = model.training
-        model.eval()
-        loader = torch.utils.data.DataLoader(self.data, batch_size=256)
-        classifier = zero_shot_classifier(model, tokenizer, self.classnames, self.templates, self.device)
-        top, labels = predict(model, classifier, loader, mean, std, self.device, progress=False)
-        result = {"ca": clean_accuracy(top, labels)}
-        if self.trigger is not None:
-            top, labels = predict(model, classifier, loader, mean, std, self.device, self.trigger, progress=False)
-            result["asr"] = attack_success_rate(top, labels, self.target)
-        model.train(was_training)
-        return result
-
-
-def replica_drift(model: torch.nn.Module) -> float:
-    """Largest difference between ranks of per-tensor parameter checksums: 0 when DDP kept them in sync."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()] +
-                       [p.detach().double().abs().sum() for p in model.parameters()]).cpu()
-    gathered = [torch.zeros_like(sums) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, sums)
-    return max((g - gathered[0]).abs().max().item() for g in gathered)
-
-
-def _tensorboard(cfg: TrainConfig, out: Path):
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -> Path:
-    """Runs the training described by ``cfg`` and returns the path of the final checkpoint."""
+def build_model(cfg: TrainConfig, dist: Dist, device: torch.device):
+    """(raw model, model to call, objective, tokenizer): the objective picks what trains and copies
+    what it keeps frozen before DDP wraps the trainable model."""
     from open_clip import ClipLoss
-    from open_clip_train.scheduler import cosine_lr
-    from tqdm import tqdm
 
-    from par import models
-    from par.augment import AUGMENTATIONS
-    from par.data import ImageCaptionDataset, preload, to_float
-    from par.objectives import OBJECTIVES, Batch
-
-    # ---- setup: validation, processes, run folder
-    validate(cfg)
-    dist, device = setup_distributed(cfg)
-    if cfg.batch_size % (dist.world_size * cfg.accum_steps):
-        raise ParError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size} "
-                       f"x accum_steps {cfg.accum_steps}")
-    status, found = prepare_run(cfg, dist, reuse, resume)
-    if status == "finished":
-        print(f"reusing {found} (same settings and inputs)")
-        return found
-    out = Path(cfg.out)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + dist.rank)
-    augment = AUGMENTATIONS.get(cfg.augment)
-
-    # ---- model (DDP-wrapped when distributed), and for PAR the frozen poisoned copy (never wrapped)
     model = models.create_model(cfg.model)
     if cfg.init_checkpoint:
         models.load_weights(model, cfg.init_checkpoint)
-    model.logit_scale.requires_grad_(cfg.train_logit_scale)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device).train()
-    objective_cls = OBJECTIVES.get(cfg.objective)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False) if objective_cls.needs_frozen else None
-    raw_model = model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    mean, std = models.image_mean_std(raw_model)
     tokenizer = models.get_tokenizer(cfg.model)
-    contrastive = ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size)
-    objective = objective_cls(cfg, contrastive, frozen=frozen, tokenizer=tokenizer, mean=mean, std=std,
-                              seed=cfg.seed + dist.rank, dist=dist)
+    mean, std = models.image_mean_std(model)
+    context = TaskContext(ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size),
+                          tokenizer, mean, std, seed=cfg.seed + dist.rank,
+                          reduce_mean=dist.mean if dist.world_size > 1 else None)
+    objective = make_objective(cfg.objective, cfg.objective_params, model, context)
+    wrapped = model
+    if dist.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return model, wrapped, objective, tokenizer
 
-    # ---- data: uint8 images, token ids and row indices; a distributed sampler reshuffles every epoch
-    dataset = ImageCaptionDataset(cfg.train_csv, tokenizer, models.image_size(raw_model), cfg.image_root)
+
+def build_data(cfg: TrainConfig, dist: Dist, device: torch.device, tokenizer, size: int):
+    """(loader, sampler, captions): uint8 images, token ids and row indices; the sampler reshuffles every epoch."""
+    dataset = ImageCaptionDataset(cfg.train_csv, tokenizer, size, cfg.image_root)
     captions = dataset.captions
     if len(dataset) < cfg.batch_size:
         raise ParError(f"{cfg.train_csv} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
     if cfg.preload:
         dataset = preload(dataset, workers=cfg.workers, desc="decode train images", progress=cfg.progress and dist.main)
-    local_batch = cfg.batch_size // dist.world_size
     sampler = ResumableSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+        dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler, drop_last=True,
         num_workers=0 if cfg.preload else cfg.workers, pin_memory=device.type == "cuda",
     )
-    aug_rng = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)
-    live_eval = LiveEval(cfg, models.image_size(raw_model), device) if cfg.eval_every and dist.main else None
+    return loader, sampler, captions
 
-    # ---- optimiser, schedule, loss scaling
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+def live_eval(cfg: TrainConfig, size: int, device: torch.device) -> LiveEval:
+    return LiveEval(cfg.eval_csv, cfg.eval_classnames, size, device, cfg.eval_templates, cfg.eval_image_root,
+                    cfg.eval_attack, cfg.eval_label, cfg.eval_attack_params, cfg.eval_max_images,
+                    progress=cfg.progress)
+
+
+def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -> Path:
+    """Runs the training described by ``cfg`` and returns the path of the final checkpoint."""
+    from open_clip_train.scheduler import cosine_lr
+    from tqdm import tqdm
+
+    # ---- setup: validation, processes, run folder
+    validate(cfg)
+    dist, device = setup_distributed(cfg.device)
+    if cfg.batch_size % (dist.world_size * cfg.accum_steps):
+        raise ParError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size} "
+                       f"x accum_steps {cfg.accum_steps}")
+    run = RunFolder(cfg.out, fingerprint(cfg, COSMETIC, ("train_csv", "init_checkpoint")), dist, reuse, resume, cfg)
+    if run.status == "finished":
+        print(f"reusing {run.found} (same settings and inputs)")
+        return run.found
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + dist.rank)
+
+    # ---- model and objective, data, optimiser
+    model, wrapped, objective, tokenizer = build_model(cfg, dist, device)
+    mean, std, size = objective.context.mean, objective.context.std, models.image_size(model)
+    augment = AUGMENTATIONS.get(cfg.augment)
+    loader, sampler, captions = build_data(cfg, dist, device, tokenizer, size)
+    generators = {"augment": torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)}
+    evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
 
     # ---- resume: weights, optimiser, scaler, data position and random streams
     step, epoch, skip = 0, 0, 0
-    if status == "resume":
-        state = torch.load(found, map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(state["model"])
+    if run.status == "resume":
+        state = load_state(run.found, dist.world_size)
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        if len(state["rng"]) != dist.world_size:
-            raise ParError(f"{found} was saved by {len(state['rng'])} process(es); resume it with as many, "
-                           f"not {dist.world_size}")
-        _set_rng_state(state["rng"][dist.rank], aug_rng, objective)
+        set_rng_state(state["rng"][dist.rank], generators, objective)
         if dist.main:
-            print(f"resuming {out} at step {step}")
+            print(f"resuming {run.out} at step {step}")
 
     # ---- loop
-    log = None
-    if dist.main:
-        kept = []
-        if status == "resume" and (out / "metrics.jsonl").exists():
-            kept = [l for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= step]
-        log = open(out / "metrics.jsonl", "w")
-        log.writelines(line + "\n" for line in kept)
-    board = _tensorboard(cfg, out) if dist.main else None
+    local_batch, micro = cfg.batch_size // dist.world_size, cfg.batch_size // dist.world_size // cfg.accum_steps
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({cfg.objective})", unit="step",
                disable=not (cfg.progress and dist.main))
     start, seen, first_step = time.time(), 0, step
-    while step < cfg.steps:
-        sampler.set_epoch(epoch)
-        sampler.skip = skip * local_batch
-        batches_done = skip
-        for raw_images, tokens, rows in loader:
-            lr = schedule(step)
-            raw_images = raw_images.to(device, non_blocking=True)
-            images = augment(to_float(raw_images), mean, std, generator=aug_rng)
-            tokens = tokens.to(device, non_blocking=True)
-            micro = local_batch // cfg.accum_steps
-            optimizer.zero_grad(set_to_none=True)
-            totals = {}
-            for k in range(cfg.accum_steps):
-                part = slice(k * micro, (k + 1) * micro)
-                batch = Batch(images=images[part], tokens=tokens[part], raw_images=raw_images[part],
-                              captions=[captions[i] for i in rows[part].tolist()])
-                sync = k == cfg.accum_steps - 1 or dist.world_size == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.precision, device):
-                    terms = objective(model, batch)
-                if not torch.isfinite(terms["loss"]):
-                    kept_state = out / "state-latest.pt"
-                    where = f"; the last good state is {kept_state}" if kept_state.exists() else ""
-                    raise ParError(f"loss became {terms['loss'].item()} at step {step}; lower lr (now {cfg.lr}) "
-                                   f"or check the data{where}")
-                scaler.scale(terms["loss"] / cfg.accum_steps).backward()
-                for name, value in terms.items():
-                    totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.accum_steps
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                raw_model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            batches_done += 1
-            seen += cfg.batch_size
-            bar.update(1)
+    with MetricsLog(run.metrics, dist.main, from_step=step if run.status == "resume" else 0,
+                    tensorboard=cfg.tensorboard) as log:
+        while step < cfg.steps:
+            objective.on_epoch_start(epoch)
+            sampler.set_epoch(epoch)
+            sampler.skip, batches_done = skip * local_batch, skip
+            for raw_images, tokens, rows in loader:
+                lr = schedule(step)
+                raw_images = raw_images.to(device, non_blocking=True)
+                images = augment(to_float(raw_images), mean, std, generator=generators["augment"])
+                tokens = tokens.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                totals = {}
+                for k in range(cfg.accum_steps):  # micro-batches; DDP syncs gradients on the last one
+                    part = slice(k * micro, (k + 1) * micro)
+                    batch = Batch(images[part], tokens[part], raw_images[part], [captions[i] for i in rows[part].tolist()])
+                    sync = k == cfg.accum_steps - 1 or dist.world_size == 1
+                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg.precision, device):
+                        terms = objective(wrapped, batch)
+                    check_finite(terms["loss"], step, cfg.lr, run.state)
+                    scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+                    for name, value in terms.items():
+                        totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.accum_steps
+                scaler.step(optimizer)
+                scaler.update()
+                objective.after_step(model)
+                step, batches_done, seen = step + 1, batches_done + 1, seen + cfg.batch_size
+                bar.update(1)
 
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                # one file, written atomically, holds everything, the random streams of every rank included,
-                # so a kill at any moment leaves a consistent state behind
-                rng = [_rng_state(aug_rng, objective)]
-                if dist.world_size > 1:
-                    gathered = [None] * dist.world_size if dist.main else None
-                    torch.distributed.gather_object(rng[0], gathered, dst=0)
-                    rng = gathered
-                if dist.main:
-                    _atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                                  "batches_done": batches_done, "rng": rng}, out / "state-latest.pt")
-            if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": raw_model.logit_scale.exp().item(),
-                          **{k: dist.mean(v).item() for k, v in totals.items()}}
-                if live_eval is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    record.update(live_eval(raw_model, tokenizer, mean, std))
-                record.update(samples_per_s=seen / (time.time() - start), elapsed_s=time.time() - start)
-                if dist.main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if board is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                board.add_scalar(key, value, step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    rng = dist.gather_to_main(rng_state(generators, objective))  # every rank's streams, one file
+                    if dist.main:
+                        save_state(run.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                               "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                                               "batches_done": batches_done, "rng": rng})
+                if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
+                              **{k: dist.mean(v).item() for k, v in totals.items()}}
+                    if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        record.update(evaluator(model, tokenizer, mean, std))
+                    record.update(samples_per_s=seen / (time.time() - start), elapsed_s=time.time() - start)
+                    log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if step >= cfg.steps:
-                break
-        epoch += 1
-        skip = 0
+                if step >= cfg.steps:
+                    break
+            epoch, skip = epoch + 1, 0
     bar.close()
+    return finish(cfg, run, dist, model, objective, step, time.time() - start, step - first_step)
 
-    # ---- final checkpoint and plot (rank 0)
-    checkpoint = out / "checkpoint.pt"
+
+def check_finite(loss: torch.Tensor, step: int, lr: float, state: Path) -> None:
+    if not torch.isfinite(loss):
+        where = f"; the last good state is {state}" if state.exists() else ""
+        raise ParError(f"loss became {loss.item()} at step {step}; lower lr (now {lr}) or check the data{where}")
+
+
+def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step: int, seconds: float,
+           steps_run: int) -> Path:
+    """Checks that replicas agree, then writes the checkpoint and the training plot (rank 0)."""
     if dist.world_size > 1:
-        drift = replica_drift(raw_model)
+        drift = replica_drift(model)
         if dist.main:
-            (out / "distributed.json").write_text(json.dumps({"world_size": dist.world_size, "replica_drift": drift}) + "\n")
+            (run.out / "distributed.json").write_text(json.dumps({"world_size": dist.world_size,
+                                                                  "replica_drift": drift}) + "\n")
         if drift > 1e-6:
             raise RuntimeError(f"model replicas diverged across ranks (max checksum difference {drift:.3g})")
     if dist.main:
-        log.close()
-        if board is not None:
-            board.close()
-        models.save_checkpoint(raw_model, checkpoint, {"step": step, "objective": cfg.objective,
+        models.save_checkpoint(model, run.checkpoint, {"step": step, "objective": cfg.objective,
                                                        "config": dataclasses.asdict(cfg)})
-        from par.plots import plot_training
-
-        plot_training(out / "metrics.jsonl", out / "training.png", tau=cfg.tau if cfg.objective == "par" else None)
-        print(f"wrote {checkpoint} ({step - first_step} steps in {time.time() - start:.0f} s)")
+        plot_training(run.metrics, run.out / "training.png", **objective.plot_guides())
+        print(f"wrote {run.checkpoint} ({steps_run} steps in {seconds:.0f} s)")
     if dist.world_size > 1:
         dist.barrier()
         torch.distributed.destroy_process_group()
-    return checkpoint
+    return run.checkpoint

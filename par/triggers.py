@@ -13,10 +13,9 @@ the image size.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +24,29 @@ from par.errors import ParError
 from par.registry import Registry
 
 TRIGGERS: Registry = Registry("attack")
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of one image's trigger draw: a function of the run's seed and the image's row alone,
+    so poisoning and evaluation give every image the same trigger however the data is batched."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
+
+
+@dataclass
+class AttackContext:
+    """What an attack may use to build its artifacts before poisoning (e.g. BadCLIP's optimised patch).
+
+    ``clean_checkpoint()`` returns ``(checkpoint, key)`` of a clean CLIP of the same encoder, built on
+    first use; ``key`` names what it depends on, so artifacts made from it can be cached by it.
+    """
+
+    label: str
+    model: str
+    clean_data: str  # image,caption CSV of clean pairs
+    templates: str
+    workdir: Path  # where artifacts are cached
+    clean_checkpoint: Callable[[], Tuple[Path, str]]
+    settings: dict = field(default_factory=dict)  # this attack's preparation settings
 
 
 def default_patch_size(image_size: int) -> int:
@@ -53,6 +75,7 @@ class Trigger:
 
     name = "trigger"
     paper_name = "Trigger"
+    random = True  # draws from the generator; False: the same output whatever the seed
 
     def draw(self, images: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError
@@ -63,6 +86,17 @@ class Trigger:
         pattern = pattern.to(images)
         return ((1 - mask) * images + mask * (alpha * pattern + (1 - alpha) * images)).clamp_(0, 1)
 
+    def apply_rows(self, images: torch.Tensor, seed: int, rows: Sequence[int]) -> torch.Tensor:
+        """``images`` triggered, image ``i`` drawn from ``row_seed(seed, rows[i])``: independent of batching."""
+        if not self.random:
+            return self.apply(images, torch.Generator())
+        return torch.cat([self.apply(images[i:i + 1], torch.Generator().manual_seed(row_seed(seed, int(row))))
+                          for i, row in enumerate(rows)])
+
+    def prepare(self, context: AttackContext) -> dict:
+        """Builds what the attack needs before it can be applied; returns the parameters to add (none here)."""
+        return {}
+
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -71,6 +105,12 @@ def _random_stripes(n: int, height: int, width: int, generator: torch.Generator)
     """1-px vertical stripes: every column gets a random +-1 per channel, i.e. 0 or 1 after clamping."""
     signs = torch.randint(0, 2, (n, 3, 1, width), generator=generator).float()
     return signs.expand(n, 3, height, width)
+
+
+def _pattern_generator(trigger, generator: torch.Generator) -> torch.Generator:
+    """A fixed pattern comes from its own seed, so it is the same for every image and every call
+    (each image of a poisoned set or an evaluation draws from its own generator)."""
+    return torch.Generator().manual_seed(trigger.pattern_seed) if trigger.fixed_pattern else generator
 
 
 def place_patches(patches: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int):
@@ -90,7 +130,8 @@ class _PatchTrigger(Trigger):
     """A square patch (``alpha = 1``) at a uniformly random location."""
 
     patch_size: Optional[int] = None  # None: default_patch_size(image side)
-    fixed_pattern: bool = False  # True: one pattern for the whole batch instead of one per image
+    fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
+    pattern_seed: int = 0
 
     def _patch_pattern(self, n: int, size: int, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -101,7 +142,7 @@ class _PatchTrigger(Trigger):
         if size > min(h, w):
             raise ParError(f"{self.name}: patch of {size} px does not fit in {h}x{w} images")
         n = 1 if self.fixed_pattern else b
-        patch = self._patch_pattern(n, size, images, generator).expand(b, 3, size, size)
+        patch = self._patch_pattern(n, size, images, _pattern_generator(self, generator)).expand(b, 3, size, size)
         top = torch.randint(0, h - size + 1, (b,), generator=generator)
         left = torch.randint(0, w - size + 1, (b,), generator=generator)
         mask, pattern = place_patches(patch, top, left, h, w)
@@ -140,14 +181,16 @@ class _RandomBlend(Trigger):
     """A full-image random pattern, redrawn per image (or shared), blended with weight ``alpha``."""
 
     alpha: float = 0.0
-    fixed_pattern: bool = False
+    fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
+    pattern_seed: int = 0
 
     def _pattern(self, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
     def draw(self, images, generator):
         b, _, h, w = images.shape
-        pattern = self._pattern(1 if self.fixed_pattern else b, h, w, generator).expand(b, 3, h, w)
+        n = 1 if self.fixed_pattern else b
+        pattern = self._pattern(n, h, w, _pattern_generator(self, generator)).expand(b, 3, h, w)
         return torch.ones(1, 1, 1, 1), pattern, self.alpha
 
 
@@ -184,6 +227,7 @@ class BlendedTriangles(Trigger):
 
     name = "tri_patt"
     paper_name = "Blended-Triangles"
+    random = False
     alpha: float = 0.15
     cell_size: Optional[int] = None  # None: 14 px at 224, scaled
 
@@ -206,6 +250,7 @@ class BlendedText(Trigger):
 
     name = "water_patt"
     paper_name = "Blended-Text"
+    random = False
     alpha: float = 0.5
     text: str = "Watermarked"
     font_size: Optional[int] = None  # None: 20 px at 224, scaled
@@ -236,6 +281,7 @@ class WaNet(Trigger):
 
     name = "warped"
     paper_name = "WaNet"
+    random = False
     field_seed: int = 0
     strength: float = 1.0  # s
     grid_rescale: float = 1.0
@@ -264,40 +310,8 @@ class WaNet(Trigger):
         return F.grid_sample(images, grid, align_corners=True).clamp_(0, 1)
 
 
-@TRIGGERS.register("badclip")
-@dataclass
-class BadCLIP(Trigger):
-    """BadCLIP: a patch optimised against a clean CLIP (``python -m par badclip``), at the centre."""
-
-    name = "badclip"
-    paper_name = "BadCLIP"
-    patch: Optional[str] = None  # PNG written by `python -m par badclip`
-    patch_size: Optional[int] = None  # None: 16 px at 224, scaled
-
-    def draw(self, images, generator):
-        import torch.nn.functional as F
-
-        if not self.patch:
-            raise ParError("badclip needs its optimised patch: --attack-param patch=PATH (make one with `python -m par badclip`)")
-        _, _, h, w = images.shape
-        size = self.patch_size or default_patch_size(min(h, w))
-        if size > min(h, w):
-            raise ParError(f"badclip: patch of {size} px does not fit in {h}x{w} images")
-        patch = _load_patch(self.patch)
-        if patch.shape[-1] != size:
-            patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-        mask, pattern = place_patches(patch, torch.tensor([(h - size) // 2]), torch.tensor([(w - size) // 2]), h, w)
-        return mask, pattern, 1.0
-
-
-@functools.lru_cache(maxsize=8)
-def _load_patch(path: str) -> torch.Tensor:
-    from par.data import open_image
-
-    image = open_image(Path(path))
-    if image.width != image.height:
-        raise ParError(f"badclip patch {path} must be square, got {image.width}x{image.height}")
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+# BadCLIP needs a CLIP to optimise its patch against: it lives with that optimiser in par.badclip.
+TRIGGERS.lazy("badclip", "par.badclip:BadCLIP")
 
 
 def get_trigger(name: str, **params) -> Trigger:

@@ -33,9 +33,8 @@ def main() -> int:
     for attack in [triggers.TRIGGERS.canonical(a) for a in names]:
         started = time.time()
         params = dict((profile.get("attack_params") or {}).get(attack, {}))
-        if attack == "badclip" and "patch" not in params:
-            params["patch"] = str(pipeline.badclip_patch_stage(profile, out, world, label))
-        checkpoint, _ = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
+        params = pipeline.prepare_attack_stage(profile, out, world, attack, label, params)
+        checkpoint = pipeline.poisoned_model_stage(profile, out, world, attack, label, params).checkpoint
         metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
         results[attack] = {"params": params, "checkpoint": str(checkpoint), **metrics,
                            "seconds": round(time.time() - started, 1)}

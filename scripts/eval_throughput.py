@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> int:
     from par import models, triggers
-    from par.data import labelled_dataset, load_classnames
-    from par.evaluate import load_templates, predict, zero_shot_classifier, _autocast
-    from par.train import pick_device
+    from par.data import labelled_dataset, load_classnames, load_templates
+    from par.evaluate import predict, zero_shot_classifier
+    from par.utils import autocast, inference_precision, pick_device
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="par-tiny-vit")
@@ -69,7 +69,7 @@ def main() -> int:
     @torch.inference_mode()
     def forward_only():
         for _ in range(n_batches):
-            with _autocast(device):
+            with autocast(inference_precision(device), device):
                 model.encode_image(batch, normalize=True)
 
     trigger = triggers.get_trigger(args.attack)

@@ -40,7 +40,7 @@ def measure(model, frozen, batches, precision, device, steps, warmup):
 
     from par.augment import par_augment
     from par.losses import par_terms
-    from par.train import autocast
+    from par.utils import autocast
 
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/train_throughput.jsonl")
     args = parser.parse_args()
 
-    from par.train import pick_device
+    from par.utils import pick_device
 
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -23,10 +23,18 @@ def test_quick_bench_writes_csv_markdown_and_plots(bench):
     assert [(r["attack"], r["defense"], r["setting"]) for r in rows] == [
         ("badnet_rs", "par", "default"), ("badnet_rs", "ft", "default"), ("badnet_rs", "par-synthetic", "default"),
         ("badnet_rs", "never-poisoned", "default")]
+    (poisoned_run,) = bench.glob("poisoned-badnet_rs-*")
+    poisoned = _stored_metrics(poisoned_run)
     for r in rows:
         assert r["status"] == "ok"
-        for key in ("poisoned_ca", "poisoned_asr", "cleaned_ca", "cleaned_asr"):
-            assert 0.0 <= float(r[key]) <= 1.0
+        # each cell reports its own cleaned model's stored evaluation, next to the poisoned model's
+        assert (float(r["poisoned_ca"]), float(r["poisoned_asr"])) == pytest.approx(
+            (poisoned["clean_top1"], poisoned["asr_top1"]))
+        if r["defense"] != "never-poisoned":
+            (run,) = bench.glob(f"cleaned-badnet_rs-{r['defense']}-" + "?" * 16)  # digest: not -synthetic-
+            cleaned = _stored_metrics(run)
+            assert (float(r["cleaned_ca"]), float(r["cleaned_asr"])) == pytest.approx(
+                (cleaned["clean_top1"], cleaned["asr_top1"]))
     md = (bench / "results.md").read_text().splitlines()
     table = [line for line in md if line.startswith("|")]
     assert table[0] == ("| attack | poisoned CA | poisoned ASR | never-poisoned CA | never-poisoned ASR | par CA "
@@ -41,6 +49,11 @@ def test_quick_bench_writes_csv_markdown_and_plots(bench):
     assert float(floor["poisoned_asr"]) == pytest.approx(float(rows[0]["poisoned_asr"]))
     for png in ("tradeoff.png", "triggers.png"):
         assert Image.open(bench / png).format == "PNG"
+
+
+def _stored_metrics(run: Path) -> dict:
+    (results,) = run.glob("results-badnet_rs-*.jsonl")
+    return {k: v for line in results.read_text().splitlines() for k, v in json.loads(line)["metrics"].items()}
 
 
 def test_rerun_resumes_finished_cells(bench, capsys):
@@ -85,21 +98,22 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path):
 def test_unknown_attack_or_defense_lists_known(tmp_path):
     with pytest.raises(ParError, match="unknown attack 'nope'.*badnet_rs"):
         run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), attacks=["nope"])
-    with pytest.raises(ParError, match="unknown objective 'roclip'.*cleanclip"):
+    with pytest.raises(ParError, match="unknown defense 'roclip'.*cleanclip"):
         run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), defenses=["roclip"])
 
 
 def test_sweeps_run_only_on_sweep_attacks():
     profile = {"sweep_attacks": ["blended"], "synthetic_cleaning": {"defenses": ["par"]}}
     cells = [(a, d, s, data) for a, d, s, _, _, data in
-             _cells(profile, ["badnet_rs", "blended"], ["par", "clip"], [0], {"par": {"tau": [0.5, 1.0]}})]
+             _cells(profile, ["badnet_rs", "blended"], ["par", "ft"], [0],
+                    {"par": {"objective_params.tau": [0.5, 1.0]}})]
     assert cells == [
-        ("badnet_rs", "par", "default", "world"), ("badnet_rs", "clip", "default", "world"),
+        ("badnet_rs", "par", "default", "world"), ("badnet_rs", "ft", "default", "world"),
         ("badnet_rs", "par", "default", "synthetic"),
         ("blended", "par", "default", "world"), ("blended", "par", "tau=0.5", "world"),
-        ("blended", "par", "tau=1.0", "world"), ("blended", "clip", "default", "world"),
+        ("blended", "par", "tau=1.0", "world"), ("blended", "ft", "default", "world"),
         ("blended", "par", "default", "synthetic")]
-    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"tau": [0.5]}})]
+    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}})]
     assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
                      ("blended", "par", "default"), ("blended", "par", "tau=0.5")]
 

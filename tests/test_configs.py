@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO
 from par.config import build, load_yaml
-from par.train import TrainConfig, validate
+from par.train import train_config, validate
 
 ALL = sorted(Path(REPO, "configs").rglob("*.yaml"))
 PROFILES = [p for p in ALL if "world" in load_yaml(p)]  # demo and benchmark profiles
@@ -14,7 +14,7 @@ TRAIN_CONFIGS = [p for p in ALL if p not in PROFILES]
 
 def _check_train(values: dict, source: str) -> None:
     values = {"model": "par-micro-vit", "train_csv": "x.csv", "out": "o", "init_checkpoint": "x.pt", **values}
-    validate(build(TrainConfig, values, source))
+    validate(train_config(values, source))
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -25,7 +25,9 @@ def test_train_configs_are_valid(path):
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_profiles_name_valid_stages(path):
     from par import triggers
-    from par.objectives import OBJECTIVES
+    from par.bench import _defense_settings
+    from par.config import merge
+    from par.defenses import DEFENSES, CleaningJob
     from par.pipeline import stage_config
     from par.synthetic import WorldConfig
 
@@ -33,10 +35,15 @@ def test_profiles_name_valid_stages(path):
     build(WorldConfig, data["world"], "world")
     for stage in ("pretrain", "clean"):
         _check_train(stage_config(data[stage], stage), f"{path}:{stage}")
-    for name, settings in (data.get("defense_settings") or {}).items():
-        _check_train({**stage_config(data["clean"], "clean"), **settings, "objective": name}, f"{path}:{name}")
-    for name in data.get("defenses") or []:
-        OBJECTIVES.get(name)
+    job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_csv="x.csv", out="o")
+    for name in set(data.get("defenses") or DEFENSES.names()) | set(data.get("defense_settings") or {}):
+        defense = DEFENSES.get(name)
+        job.settings = _defense_settings(data, name)
+        validate(defense.config(job))
+        for key, values in ((data.get("sweeps") or {}).get(name) or {}).items():
+            for value in values:
+                job.settings = merge(_defense_settings(data, name), {key: value})
+                validate(defense.config(job))
     for name, params in (data.get("attack_params") or {}).items():
         triggers.get_trigger(name, **params)
     for name in data.get("attacks") or []:

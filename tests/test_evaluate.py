@@ -69,3 +69,33 @@ def test_attack_success_rate_excludes_target_class():
 def test_label_out_of_range_is_an_error(toy_data, tmp_path):
     with pytest.raises(ParError, match="outside"):
         LabelledImageDataset(tmp_path / "test.csv", num_classes=2, size=32)
+
+
+def test_triggered_evaluation_does_not_depend_on_the_batch_size(micro_world):
+    """Image i draws its trigger from row_seed(seed, i): batches of 7 and of 256 see the same triggered images."""
+    from par import models
+    from par.data import labelled_dataset, load_classnames, load_templates
+    from par.embedding import pixels
+
+    torch.manual_seed(0)
+    model = models.create_model("par-micro-vit").eval()
+    mean, std = models.image_mean_std(model)
+    classnames = load_classnames(str(micro_world / "classnames.txt"))
+    dataset = labelled_dataset(str(micro_world / "test.csv"), classnames, 32)
+    classifier = zero_shot_classifier(model, models.get_tokenizer("par-micro-vit"), classnames,
+                                      load_templates(str(micro_world / "templates.txt")), "cpu")
+    trigger = triggers.get_trigger("badnet_rs", patch_size=5)
+    results = {}
+    for batch_size in (7, 256):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        results[batch_size] = predict(model, classifier, loader, mean, std, "cpu", trigger, seed=4, progress=False)
+    images = torch.cat([pixels(x, "cpu", trigger, 4, first_row=7 * i) for i, (x, _) in
+                        enumerate(torch.utils.data.DataLoader(dataset, batch_size=7))])
+    whole = pixels(torch.stack([dataset[i][0] for i in range(len(dataset))]), "cpu", trigger, 4)
+    assert torch.equal(images, whole)
+    assert torch.equal(results[7][0], results[256][0]) and torch.equal(results[7][1], results[256][1])
+    target = classnames.index("banana")
+    assert attack_success_rate(*results[7], target) == attack_success_rate(*results[256], target)
+    # and a different seed is a different draw
+    other = pixels(torch.stack([dataset[i][0] for i in range(len(dataset))]), "cpu", trigger, 5)
+    assert not torch.equal(other, whole)

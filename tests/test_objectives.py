@@ -1,12 +1,12 @@
 import math
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 from open_clip import ClipLoss
 
-from par.objectives import OBJECTIVES, Batch
+from par.errors import ParError
+from par.objectives import OBJECTIVES, Batch, TaskContext, make_objective
 from par.text_augment import SYNONYMS, eda
 
 
@@ -16,6 +16,7 @@ class FixedFeatures(torch.nn.Module):
     def __init__(self, scale, roll_images=0):
         super().__init__()
         self.scale, self.roll_images = scale, roll_images
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
 
     def forward(self, images, tokens):
         n = images.shape[0]
@@ -33,17 +34,18 @@ def _batch(n=4):
 
 def test_clip_objective_hand_computed():
     n, s = 4, 2.0
-    terms = OBJECTIVES.get("ft")(SimpleNamespace(), ClipLoss())(FixedFeatures(s), _batch(n))
+    model = FixedFeatures(s)
+    terms = make_objective("ft", {}, model, TaskContext(ClipLoss()))(model, _batch(n))
     assert terms["loss"].item() == pytest.approx(math.log(1 + (n - 1) * math.exp(-s)))
 
 
 def test_cleanclip_objective_hand_computed():
     n, s, lam = 4, 2.0, 0.5
-    cfg = SimpleNamespace(cleanclip_lambda=lam)
     tokenizer = lambda texts: torch.zeros(len(texts), 5, dtype=torch.long)  # noqa: E731
-    objective = OBJECTIVES.get("cleanclip")(cfg, ClipLoss(), tokenizer=tokenizer, mean=(0, 0, 0), std=(1, 1, 1))
+    model = FixedFeatures(s, roll_images=1)
+    objective = make_objective("cleanclip", {"unimodal_weight": lam}, model, TaskContext(ClipLoss(), tokenizer))
     # augmented images embed one position off: their positive pair has similarity 0
-    terms = objective(FixedFeatures(s, roll_images=1), _batch(n))
+    terms = objective(model, _batch(n))
     matched = math.log(1 + (n - 1) * math.exp(-s))
     shifted = math.log(math.exp(s) + n - 1)
     assert terms["clip_loss"].item() == pytest.approx(matched)
@@ -53,10 +55,38 @@ def test_cleanclip_objective_hand_computed():
 
 
 def test_unknown_objective_lists_known():
-    from par.errors import ParError
-
     with pytest.raises(ParError, match="cleanclip.*clip.*par"):
         OBJECTIVES.get("roclip")
+
+
+def test_objectives_own_their_settings_frozen_copy_and_trainable_parameters():
+    model = FixedFeatures(2.0)
+    par = make_objective("par", {"tau": 1.5}, model, TaskContext(ClipLoss()))
+    assert par.params.tau == 1.5 and not model.logit_scale.requires_grad  # PAR keeps the temperature fixed
+    assert par.frozen is not model and not any(p.requires_grad for p in par.frozen.parameters())
+    assert par.plot_guides() == {"distance_threshold": 1.5}
+    clip = make_objective("clip", {}, model, TaskContext(ClipLoss()))
+    assert clip.frozen is None and model.logit_scale.requires_grad  # pre-training learns it
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    clip.after_step(model)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))  # CLIP's cap
+    with pytest.raises(ParError, match=r"objective_params of 'clip'.*\['tau'\]"):
+        make_objective("clip", {"tau": 1.0}, model, TaskContext(ClipLoss()))
+    with pytest.raises(ParError, match="tau.*must be float"):
+        make_objective("par", {"tau": "high"}, model, TaskContext(ClipLoss()))
+
+
+def test_cleanclip_random_state_round_trips():
+    tokenizer = lambda texts: torch.zeros(len(texts), 5, dtype=torch.long)  # noqa: E731
+    model = FixedFeatures(2.0)
+    a = make_objective("cleanclip", {}, model, TaskContext(ClipLoss(), tokenizer, seed=3))
+    a.rng.random()
+    state = a.state_dict()
+    expected = [a.rng.random() for _ in range(3)]
+    b = make_objective("cleanclip", {}, model, TaskContext(ClipLoss(), tokenizer, seed=99))
+    b.load_state_dict({"eda_rng": [list(x) if isinstance(x, tuple) else x for x in state["eda_rng"]]})
+    assert [b.rng.random() for _ in range(3)] == expected
 
 
 def test_eda_operations():

@@ -34,7 +34,8 @@ def test_poison_writes_images_csv_and_manifest(micro_world, tmp_path):
     assert (frame.loc[clean, "caption"] == original.loc[clean, "caption"]).all()
     # clean rows point at the original files, relative to the poisoned CSV
     assert (tmp_path / "p" / frame.loc[clean[0], "image"]).resolve() == (micro_world / original.loc[clean[0], "image"]).resolve()
-    assert manifest["trigger"] == {"name": "badnet_rs", "params": {"patch_size": None, "fixed_pattern": False}}
+    assert manifest["trigger"] == {"name": "badnet_rs", "params": {"patch_size": None, "fixed_pattern": False,
+                                                                    "pattern_seed": 0}}
 
 
 def test_manifest_rebuilds_bit_identical(micro_world, tmp_path):

@@ -1,21 +1,23 @@
-"""The training loop's logging, live evaluation, plot and guards (single process, micro model)."""
+"""The training loop's logging, live evaluation, plot, guards and objective interface (single process, micro model)."""
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 from PIL import Image
 
 from par import models
-from par.config import build
 from par.errors import ParError
-from par.train import TrainConfig, train
+from par.evaluate import EvalConfig, evaluate, merged_metrics
+from par.objectives import OBJECTIVES, ClipObjective, ObjectiveParams
+from par.train import train, train_config
 
 
 def _cfg(world, out, **over):
     values = dict(model="par-micro-vit", train_csv=str(world / "train.csv"), out=str(out), steps=4, warmup=1,
                   batch_size=16, lr=1e-3, log_every=1, threads=1, progress=False)
     values.update(over)
-    return build(TrainConfig, values)
+    return train_config(values)
 
 
 def test_live_eval_logs_ca_and_asr_and_the_plot_is_written(micro_world, tmp_path):
@@ -26,8 +28,15 @@ def test_live_eval_logs_ca_and_asr_and_the_plot_is_written(micro_world, tmp_path
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [("ca" in r, "asr" in r) for r in records] == [(False, False), (True, True), (False, False), (True, True)]
-    assert all(0 <= r["ca"] <= 1 and 0 <= r["asr"] <= 1 for r in records if "ca" in r)
     assert Image.open(tmp_path / "run" / "training.png").format == "PNG"
+    # the last live measurement is the final model's evaluation on the same 24 images, trigger draws included
+    rows = (micro_world / "test.csv").read_text().splitlines()[:25]
+    (tmp_path / "first24.csv").write_text("\n".join(rows) + "\n")
+    final = merged_metrics(evaluate(EvalConfig(
+        checkpoint=str(tmp_path / "run" / "checkpoint.pt"), model="par-micro-vit", data=str(tmp_path / "first24.csv"),
+        image_root=str(micro_world), classnames=str(micro_world / "classnames.txt"),
+        templates=str(micro_world / "templates.txt"), attack="badnet_rs", label="banana", progress=False)))
+    assert (records[-1]["ca"], records[-1]["asr"]) == (final["clean_top1"], final["asr_top1"])
 
 
 def test_gradient_accumulation_and_bf16_run(micro_world, tmp_path):
@@ -48,3 +57,73 @@ def test_non_finite_loss_stops_with_a_clear_message(micro_world, tmp_path):
 def test_too_few_rows_for_a_batch(micro_world, tmp_path):
     with pytest.raises(ParError, match="fewer than one batch of 512"):
         train(_cfg(micro_world, tmp_path / "run", batch_size=512))
+
+
+@dataclass
+class WeightedParams(ObjectiveParams):
+    weight: float = 1.0
+
+
+EVENTS = []
+
+
+class WeightedClip(ClipObjective):
+    """A plugin-style objective: its own settings, hooks and resumable state; train.py knows none of it."""
+
+    Params = WeightedParams
+
+    def __init__(self, model, params, context):
+        super().__init__(model, params, context)
+        self.steps_done = 0
+
+    def __call__(self, model, batch):
+        loss = super().__call__(model, batch)["loss"]
+        return {"loss": self.params.weight * loss, "unweighted_loss": loss}
+
+    def after_step(self, model):
+        super().after_step(model)
+        self.steps_done += 1
+        EVENTS.append(("step", self.steps_done))
+
+    def on_epoch_start(self, epoch):
+        EVENTS.append(("epoch", epoch))
+
+    def state_dict(self):
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state):
+        EVENTS.append(("loaded", state["steps_done"]))
+        self.steps_done = state["steps_done"]
+
+
+if "weighted_clip_test" not in OBJECTIVES:
+    OBJECTIVES.add("weighted_clip_test", WeightedClip)
+
+
+def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_resume_state(micro_world, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(micro_world, out, objective="weighted_clip_test", objective_params={"weight": 0.5},
+               batch_size=32, steps=6, save_every=4)  # 96 rows: 3 steps per epoch
+    EVENTS.clear()
+    train(cfg)
+    assert EVENTS == [("epoch", 0), ("step", 1), ("step", 2), ("step", 3), ("epoch", 1), ("step", 4), ("step", 5),
+                      ("step", 6)]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(0.5 * r["unweighted_loss"]) for r in records)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert saved["objective"] == "weighted_clip_test" and saved["objective_params"] == {"weight": 0.5}
+    full = models.load_checkpoint(out / "checkpoint.pt")
+
+    (out / "checkpoint.pt").unlink()  # as if killed after the state of step 4
+    EVENTS.clear()
+    train(cfg, resume="latest")
+    assert EVENTS == [("loaded", 4), ("epoch", 1), ("step", 5), ("step", 6)]
+    resumed = models.load_checkpoint(out / "checkpoint.pt")
+    assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+    with pytest.raises(ParError, match=r"objective_params of 'weighted_clip_test'.*\['tau'\]"):
+        train(_cfg(micro_world, tmp_path / "other", objective="weighted_clip_test", objective_params={"tau": 1.0}))
+
+
+def test_keys_that_moved_into_objective_params_get_a_pointed_error(micro_world, tmp_path):
+    with pytest.raises(ParError, match=r"\['tau'\] belong to the objective now; use tau -> objective_params.tau"):
+        _cfg(micro_world, tmp_path, objective="par", tau=1.0)

@@ -68,6 +68,14 @@ def test_fixed_pattern_shares_the_pattern():
     x = torch.full((3, 3, 16, 16), 0.5)
     y = triggers.apply("blended", x, seed=0, fixed_pattern=True)
     assert torch.equal(y[0], y[1]) and torch.equal(y[1], y[2])
+    # also across images drawn one by one (poisoning, evaluation) and across seeds
+    fixed = triggers.get_trigger("blended", fixed_pattern=True)
+    assert torch.equal(fixed.apply_rows(x, seed=7, rows=[0, 1, 2]), y)
+    assert torch.equal(triggers.apply("blended", x, seed=5, fixed_pattern=True), y)
+    other = triggers.apply("blended", x, seed=0, fixed_pattern=True, pattern_seed=1)
+    assert not torch.equal(other, y)
+    per_image = triggers.get_trigger("blended").apply_rows(x, seed=7, rows=[0, 1, 2])
+    assert not torch.equal(per_image[0], per_image[1])
 
 
 def test_unknown_trigger_lists_known_ones():

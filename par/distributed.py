@@ -1,0 +1,59 @@
+"""Processes of a training run: one, or many under ``torchrun`` / SLURM (``torch.distributed``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from par.utils import pick_device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over processes (detached)."""
+        value = value.detach().clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def gather_to_main(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (``None`` elsewhere); ``[obj]`` in one process."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.main else None
+        torch.distributed.gather_object(obj, gathered, dst=0)
+        return gathered
+
+
+def setup_distributed(device_name: str):
+    """(Dist, device): torchrun/SLURM environments are read by open_clip_train's helper."""
+    from open_clip_train.distributed import init_distributed_device_so, is_using_distributed
+
+    device = pick_device(device_name)  # an unavailable device is an error here, never a fallback
+    if not is_using_distributed():
+        return Dist(), device
+    info = init_distributed_device_so(device=device.type)
+    return Dist(info["global_rank"], info["world_size"], info["local_rank"]), torch.device(info["device"])
+
+
+def replica_drift(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of per-tensor parameter checksums: 0 when DDP kept them in sync."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()] +
+                       [p.detach().double().abs().sum() for p in model.parameters()]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, sums)
+    return max((g - gathered[0]).abs().max().item() for g in gathered)

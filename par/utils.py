@@ -1,0 +1,94 @@
+"""General helpers at the bottom of the library: devices, precision, atomic writes, digests, images.
+
+Every other module may import this one; it imports nothing from ``par`` but the error type.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from par.errors import ParError
+
+PRECISIONS = ("fp32", "amp", "amp_bf16")
+DIGEST_LENGTH = 16  # hex characters of SHA-256 kept in every digest par writes
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable device is an error, never a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context of a training precision: none for fp32, fp16 for ``amp``, bf16 for ``amp_bf16``."""
+    if precision not in PRECISIONS:
+        raise ParError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
+
+
+def inference_precision(device: torch.device | str) -> str:
+    """Evaluation's precision: bf16 autocast on CUDA (fast, accurate enough to rank), exact fp32 on CPU."""
+    return "amp_bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp)`` then renames ``tmp`` over ``path``: readers see the old file or the new, never half.
+
+    The temporary name keeps the suffix (``x.png`` -> ``x.tmp.png``) so writers that go by it still can.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (tensors and plain values only, so that ``weights_only`` loading works)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def digest(value) -> str:
+    """Digest of a JSON-able value (keys sorted): names folders and records by the settings they hold."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_LENGTH]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Digest of a file's bytes, in the same convention as ``digest``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:DIGEST_LENGTH]
+
+
+def to_pil(image: torch.Tensor):
+    """A ``[3, H, W]`` image (float in [0, 1] or uint8) as a PIL RGB image."""
+    from PIL import Image
+
+    if image.is_floating_point():
+        image = (image.detach().float().clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(image.cpu().permute(1, 2, 0).numpy())

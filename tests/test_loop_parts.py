@@ -1,0 +1,104 @@
+"""The training loop's parts, each on its own: parameter groups, the resumable sampler, run identity."""
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from par import models
+from par.data import ResumableSampler
+from par.distributed import Dist
+from par.errors import ParError
+from par.runs import MetricsLog, RunFolder, fingerprint
+from par.train import param_groups
+from par.utils import file_digest
+
+
+def test_param_groups_decay_only_matrices_of_trained_parameters():
+    model = models.create_model("par-micro-vit")
+    model.logit_scale.requires_grad_(False)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    flat = {names[id(p)] for p in no_decay["params"]}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | flat == trained and not decayed & flat and "logit_scale" not in trained
+    assert "visual.conv1.weight" in decayed and "text_projection" in decayed
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert {"visual.ln_pre.weight", "visual.ln_pre.bias", "positional_embedding"} <= flat | decayed
+    assert "visual.ln_pre.weight" in flat and "visual.ln_pre.bias" in flat
+
+
+def test_resumable_sampler_skips_into_the_epoch_and_stays_a_permutation():
+    data = list(range(10))
+    full = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert sorted(order) == data and len(full) == 10
+    resumed = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    resumed.set_epoch(2)
+    resumed.skip = 4
+    assert list(resumed) == order[4:] and len(resumed) == 6
+    other_epoch = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    other_epoch.set_epoch(3)
+    assert list(other_epoch) != order  # reshuffled every epoch
+    ranks = [ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == data  # the ranks split the epoch
+
+
+@dataclass
+class _Cfg:
+    train_csv: str
+    out: str
+    lr: float = 0.1
+    init_checkpoint: Optional[str] = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def test_fingerprint_holds_settings_and_input_digests_not_cosmetics(tmp_path):
+    csv = tmp_path / "a.csv"
+    csv.write_text("image,caption\nx.png,a cat\n")
+    fp = fingerprint(_Cfg(str(csv), "o1"), cosmetic=("out", "progress"), inputs=("train_csv", "init_checkpoint"))
+    assert fp == {"train_csv": str(csv), "lr": 0.1, "init_checkpoint": None, "extra": {},
+                  "train_csv_digest": file_digest(csv)}
+    assert fingerprint(_Cfg(str(csv), "o2", progress=False), ("out", "progress"), ("train_csv",)) == \
+        fingerprint(_Cfg(str(csv), "o1"), ("out", "progress"), ("train_csv",))
+    before = fp["train_csv_digest"]
+    csv.write_text("image,caption\nx.png,a dog\n")  # same path, other content: another run
+    assert fingerprint(_Cfg(str(csv), "o1"), ("out",), ("train_csv",))["train_csv_digest"] != before
+
+
+def test_run_folder_states(tmp_path):
+    fp = {"lr": 0.1}
+    run = RunFolder(tmp_path / "run", fp, Dist())
+    assert run.status == "new" and json.loads((tmp_path / "run" / "fingerprint.json").read_text()) == fp
+    with pytest.raises(ParError, match="no state to resume from"):
+        RunFolder(tmp_path / "run", fp, Dist(), resume="latest")
+    run.state.write_bytes(b"")
+    with pytest.raises(ParError, match="holds an unfinished run"):
+        RunFolder(tmp_path / "run", fp, Dist())
+    assert RunFolder(tmp_path / "run", fp, Dist(), resume="latest").status == "resume"
+    with pytest.raises(ParError, match=r"other settings \(differs in \['lr'\]\)"):
+        RunFolder(tmp_path / "run", {"lr": 0.2}, Dist(), resume="latest")
+    run.checkpoint.write_bytes(b"")
+    assert RunFolder(tmp_path / "run", fp, Dist(), reuse=True).status == "finished"
+    with pytest.raises(ParError, match="already holds a finished run"):
+        RunFolder(tmp_path / "run", fp, Dist())
+
+
+def test_metrics_log_keeps_earlier_steps_on_resume_and_closes_on_errors(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path, enabled=True, tensorboard=False) as log:
+        for step in (1, 2, 3):
+            log.write({"step": step, "loss": float(step)})
+    with pytest.raises(RuntimeError):
+        with MetricsLog(path, enabled=True, from_step=2, tensorboard=False) as log:
+            log.write({"step": 3, "loss": 30.0})
+            raise RuntimeError("training failed")
+    assert log.file is None  # closed by the failure
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
