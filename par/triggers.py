@@ -223,7 +223,10 @@ class BlendedStripes(_RandomBlend):
 @TRIGGERS.register("tri_patt", "blended-triangles")
 @dataclass
 class BlendedTriangles(Trigger):
-    """Blended-Triangles: a fixed tiling of square cells split on the diagonal into grey 0.4 / 0.8."""
+    """Blended-Triangles: a fixed tiling of square cells split on the diagonal into grey 0.4 / 0.8.
+
+    As the reference's pattern file: 0.4 where ``row mod cell >= col mod cell``, else 0.8.
+    """
 
     name = "tri_patt"
     paper_name = "Blended-Triangles"
@@ -236,7 +239,7 @@ class BlendedTriangles(Trigger):
         cell = self.cell_size or max(2, round(14 * min(h, w) / 224))
         y = torch.arange(h)[:, None] % cell
         x = torch.arange(w)[None, :] % cell
-        pattern = torch.where(x >= y, 0.4, 0.8).expand(1, 3, h, w)
+        pattern = torch.where(y >= x, 0.4, 0.8).expand(1, 3, h, w)
         return torch.ones(1, 1, 1, 1), pattern, self.alpha
 
 
@@ -246,23 +249,28 @@ FONT = Path(__file__).resolve().parent / "assets" / "DejaVuSansMono.ttf"
 @TRIGGERS.register("water_patt", "blended-text")
 @dataclass
 class BlendedText(Trigger):
-    """Blended-Text: red monospace "Watermarked" near the centre, blended 50/50 where the text is."""
+    """Blended-Text: red monospace "Watermarked" across the middle, blended 50/50 where the text is.
+
+    Placed as in the reference's pattern file: at 224 px the ink spans rows 103-125 and columns
+    13-208 (a ~30 px monospace font, text box's top-left at (13, 103)); size and place scale
+    with the image.
+    """
 
     name = "water_patt"
     paper_name = "Blended-Text"
     random = False
     alpha: float = 0.5
     text: str = "Watermarked"
-    font_size: Optional[int] = None  # None: 20 px at 224, scaled
+    font_size: Optional[float] = None  # None: 29.9 px at 224 (the reference's 196-px-wide text), scaled
 
     def draw(self, images, generator):
         from PIL import Image, ImageDraw, ImageFont
 
         _, _, h, w = images.shape
-        size = self.font_size or max(4, round(20 * min(h, w) / 224))
-        font = ImageFont.truetype(str(FONT), size)
+        scale = min(h, w) / 224
+        font = ImageFont.truetype(str(FONT), self.font_size or max(4.0, 29.9 * scale))
         canvas = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(canvas).text((w / 2, h / 2), self.text, fill=255, font=font, anchor="mm")
+        ImageDraw.Draw(canvas).text((13 * w / 224, 103 * h / 224), self.text, fill=255, font=font, anchor="lt")
         ink = torch.from_numpy(np.asarray(canvas).copy()).float() / 255
         pattern = torch.zeros(1, 3, h, w)
         pattern[0, 0] = ink  # red text on black

@@ -145,15 +145,16 @@ def test_blended_stripes_weight_and_stripes():
 
 
 def test_blended_triangles_pixel_exact_at_224():
+    """The reference's pattern file: grey 0.4 where (row mod 14) >= (col mod 14), 0.8 elsewhere."""
     x = torch.full((1, 3, 224, 224), 0.2)
     y = triggers.apply("tri_patt", x, seed=0)
     rows = torch.arange(224)[:, None] % 14
     cols = torch.arange(224)[None, :] % 14
-    expected = 0.85 * 0.2 + 0.15 * torch.where(cols >= rows, 0.4, 0.8)
-    assert torch.allclose(y[0, 0], expected)
-    assert y[0, 0, 0, 13] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # x >= y: 0.4
-    assert y[0, 0, 13, 0] == pytest.approx(0.85 * 0.2 + 0.15 * 0.8)  # x < y: 0.8
-    assert y[0, 0, 14, 0] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # next cell
+    expected = 0.85 * 0.2 + 0.15 * torch.where(rows >= cols, 0.4, 0.8)
+    assert torch.allclose(y[0, 0], expected) and torch.equal(y[0, 0], y[0, 2])
+    assert y[0, 0, 13, 0] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # row >= col: 0.4
+    assert y[0, 0, 0, 13] == pytest.approx(0.85 * 0.2 + 0.15 * 0.8)  # row < col: 0.8
+    assert y[0, 0, 0, 14] == pytest.approx(0.85 * 0.2 + 0.15 * 0.4)  # next cell starts on its diagonal
 
 
 def test_blended_text_changes_only_red_near_the_centre():
@@ -161,8 +162,7 @@ def test_blended_text_changes_only_red_near_the_centre():
     y = triggers.apply("water_patt", x, seed=0)
     assert torch.equal(y[:, 1:], x[:, 1:])
     rows, cols = (y[0, 0] != 0.5).nonzero(as_tuple=True)
-    assert abs(rows.float().mean() - 112) < 10 and abs(cols.float().mean() - 112) < 10
-    assert cols.max() - cols.min() > 100  # eleven characters wide
+    assert abs(rows.float().mean() - 114) < 4 and abs(cols.float().mean() - 110.5) < 4
     assert y[0, 0].max() == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)  # full-ink pixels: 0.5 x + 0.5 * 1
 
 
@@ -174,12 +174,21 @@ def test_wanet_field_is_fixed_and_identity_without_strength():
     assert (a - x).abs().max() > 0.01
 
 
-def test_blended_text_mask_pinned_at_224():
-    # regression pin of the rendered "Watermarked" mask (shipped DejaVu Sans Mono, 20 px at 224)
-    ink = triggers.apply("water_patt", torch.zeros(1, 3, 224, 224), seed=0)[0, 0] * 2
+def test_blended_text_matches_the_reference_geometry_at_224():
+    """The reference's red text spans rows 103-125 and columns 13-208, red channel only, anti-aliased, peak 1.0."""
+    pattern = triggers.apply("water_patt", torch.zeros(1, 3, 224, 224), seed=0)[0] * 2  # alpha 0.5 on black
+    assert pattern[1:].abs().max() == 0
+    ink = pattern[0]
     rows, cols = (ink > 0).nonzero(as_tuple=True)
-    assert len(rows) == 903 and ink.sum().item() == pytest.approx(605.125, abs=0.01)
-    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (104, 118, 46, 176)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (103, 125, 13, 208)
+    assert ink.max() == 1.0 and ((ink > 0) & (ink < 1)).any()  # anti-aliased edges
+    # the reference's font has 1,646 inked pixels; DejaVu Sans Mono's thicker strokes give 1,820
+    assert len(rows) == 1820
+    # scaled with the image: the same place at 64 px
+    small = triggers.apply("water_patt", torch.zeros(1, 3, 64, 64), seed=0)[0, 0]
+    rows, cols = (small > 0).nonzero(as_tuple=True)
+    assert abs(rows.min() - 103 * 64 / 224) <= 1 and abs(cols.min() - 13 * 64 / 224) <= 1
+    assert abs(cols.max() - 208 * 64 / 224) <= 2
 
 
 def test_wanet_field_pinned_at_224():
