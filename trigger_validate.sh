@@ -16,6 +16,8 @@
 #   ATTACK_PARAMS     trigger parameters, e.g. "patch_size=16" or "patch=badclip_patch.png"
 #   OUT_DIR           folder of the results file results.jsonl (default: beside the checkpoint)
 #   EVAL_OUT          the results file itself (overrides OUT_DIR)
+#   ROBUST_EPS        also robust accuracy (APGD-CE + APGD-T) at these radii, e.g. "2/255,4/255"
+#   ROBUST_MAX_IMAGES images attacked (default 1000); ROBUST_STEPS iterations per attack (default 100)
 # With no data configured, classification runs on the demo world's test split (runs/demo/world).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,6 +64,10 @@ if [ -n "${RETRIEVAL_JSON:-}" ]; then
     echo "retrieval: $RETRIEVAL_JSON"
 fi
 for p in ${ATTACK_PARAMS:-}; do args+=(--attack-param "$p"); done
+if [ -n "${ROBUST_EPS:-}" ]; then
+    args+=(--robust-eps "$ROBUST_EPS" --robust-max-images "${ROBUST_MAX_IMAGES:-1000}" --robust-steps "${ROBUST_STEPS:-100}")
+    echo "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"
+fi
 EVAL_OUT="${EVAL_OUT:-${OUT_DIR:-$(dirname "$CHECKPOINT")}/results.jsonl}"
 
 echo "validating $CHECKPOINT ($ENCODER), attack $ATTACK -> $LABEL"

@@ -20,10 +20,17 @@ from par.config import load_yaml, merge
 from par.defenses import DEFENSES
 from par.errors import ParError
 from par.gallery import trigger_gallery
+from par.robust import eps_label
 from par.utils import digest
 
 FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "cleaned_ca",
           "cleaned_asr", "cleaned_asr_top5", "clean_seconds", "status", "error"]
+
+
+def _fields(robust: Optional[dict]) -> List[str]:
+    """``FIELDS`` plus, with robust evaluation, ``poisoned_robust@<eps>`` and ``cleaned_robust@<eps>``."""
+    labels = [eps_label(e) for e in (robust or {}).get("robust_eps", [])]
+    return FIELDS[:-2] + [f"{which}_robust@{e}" for which in ("poisoned", "cleaned") for e in labels] + FIELDS[-2:]
 
 
 def _defense_settings(profile: dict, name: str) -> dict:
@@ -58,17 +65,23 @@ def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[i
 
 
 def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
-              defenses: Optional[List[str]] = None, progress: bool = True) -> Path:
+              defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results") -> Path:
+    """Runs (or resumes) every cell. ``report`` is the stem of the result files (``<report>.csv``,
+    ``<report>.md``; the plot is ``tradeoff.png``, or ``<report>-tradeoff.png`` for another report), so
+    a subset can reuse the benchmark's cells without overwriting its report."""
     profile = load_yaml(config)
     if quick:
         profile = {**profile, **(profile.get("quick") or {})}
     label = profile.get("label", "banana")
     attacks = [triggers.TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or triggers.TRIGGERS.in_order())]
-    defenses = [DEFENSES.canonical(d) for d in (defenses or profile.get("defenses") or DEFENSES.in_order())]
+    every = [d for d in DEFENSES.in_order() if not DEFENSES.get(d).needs_labels]  # the world's pairs have no labels
+    defenses = [DEFENSES.canonical(d) for d in (defenses or profile.get("defenses") or every)]
     seeds = list(profile.get("seeds") or [0])
     sweeps = profile.get("sweeps") or {}
     if profile.get("sweep_attacks") is not None:
         profile = {**profile, "sweep_attacks": [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
+    robust = pipeline.robust_settings(profile.get("robust"))
+    fields = _fields(robust)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
@@ -92,6 +105,8 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 model = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
                 metrics = pipeline.evaluate_stage(world, model.checkpoint, attack, label, params, profile.get("eval"))
                 artifacts = {k: v for k, v in params.items() if k not in given}  # e.g. BadCLIP's patch
+                if robust:
+                    metrics = {**metrics, **_robust_columns("poisoned", world, model.checkpoint, robust, profile)}
                 poisoned_cache[attack] = (model, params, metrics, artifacts)
             model, params, poisoned, _ = poisoned_cache[attack]
             values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
@@ -104,30 +119,39 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
                        poisoned_asr_top5=poisoned["asr_top5"], cleaned_ca=cleaned["clean_top1"],
                        cleaned_asr=cleaned["asr_top1"], cleaned_asr_top5=cleaned["asr_top5"],
-                       clean_seconds=_seconds(run_dir, started))
+                       clean_seconds=_seconds(run_dir, started),
+                       **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")})
+            if robust and setting == "default" and seed == seeds[0]:  # one seed: APGD costs more than the cleaning
+                row.update(_robust_columns("cleaned", world, cleaned_ckpt, robust, profile))
         except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
             row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
             if progress:
                 traceback.print_exc()
         rows.append(row)
-        _write_results(out, rows)
+        _write_results(out / f"{report}.csv", rows, fields)
     reference = profile.get("reference", True)
     if reference:
-        rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache)
-        _write_results(out, rows)
+        rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache, robust)
+        _write_results(out / f"{report}.csv", rows, fields)
     columns = ["never-poisoned"] if reference else []
     columns += list(defenses)
     columns += [DEFENSES.canonical(d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
-    _write_markdown(out / "results.md", rows, attacks, columns, label)
-    _plot_tradeoff(out / "tradeoff.png", rows)
+    _write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
+    _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
     sample = world.path / "images" / "test" / "000001.png"
     gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}
     trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
-    print(f"benchmark results: {out / 'results.md'}")
+    print(f"benchmark results: {out / f'{report}.md'}")
     return out
 
 
-def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_cache: dict) -> List[Dict]:
+def _robust_columns(which: str, world, checkpoint, robust: dict, profile: dict) -> Dict[str, float]:
+    accuracy = pipeline.robust_stage(world, checkpoint, robust, profile.get("eval"))
+    return {f"{which}_robust@{eps}": value for eps, value in accuracy.items()}
+
+
+def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_cache: dict,
+                         robust: Optional[dict] = None) -> List[Dict]:
     """The floor a cleaned model can reach: CA and ASR of the clean foundation (with ``poisoning:
     scratch``, of the same tiny CLIP pre-trained without poison).
 
@@ -135,6 +159,7 @@ def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_c
     model's ASR is read against it rather than against zero.
     """
     checkpoint, _ = pipeline.foundation_stage(profile, out, world)
+    robust_columns = _robust_columns("cleaned", world, checkpoint, robust, profile) if robust else {}
     rows = []
     for attack, (_, params, poisoned, _) in poisoned_cache.items():
         metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
@@ -142,7 +167,8 @@ def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_c
                      "poisoned_ca": poisoned["clean_top1"], "poisoned_asr": poisoned["asr_top1"],
                      "poisoned_asr_top5": poisoned["asr_top5"], "cleaned_ca": metrics["clean_top1"],
                      "cleaned_asr": metrics["asr_top1"], "cleaned_asr_top5": metrics["asr_top5"], "clean_seconds": "",
-                     "status": "ok", "error": ""})
+                     "status": "ok", "error": "", **robust_columns,
+                     **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")}})
     return rows
 
 
@@ -157,12 +183,12 @@ def _seconds(run_dir: Path, started: float) -> float:
     return round(time.time() - started, 1)
 
 
-def _write_results(out: Path, rows: List[Dict]) -> None:
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+def _write_results(path: Path, rows: List[Dict], fields: List[str] = FIELDS) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def _mean_std(values: List[float]) -> str:
@@ -179,7 +205,8 @@ def _asr(rows: List[Dict], which: str) -> str:
     return top1 if not top5 or top1 == "failed" else f"{top1} ({100 * statistics.mean(top5):.1f})"
 
 
-def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str) -> None:
+def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str,
+                    robust: Optional[dict] = None) -> None:
 
     default = [r for r in rows if r["setting"] == "default"]
     seeds = sorted({r["seed"] for r in default})
@@ -195,11 +222,36 @@ def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: 
             mine = [r for r in ok if r["defense"] == defense]
             line += [_mean_std([r["cleaned_ca"] for r in mine]), _asr(mine, "cleaned")]
         lines.append("| " + " | ".join(line) + " |")
+    if robust:
+        lines += [""] + _robust_table(default, attacks, defenses, robust)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed cells:"] + [f"- {r['attack']} / {r['defense']} ({r['setting']}, seed {r['seed']}): "
                                           f"{r['error']}" for r in failed]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], robust: dict) -> List[str]:
+    """Robust accuracy per attack and model, one ``eps1 / eps2 ...`` cell each (first cleaning seed)."""
+    labels = [eps_label(e) for e in robust["robust_eps"]]
+    attacks_used = ", ".join(robust.get("robust_attacks", ["apgd-ce", "apgd-t"]))
+    cell = lambda row, which: " / ".join(  # noqa: E731
+        "–" if row.get(f"{which}_robust@{e}") in (None, "") else f"{100 * float(row[f'{which}_robust@{e}']):.1f}"
+        for e in labels)
+    lines = [f"Robust zero-shot accuracy in % at eps {' / '.join(labels)} (L-inf; {attacks_used}; "
+             f"{robust.get('robust_steps', 100)} steps; first {robust.get('robust_max_images', 1000)} test images; "
+             "first cleaning seed).", "",
+             "| attack | poisoned | " + " | ".join(defenses) + " |", "|" + "---|" * (2 + len(defenses))]
+    for attack in attacks:
+        mine = [r for r in rows if r["attack"] == attack and r["status"] == "ok"]
+        if not mine:
+            continue
+        line = [f"`{attack}`", cell(mine[0], "poisoned")]
+        for defense in defenses:
+            found = [r for r in mine if r["defense"] == defense]
+            line.append(cell(found[0], "cleaned") if found else "–")
+        lines.append("| " + " | ".join(line) + " |")
+    return lines
 
 
 def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:

@@ -76,10 +76,21 @@ def cmd_clean(args, overrides: List[str]) -> None:
     print(f"cleaned checkpoint ({args.defense}): {clean(args.defense, job)}")
 
 
+def _eps_list(text: Optional[str]) -> List[float]:
+    from par.robust import parse_eps
+
+    return [parse_eps(part, "--robust-eps") for part in (text or "").split(",") if part.strip()]
+
+
 def cmd_eval(args) -> None:
     from par.evaluate import EvalConfig, evaluate, format_records
 
-    cfg = EvalConfig(checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames,
+    robust = {}
+    if args.robust_eps:
+        robust = dict(robust_eps=_eps_list(args.robust_eps), robust_steps=args.robust_steps,
+                      robust_max_images=args.robust_max_images,
+                      robust_attacks=[a for a in args.robust_attacks.split(",") if a.strip()])
+    cfg = EvalConfig(**robust, checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames,
                      templates=args.templates, image_root=args.image_root, retrieval_json=args.retrieval_json,
                      retrieval_root=args.retrieval_root, attack=args.attack, label=args.label,
                      attack_params=_attack_params(args.attack_param), seed=args.seed, batch_size=args.batch_size,
@@ -193,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSONL results file (one record per evaluation is appended)")
+    p.add_argument("--robust-eps", metavar="EPS[,EPS...]",
+                   help="robust accuracy at these L-inf radii, e.g. 1/255,2/255,4/255 (pixels in [0, 1])")
+    p.add_argument("--robust-attacks", default="apgd-ce,apgd-t", help="attacks, run as a cascade (torchattacks)")
+    p.add_argument("--robust-steps", type=int, default=100, help="iterations per attack")
+    p.add_argument("--robust-max-images", type=int, default=1000, help="robust accuracy on the first N images")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)

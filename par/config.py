@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import os
 import typing
+from fractions import Fraction
 from pathlib import Path
 from typing import List, Type, TypeVar
 
@@ -78,6 +79,8 @@ def _coerce(value, hint, key: str, source: str):
         return _coerce(value, args[0], key, source) if len(args) == 1 else value
     try:
         if hint is float and not isinstance(value, bool):
+            if isinstance(value, str) and "/" in value:  # a fraction, as the field writes eps: 4/255
+                return float(Fraction(value.strip()))
             return float(value)
         if hint is int and not isinstance(value, bool) and float(value) == int(float(value)):
             return int(float(value))
@@ -89,7 +92,7 @@ def _coerce(value, hint, key: str, source: str):
             return [_coerce(v, args[0], key, source) for v in value] if args else list(value)
         if (hint is dict or origin is dict) and isinstance(value, dict):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):
         pass
     name = getattr(hint, "__name__", str(hint))
     raise ParError(f"{source} key {key!r} must be {name}, got {value!r}")

@@ -2,7 +2,9 @@
 
 * image-caption pairs (CC3M style): a CSV with columns ``image,caption``;
 * labelled images (ImageNet-CSV style): a CSV with columns ``image,label`` where
-  ``label`` indexes a class-names file (one name per line).
+  ``label`` indexes a class-names file (one name per line), or a class-folder tree;
+* a class-folder tree as training pairs (FARE/TeCoA's ImageNet training): each image captioned
+  ``a photo of a {class}.``, its label kept.
 
 Image paths are relative to ``image_root`` when one is given, else to the CSV's folder.
 Datasets return ``uint8`` tensors ``[3, S, S]`` after the model's resize and centre
@@ -98,12 +100,19 @@ def eval_transform(size: int):
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """``(uint8 image, token ids, row index)`` from an ``image,caption`` CSV."""
+    """``(uint8 image, token ids, row index)`` from an ``image,caption`` CSV; an optional integer
+    ``label`` column becomes ``labels`` (class indices for supervised objectives), else None."""
 
     def __init__(self, csv_path, tokenizer, size: int, image_root=None):
         frame = read_csv(csv_path, ["image", "caption"])
         self.paths = image_paths(frame, csv_path, image_root)
         self.captions = frame["caption"].astype(str).tolist()
+        self.labels = None
+        if "label" in frame.columns:
+            try:
+                self.labels = torch.tensor(frame["label"].astype(int).tolist())
+            except (TypeError, ValueError):
+                raise ParError(f"{csv_path}: column 'label' must hold integer class indices") from None
         self.tokens = tokenizer(self.captions)  # tokenised once: cheap, and spares the workers
         self.transform = eval_transform(size)
 
@@ -190,6 +199,32 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+class ImageFolderCaptions(torch.utils.data.Dataset):
+    """``(uint8 image, token ids, row index)`` from a class-folder tree, each image captioned
+    ``template`` with its class name; ``labels`` holds the class indices (for supervised objectives)."""
+
+    def __init__(self, root, classnames: Sequence[str], tokenizer, size: int, template: str = "a photo of a {}."):
+        folder = ImageFolderDataset(root, classnames, size)
+        self.paths, self.labels, self.transform = folder.paths, folder.labels, folder.transform
+        self.captions = [template.format(classnames[i]) for i in self.labels.tolist()]
+        self.class_tokens = tokenizer([template.format(c) for c in classnames])  # one row per class, not per image
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.class_tokens[self.labels[i]], i
+
+
+def caption_dataset(data, tokenizer, size: int, image_root=None, classnames: Optional[str] = None):
+    """Training pairs from an ``image,caption`` CSV, or from a class-folder tree (``classnames``:
+    a file or ``imagenet``; by default the folder names are the class names)."""
+    if Path(data).is_dir():
+        names = load_classnames(classnames) if classnames else sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+        return ImageFolderCaptions(data, names, tokenizer, size)
+    return ImageCaptionDataset(data, tokenizer, size, image_root)
 
 
 def labelled_dataset(data, classnames: Sequence[str], size: int, image_root=None) -> torch.utils.data.Dataset:

@@ -47,6 +47,7 @@ class CleaningJob:
 
 class Defense:
     name = "defense"
+    needs_labels = False
 
     def clean(self, job: CleaningJob) -> Path:
         """Returns the cleaned checkpoint."""
@@ -58,6 +59,11 @@ class FineTune(Defense):
 
     def __init__(self, objective: str):
         self.objective = objective
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether it trains on class labels (the synthetic world's cleaning pairs carry none)."""
+        return OBJECTIVES.get(self.objective).needs_labels
 
     def config(self, job: CleaningJob) -> TrainConfig:
         values = dict(job.settings)
@@ -93,6 +99,8 @@ DEFENSES.add("ft", FineTune("clip"), "clip")
 DEFENSES.add("par", FineTune("par"))
 DEFENSES.add("cleanclip", FineTune("cleanclip"))
 DEFENSES.add("roclip", FineTune("roclip"))
+DEFENSES.add("fare", FineTune("fare"))
+DEFENSES.add("tecoa", FineTune("tecoa"))
 
 
 def clean(name: str, job: CleaningJob) -> Path:

@@ -1,10 +1,11 @@
-"""Zero-shot clean accuracy (CA) and attack success rate (ASR), docs/PAR-NOTES.md section 5.
+"""Zero-shot clean accuracy (CA), attack success rate (ASR), docs/PAR-NOTES.md section 5, and robust accuracy.
 
 Clean and triggered evaluation share one code path: images are decoded and resized once
 per batch, the trigger (if any) is applied to the ``[0, 1]`` batch, then the batch is
 normalised and classified against class embeddings built from templates by open_clip's
 ``build_zero_shot_classifier``. ASR counts only images whose true class is not the
-target (the reference code forgets that exclusion).
+target (the reference code forgets that exclusion). Robust accuracy (``par.robust``) attacks the
+same zero-shot classifier on the first ``robust_max_images`` clean images, per eps.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from par.data import labelled_dataset, load_classnames, load_templates, preload
 from par.embedding import encode_images
 from par.errors import ParError
 from par.retrieval import RetrievalDataset, evaluate_retrieval
+from par.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
 from par.utils import pick_device
 
 
@@ -75,6 +77,10 @@ class EvalConfig:
     workers: int = 0
     device: str = "auto"
     out: Optional[str] = None  # JSONL results file: one record per evaluation is appended
+    robust_eps: List[float] = field(default_factory=list)  # robust accuracy at each L-inf eps (pixels in [0, 1])
+    robust_attacks: List[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])  # run in this order (cascade)
+    robust_steps: int = 100  # iterations per attack (RobustVLM's evaluation: 100)
+    robust_max_images: int = 1000  # the first N images of the classification data
     progress: bool = True
 
 
@@ -93,6 +99,18 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
     for what, path in (("classification data", cfg.data), ("retrieval annotations", cfg.retrieval_json)):
         if path and not Path(path).exists():
             raise ParError(f"{what} not found: {path}")
+    if cfg.robust_eps:
+        if not cfg.data:
+            raise ParError("robust evaluation needs classification data (--data)")
+        if not models.has_vision_tower(cfg.model):
+            raise ParError(f"robust evaluation attacks images, but encoder {cfg.model!r} has no vision tower config")
+        bad = [e for e in cfg.robust_eps if not 0 <= e <= 1]
+        if bad:
+            raise ParError(f"robust eps must be in [0, 1] (pixels are in [0, 1]), got {bad}")
+        if cfg.robust_steps < 1 or cfg.robust_max_images < 1:
+            raise ParError("robust_steps and robust_max_images must be at least 1")
+        for name in cfg.robust_attacks:
+            ROBUST_ATTACKS.canonical(name)
     trigger = None
     if cfg.attack:
         if cfg.label is None:
@@ -125,6 +143,17 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
         record("classification", "clean", cfg.data, {"clean_top1": clean_accuracy(top, labels, 1),
                                                     "clean_top5": clean_accuracy(top, labels, 5)},
                started, num_images=len(dataset), num_classes=len(classnames))
+        logits_fn = ZeroShotLogits(model, classifier, mean, std)
+        for eps in cfg.robust_eps:
+            started = time.time()
+            result = robust_accuracy(logits_fn, loader, device, eps, cfg.robust_attacks, cfg.robust_steps,
+                                     cfg.robust_max_images, cfg.seed, cfg.progress)
+            at = eps_label(eps)
+            metrics = {f"robust_top1@{at}": result["robust"], f"robust_clean_top1@{at}": result["clean"],
+                       **{f"robust_{k}@{at}": v for k, v in result.items() if k.startswith("after_")}}
+            record("classification", f"robust@{at}", cfg.data, metrics, started, num_images=result["images"],
+                   robust={"eps": eps, "attacks": [ROBUST_ATTACKS.canonical(a) for a in cfg.robust_attacks],
+                           "steps": cfg.robust_steps, "norm": "Linf"})
         if trigger is not None:
             started = time.time()
             target = classnames.index(cfg.label)
@@ -200,8 +229,15 @@ def format_records(records: List[dict]) -> str:
     """The compact table ``trigger_validate.sh`` prints."""
     names = {"clean_top1": "CA top-1", "clean_top5": "CA top-5", "asr_top1": "ASR top-1", "asr_top5": "ASR top-5",
              "retrieval_asr_top5": "ASR@5"}
+
+    def name(key: str) -> str:
+        if "@" in key:  # robust_top1@4/255, robust_after_apgd-ce@4/255: the eps is the record's name already
+            return {"robust_top1": "robust top-1", "robust_clean_top1": "CA (same images)"}.get(
+                key.split("@")[0], key.split("@")[0].replace("robust_after_", "after "))
+        return names.get(key, key.replace("_r", " R@"))
+
     lines = []
     for r in records:
-        parts = [f"{names.get(k, k.replace('_r', ' R@'))} {100 * v:.1f}" for k, v in r["metrics"].items()]
-        lines.append(f"{r['evaluation']:<28}" + "  ".join(parts))
+        parts = [f"{name(k)} {100 * v:.1f}" for k, v in r["metrics"].items()]
+        lines.append(f"{r['evaluation']:<30}" + "  ".join(parts))
     return "\n".join(lines)

@@ -78,6 +78,14 @@ def create_model(name: str, device: str | torch.device = "cpu") -> torch.nn.Modu
     return model
 
 
+def has_vision_tower(name: str) -> bool:
+    """Whether encoder ``name``'s config describes an image tower (``vision_cfg``), without building it."""
+    import open_clip
+
+    config = open_clip.get_model_config(canonical_model_name(name))
+    return bool(config and config.get("vision_cfg"))
+
+
 def get_tokenizer(name: str):
     import open_clip
 

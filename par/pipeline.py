@@ -204,3 +204,40 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
         attack=attack, label=label, attack_params=attack_params, out=str(results), **(eval_values or {}),
     ))
     return merged_metrics(records)
+
+
+def robust_settings(values: Optional[dict]) -> Optional[dict]:
+    """A profile's ``robust`` mapping (eps list, attacks, steps, max_images) as EvalConfig keys; None when absent."""
+    if not values:
+        return None
+    from par.robust import parse_eps
+
+    known = {"eps", "attacks", "steps", "max_images"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ParError(f"profile 'robust': unknown key(s) {unknown}; known: {sorted(known)}")
+    if not values.get("eps"):
+        raise ParError("profile 'robust' needs 'eps', e.g. [2/255, 4/255]")
+    out = {"robust_eps": [parse_eps(e, "profile 'robust' eps") for e in values["eps"]]}
+    for key in ("attacks", "steps", "max_images"):
+        if key in values:
+            out[f"robust_{key}"] = values[key]
+    return out
+
+
+def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Optional[dict] = None) -> dict:
+    """Robust zero-shot accuracy of ``checkpoint`` on the world's test split: ``{eps label: accuracy}``
+    (records kept beside the checkpoint, keyed by the settings)."""
+    from par.robust import eps_label
+
+    values = {**(eval_values or {}), **robust}
+    results = Path(checkpoint).parent / f"robust-{digest(values)}.jsonl"
+    if results.exists():
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+    else:
+        records = evaluate(build(EvalConfig, {
+            "checkpoint": str(checkpoint), "model": world.model, "data": world.test_csv,
+            "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
+            "out": str(results), "progress": False, **values}, "profile 'robust'"))
+    return {eps_label(r["robust"]["eps"]): r["metrics"][f"robust_top1@{eps_label(r['robust']['eps'])}"]
+            for r in records if "robust" in r}

@@ -17,7 +17,7 @@ import torch
 
 from par.config import dump
 from par.errors import ParError
-from par.utils import atomic_save, file_digest
+from par.utils import atomic_save, path_digest
 
 
 def fingerprint(cfg, cosmetic: Iterable[str], inputs: Iterable[str]) -> dict:
@@ -25,7 +25,7 @@ def fingerprint(cfg, cosmetic: Iterable[str], inputs: Iterable[str]) -> dict:
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in set(cosmetic)}
     for name in inputs:
         if getattr(cfg, name):
-            values[f"{name}_digest"] = file_digest(getattr(cfg, name))
+            values[f"{name}_digest"] = path_digest(getattr(cfg, name))
     return values
 
 

@@ -24,7 +24,7 @@ import torch
 from par import models
 from par.augment import AUGMENTATIONS
 from par.config import build
-from par.data import ImageCaptionDataset, ResumableSampler, preload, to_float
+from par.data import ResumableSampler, caption_dataset, preload, to_float
 from par.distributed import Dist, replica_drift, setup_distributed
 from par.errors import ParError
 from par.evaluate import LiveEval
@@ -43,9 +43,10 @@ MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.t
 @dataclass
 class TrainConfig:
     model: str
-    train_csv: str
+    train_csv: str  # image,caption CSV, or a class-folder tree (captioned "a photo of a {class}.", labels kept)
     out: str
     image_root: Optional[str] = None
+    train_classnames: Optional[str] = None  # a class-folder tree's class names: file or "imagenet" (default: folder names)
     init_checkpoint: Optional[str] = None  # None: random init (pre-training from scratch)
     objective: str = "clip"  # clip (alias ft) | par | cleanclip | a plugin's
     objective_params: dict = field(default_factory=dict)  # the objective's own settings (its Params), e.g. {tau: 2.15}
@@ -138,18 +139,22 @@ def build_model(cfg: TrainConfig, dist: Dist, device: torch.device):
                           tokenizer, mean, std, seed=cfg.seed + dist.rank,
                           reduce_mean=dist.mean if dist.world_size > 1 else None)
     objective = make_objective(cfg.objective, cfg.objective_params, model, context)
-    wrapped = model
+    wrapped = objective.step_module(model)
     if dist.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     return model, wrapped, objective, tokenizer
 
 
 def build_data(cfg: TrainConfig, dist: Dist, device: torch.device, tokenizer, size: int):
-    """(loader, sampler, captions): uint8 images, token ids and row indices; the sampler reshuffles every epoch."""
-    dataset = ImageCaptionDataset(cfg.train_csv, tokenizer, size, cfg.image_root)
-    captions = dataset.captions
+    """(loader, sampler, captions, labels): the loader yields uint8 images, token ids and row indices
+    (captions and labels, None when unlabelled, are looked up by row); the sampler reshuffles every epoch."""
+    dataset = caption_dataset(cfg.train_csv, tokenizer, size, cfg.image_root, cfg.train_classnames)
+    captions, labels = dataset.captions, dataset.labels
+    if labels is None and OBJECTIVES.get(cfg.objective).needs_labels:
+        raise ParError(f"objective {cfg.objective!r} trains on class labels: give a class-folder tree as train_csv, "
+                       f"or a CSV with a 'label' column ({cfg.train_csv} has neither)")
     if len(dataset) < cfg.batch_size:
         raise ParError(f"{cfg.train_csv} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
     if cfg.preload:
@@ -160,7 +165,7 @@ def build_data(cfg: TrainConfig, dist: Dist, device: torch.device, tokenizer, si
         dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler, drop_last=True,
         num_workers=0 if cfg.preload else cfg.workers, pin_memory=device.type == "cuda",
     )
-    return loader, sampler, captions
+    return loader, sampler, captions, labels
 
 
 def live_eval(cfg: TrainConfig, size: int, device: torch.device) -> LiveEval:
@@ -192,7 +197,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     model, wrapped, objective, tokenizer = build_model(cfg, dist, device)
     mean, std, size = objective.context.mean, objective.context.std, models.image_size(model)
     augment = AUGMENTATIONS.get(cfg.augment)
-    loader, sampler, captions = build_data(cfg, dist, device, tokenizer, size)
+    loader, sampler, captions, labels = build_data(cfg, dist, device, tokenizer, size)
     generators = {"augment": torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)}
     evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
@@ -231,7 +236,8 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                 totals = {}
                 for k in range(cfg.accum_steps):  # micro-batches; DDP syncs gradients on the last one
                     part = slice(k * micro, (k + 1) * micro)
-                    batch = Batch(images[part], tokens[part], raw_images[part], [captions[i] for i in rows[part].tolist()])
+                    batch = Batch(images[part], tokens[part], raw_images[part], [captions[i] for i in rows[part].tolist()],
+                                  None if labels is None else labels[rows[part]].to(device))
                     sync = k == cfg.accum_steps - 1 or dist.world_size == 1
                     with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg.precision, device):
                         terms = objective(wrapped, batch)

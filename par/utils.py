@@ -85,6 +85,17 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:DIGEST_LENGTH]
 
 
+def path_digest(path: str | os.PathLike) -> str:
+    """``file_digest`` of a file; of a folder (a class-folder tree), the digest of its files' relative
+    paths and sizes (reading every byte of ImageNet to name a run would take longer than the run)."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        raise ParError(f"not found: {path}")
+    return digest(sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file()))
+
+
 def to_pil(image: torch.Tensor):
     """A ``[3, H, W]`` image (float in [0, 1] or uint8) as a PIL RGB image."""
     from PIL import Image

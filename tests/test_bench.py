@@ -133,3 +133,26 @@ def test_cached_evaluations_are_keyed_by_trigger_settings(micro_world, tmp_path)
     stamps = [f.stat().st_mtime_ns for f in files]
     pipeline.evaluate_stage(world, checkpoint, "badnet_rs", "banana", {"patch_size": 8}, settings)
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(list(tmp_path.glob("results-*"))) == 2
+
+
+def test_fare_column_and_robust_accuracy_table(bench, tmp_path):
+    """FARE as a defense cell, and robust accuracy of the poisoned, never-poisoned and cleaned models."""
+    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    config["quick"].update(defenses=["fare", "ft"], synthetic_cleaning={})
+    config["defense_settings"]["fare"] = {"augment": "none", "objective_params": {"steps": 2}}
+    config["robust"] = {"eps": ["4/255", "64/255"], "steps": 3, "max_images": 8}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_bench(str(path), str(bench), quick=True, progress=False)  # the poisoned model and ft cell are reused
+    rows = list(csv.DictReader((bench / "results.csv").open()))
+    assert [(r["defense"], r["status"]) for r in rows] == [("fare", "ok"), ("ft", "ok"), ("never-poisoned", "ok")]
+    for row in rows:
+        small, large = (float(row[f"cleaned_robust@{e}"]) for e in ("4/255", "64/255"))
+        assert 0 <= large <= small <= 1
+        assert float(row["poisoned_robust@4/255"]) == float(rows[0]["poisoned_robust@4/255"])
+    records = [json.loads(line) for p in bench.glob("cleaned-badnet_rs-fare-*/robust-*.jsonl")
+               for line in p.read_text().splitlines() if '"robust"' in line]
+    assert [r["num_images"] for r in records] == [8, 8] and records[0]["robust"]["steps"] == 3
+    table = (bench / "results.md").read_text().split("Robust zero-shot accuracy")[1].splitlines()
+    assert table[2] == "| attack | poisoned | never-poisoned | fare | ft |"
+    assert table[4].startswith("| `badnet_rs` | ") and table[4].count(" / ") == 4

@@ -50,6 +50,9 @@ def test_profiles_name_valid_stages(path):
             for value in values:
                 job.settings = merge(_defense_settings(data, name), {key: value})
                 validate(defense.config(job))
+    from par.pipeline import robust_settings
+
+    robust_settings(data.get("robust"))
     for name, params in (data.get("attack_params") or {}).items():
         triggers.get_trigger(name, **params)
     for name in data.get("attacks") or []:

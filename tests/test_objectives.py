@@ -55,7 +55,7 @@ def test_cleanclip_objective_hand_computed():
 
 
 def test_unknown_objective_lists_known():
-    with pytest.raises(ParError, match="unknown objective 'nope'; known: cleanclip, clip, par, roclip"):
+    with pytest.raises(ParError, match="unknown objective 'nope'; known: cleanclip, clip, fare, par, roclip, tecoa"):
         OBJECTIVES.get("nope")
 
 

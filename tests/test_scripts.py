@@ -73,3 +73,17 @@ def test_backdoor_rate_search_walks_down_while_the_attack_succeeds_and_up_while_
     assert [t["rate"] for t in missed["tried"]] == [0.25, 0.5]
     assert missed["lowest"]["badnet_rs"]["missed"] and missed["lowest"]["badnet_rs"]["rate"] == 0.5
     assert "| 0.5 (missed) |" in (tmp_path / "b" / "backdoors.md").read_text()
+
+
+def test_fare_measurement_compares_defenses_and_checks_apgd_against_pgd(tmp_path):
+    out = tmp_path / "bench"
+    stdout = _run(["scripts/measure_fare.py", "--config", "configs/micro-bench.yaml", "--out", str(out),
+                   "--steps", "2", "--max-images", "8", "--eps", "4/255"], tmp_path)
+    summary = json.loads((out / "fare-measurement.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["poisoned", "ft", "par", "cleanclip", "fare", "never-poisoned"]
+    for m in summary["models"]:
+        assert 0 <= m["apgd@4/255"] <= m["pgd10@4/255"] + 1e-9 and 0 <= m["clean_accuracy"] <= 1
+    assert summary["apgd_not_weaker_than_pgd10_everywhere"] is True
+    assert summary["anchors_robustvlm_vit_l14"]["FARE^4"] == [61.1, 45.9, 32.4]
+    assert "APGD <= PGD-10 everywhere: True" in stdout
+    assert not (out / "results.csv").exists()  # the benchmark's own report is left alone

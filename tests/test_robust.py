@@ -1,0 +1,215 @@
+"""FARE and TeCoA (adversarial fine-tuning of the vision tower) and robust zero-shot accuracy (APGD)."""
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from open_clip import ClipLoss
+
+from conftest import REPO
+from par import models
+from par.augment import normalize
+from par.cli import main
+from par.data import labelled_dataset, load_classnames, to_float
+from par.errors import ParError
+from par.evaluate import EvalConfig, evaluate
+from par.objectives import Batch, ImageTower, TaskContext, make_objective, objective_params, squared_distance
+from par.robust import eps_label, parse_eps, pgd
+from par.train import train, train_config
+
+
+def _images(world, n=16):
+    data = labelled_dataset(world / "test.csv", load_classnames(world / "classnames.txt"), 32)
+    images, labels = zip(*[data[i] for i in range(n)])
+    return torch.stack(images), torch.stack(labels)
+
+
+@pytest.fixture(scope="module")
+def trained(micro_world, tmp_path_factory):
+    """A micro CLIP trained long enough to beat chance, so that attacks have something to break."""
+    out = tmp_path_factory.mktemp("trained")
+    return train(train_config({"model": "par-micro-vit", "train_csv": str(micro_world / "train.csv"), "out": str(out),
+                               "objective": "clip", "steps": 120, "batch_size": 32, "warmup": 5, "lr": 2e-3,
+                               "preload": True, "threads": 1, "progress": False, "log_every": 60}))
+
+
+def _context(model):
+    mean, std = models.image_mean_std(model)
+    return TaskContext(ClipLoss(), models.get_tokenizer("par-micro-vit"), mean, std, seed=0)
+
+
+def test_parse_eps_reads_fractions_and_rejects_the_rest():
+    assert parse_eps("4/255") == pytest.approx(4 / 255) and parse_eps("0.5") == 0.5 and parse_eps(1) == 1.0
+    for bad, why in (("abc", "number or a fraction"), ("1/0", "number or a fraction"), (True, "number or a fraction"),
+                     ("0", "(0, 1]"), ("-1/255", "(0, 1]"), ("2", "(0, 1]")):
+        with pytest.raises(ParError, match=__import__("re").escape(why)):
+            parse_eps(bad)
+    assert eps_label(4 / 255) == "4/255" and eps_label(0.0) == "0" and eps_label(0.01) == "0.01"
+
+
+def test_pgd_raises_the_fare_loss_over_its_random_start_and_stays_in_the_ball(micro_world):
+    torch.manual_seed(0)
+    model = models.create_model("par-micro-vit").eval()
+    frozen = copy.deepcopy(model)
+    mean, std = models.image_mean_std(model)
+    images = to_float(_images(micro_world)[0])
+    with torch.no_grad():
+        targets = frozen.encode_image(normalize(images, mean, std), normalize=False)
+    loss = lambda x: squared_distance(model.encode_image(normalize(x, mean, std), normalize=False), targets)  # noqa: E731
+    eps = 4 / 255
+    start = pgd(loss, images, eps, 0, 1 / 255, True, torch.Generator().manual_seed(1))  # the random start alone
+    attacked = pgd(loss, images, eps, 10, 1 / 255, True, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert loss(images).item() == 0.0  # the model is its frozen copy: no distance at the clean point
+        assert loss(attacked).item() > 2 * loss(start).item() > 0
+    assert (attacked - images).abs().max() <= eps + 1e-6 and attacked.min() >= 0 and attacked.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # the attack's gradients go to the perturbation only
+
+
+def test_fare_gradient_reaches_only_the_vision_tower(micro_world):
+    torch.manual_seed(0)
+    model = models.create_model("par-micro-vit")
+    objective = make_objective("fare", {"steps": 3}, model, _context(model))
+    step_module = objective.step_module(model)
+    assert isinstance(step_module, ImageTower)
+    raw, _ = _images(micro_world, 8)
+    batch = Batch(images=normalize(to_float(raw), *models.image_mean_std(model)),
+                  tokens=torch.zeros(8, 77, dtype=torch.long), raw_images=raw, captions=["x"] * 8)
+    terms = objective(step_module, batch)
+    assert terms["loss"].item() > 0  # PGD moved the embeddings away from the (identical) frozen model's
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith("visual."):
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("visual."))
+    assert all(not p.requires_grad and p.grad is None for p in objective.frozen.parameters())
+    state = objective.state_dict()  # PGD's random starts resume exactly
+    first = torch.rand(3, generator=objective.generator)
+    objective.load_state_dict(state)
+    assert torch.equal(torch.rand(3, generator=objective.generator), first)
+
+
+def test_adversarial_objectives_refuse_what_they_cannot_do():
+    assert objective_params("fare", {"eps": "2/255"}).eps == pytest.approx(2 / 255)
+    with pytest.raises(ParError, match="fare trains only the vision tower"):
+        objective_params("fare", {"tower": "text"})
+    with pytest.raises(ParError, match="does not train the temperature"):
+        objective_params("fare", {"train_logit_scale": True})
+    with pytest.raises(ParError, match="0 < eps <= 1"):
+        objective_params("tecoa", {"eps": 0})
+
+
+def test_fare_run_moves_only_the_vision_tower(micro_world, tmp_path):
+    torch.manual_seed(0)
+    init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
+    values = {"model": "par-micro-vit", "train_csv": str(micro_world / "clean.csv"), "out": str(tmp_path / "fare"),
+              "init_checkpoint": str(init), "objective": "fare", "objective_params": {"steps": 2}, "steps": 2,
+              "batch_size": 16, "warmup": 1, "lr": 1e-3, "threads": 1, "progress": False, "log_every": 1}
+    before, after = models.load_checkpoint(init), models.load_checkpoint(train(train_config(values)))
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"visual"}
+
+
+def _class_folders(world, out):
+    """The micro world's test images as a class-folder tree (folder names = class names)."""
+    names = load_classnames(world / "classnames.txt")
+    for line in (world / "test.csv").read_text().splitlines()[1:]:
+        image, label = line.split(",")
+        (out / names[int(label)]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(world / image, out / names[int(label)] / os.path.basename(image))
+    return out
+
+
+def test_tecoa_trains_on_class_folders_and_refuses_unlabelled_pairs(micro_world, tmp_path):
+    torch.manual_seed(0)
+    init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
+    folders = _class_folders(micro_world, tmp_path / "folders")
+    values = {"model": "par-micro-vit", "train_csv": str(folders), "out": str(tmp_path / "tecoa"),
+              "init_checkpoint": str(init), "objective": "tecoa",
+              "objective_params": {"steps": 2, "classnames": str(micro_world / "classnames.txt"),
+                                   "templates": str(micro_world / "templates.txt")},
+              "train_classnames": str(micro_world / "classnames.txt"), "steps": 2, "batch_size": 16, "warmup": 1,
+              "lr": 1e-3, "threads": 1, "progress": False, "log_every": 1}
+    checkpoint = train(train_config(values))
+    before, after = models.load_checkpoint(init), models.load_checkpoint(checkpoint)
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"visual"}
+    losses = [json.loads(line)["loss"] for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)  # a cross-entropy over 12 classes
+    unlabelled = {**values, "train_csv": str(micro_world / "clean.csv"), "out": str(tmp_path / "t2")}
+    with pytest.raises(ParError, match="trains on class labels"):
+        train(train_config(unlabelled))
+
+
+def _robust(world, checkpoint, eps, **extra):
+    records = evaluate(EvalConfig(checkpoint=str(checkpoint), model="par-micro-vit", data=str(world / "test.csv"),
+                                  classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"),
+                                  robust_eps=eps, robust_steps=5, progress=False, **extra))
+    return {r["evaluation"]: r for r in records}
+
+
+def test_robust_accuracy_at_eps_zero_is_clean_accuracy(micro_world, trained):
+    records = _robust(micro_world, trained, [0.0])
+    clean = records["classification/clean"]["metrics"]["clean_top1"]
+    robust = records["classification/robust@0"]
+    assert clean > 1 / 12  # better than chance, else this compares nothing
+    assert robust["metrics"]["robust_top1@0"] == pytest.approx(clean)
+    assert robust["metrics"]["robust_clean_top1@0"] == pytest.approx(clean)
+    assert robust["num_images"] == 48 and robust["robust"] == {"eps": 0.0, "attacks": ["apgd-ce", "apgd-t"],
+                                                               "steps": 5, "norm": "Linf"}
+
+
+def test_robust_accuracy_does_not_grow_with_eps(micro_world, trained):
+    eps = [0.0, 1 / 255, 4 / 255, 16 / 255, 64 / 255]
+    records = _robust(micro_world, trained, eps, robust_max_images=24)
+    accuracy = [records[f"classification/robust@{eps_label(e)}"]["metrics"][f"robust_top1@{eps_label(e)}"] for e in eps]
+    assert all(a >= b for a, b in zip(accuracy, accuracy[1:])), accuracy
+    assert accuracy[-1] < accuracy[0]  # the attacks do break something
+    after = records["classification/robust@4/255"]["metrics"]
+    assert after["robust_after_apgd-t@4/255"] <= after["robust_after_apgd-ce@4/255"]  # a cascade only removes
+
+
+def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
+    import open_clip
+
+    base = ["eval", "--checkpoint", str(trained), "--model", "par-micro-vit", "--data", str(micro_world / "test.csv"),
+            "--classnames", str(micro_world / "classnames.txt")]
+    for eps, why in (("abc", "must be a number or a fraction"), ("0", "must be in (0, 1]"), ("3/2", "must be in (0, 1]")):
+        assert main(base + ["--robust-eps", eps]) == 2
+        assert why in capsys.readouterr().err
+    assert main(base + ["--robust-eps", "2/255", "--robust-attacks", "nope"]) == 2
+    assert "unknown robust attack 'nope'; known: apgd-ce, apgd-t, pgd" in capsys.readouterr().err
+    config = json.loads((models.PACKAGE_MODEL_CONFIGS / "par-micro-vit.json").read_text())
+    config["vision_cfg"] = {}  # open_clip skips configs without the key; an empty tower is what reaches us
+    (tmp_path / "par-text-only.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(ParError, match="has no vision tower config"):
+        evaluate(EvalConfig(
+            checkpoint=str(trained), model="par-text-only", data=str(micro_world / "test.csv"),
+            classnames=str(micro_world / "classnames.txt"), robust_eps=[2 / 255], progress=False))
+
+
+def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path):
+    """The user's path: clean with FARE from the command line, then trigger_validate.sh with ROBUST_EPS."""
+    torch.manual_seed(0)
+    init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "par", "clean", "--defense", "fare", "--config", "configs/micro/fare.yaml",
+                    "--checkpoint", str(init), "--model", "par-micro-vit", "--train-csv", str(micro_world / "clean.csv"),
+                    "--out", str(tmp_path / "fare")], cwd=REPO, env=env, check=True, capture_output=True)
+    checkpoint = tmp_path / "fare" / "checkpoint.pt"
+    env.update(EVAL_DATA=str(micro_world / "test.csv"), ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8",
+               ROBUST_STEPS="2", PAR_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "trigger_validate.sh", str(checkpoint), "badnet_rs", "par-micro-vit", "banana"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "classification/robust@4/255" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "fare" / "results.jsonl").read_text().splitlines()]
+    robust = [r for r in records if "robust" in r]
+    assert [r["robust"]["eps"] for r in robust] == pytest.approx([2 / 255, 4 / 255])
+    assert all(r["num_images"] == 8 and r["robust"]["steps"] == 2 for r in robust)
