@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 from par import pipeline, triggers
 from par.config import load_yaml, merge
-from par.defenses import DEFENSES
+from par.defenses import DEFENSES, MultiStageDefense
 from par.errors import ParError
 from par.gallery import trigger_gallery
 from par.robust import eps_label
@@ -27,10 +27,31 @@ FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr",
           "cleaned_asr", "cleaned_asr_top5", "clean_seconds", "status", "error"]
 
 
-def _fields(robust: Optional[dict]) -> List[str]:
-    """``FIELDS`` plus, with robust evaluation, ``poisoned_robust@<eps>`` and ``cleaned_robust@<eps>``."""
+DETECTION_FIELDS = ["detection_victim", "detection_victim_found", "detection_auroc", "detection_tpr_at_5pct_fpr",
+                    "detection_rate", "detection_false_positive_rate"]
+
+
+def _fields(robust: Optional[dict], detection: bool = False) -> List[str]:
+    """``FIELDS`` plus, with robust evaluation, ``poisoned_robust@<eps>`` and ``cleaned_robust@<eps>``, and
+    with a detecting defense, what it found (``DETECTION_FIELDS``)."""
     labels = [eps_label(e) for e in (robust or {}).get("robust_eps", [])]
-    return FIELDS[:-2] + [f"{which}_robust@{e}" for which in ("poisoned", "cleaned") for e in labels] + FIELDS[-2:]
+    extra = [f"{which}_robust@{e}" for which in ("poisoned", "cleaned") for e in labels]
+    return FIELDS[:-2] + extra + (DETECTION_FIELDS if detection else []) + FIELDS[-2:]
+
+
+def _detection_columns(run_dir: Path, label: str) -> Dict:
+    """What a detecting defense reported in ``defense-report.json`` (nothing for the others)."""
+    import json
+
+    report = run_dir / "defense-report.json"
+    if not report.exists():
+        return {}
+    found = json.loads(report.read_text())["detection"]
+    metrics = found.get("metrics") or {}
+    return {"detection_victim": found["victim"], "detection_victim_found": found["victim"] == label,
+            "detection_auroc": metrics.get("auroc"), "detection_tpr_at_5pct_fpr": metrics.get("tpr_at_5pct_fpr"),
+            "detection_rate": metrics.get("detection_rate"),
+            "detection_false_positive_rate": metrics.get("false_positive_rate")}
 
 
 def _defense_settings(profile: dict, name: str) -> dict:
@@ -81,7 +102,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     if profile.get("sweep_attacks") is not None:
         profile = {**profile, "sweep_attacks": [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
     robust = pipeline.robust_settings(profile.get("robust"))
-    fields = _fields(robust)
+    fields = _fields(robust, any(isinstance(DEFENSES.get(d), MultiStageDefense) for d in defenses))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
@@ -123,6 +144,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                        **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")})
             if robust and setting == "default" and seed == seeds[0]:  # one seed: APGD costs more than the cleaning
                 row.update(_robust_columns("cleaned", world, cleaned_ckpt, robust, profile))
+            row.update(_detection_columns(run_dir, label))
         except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
             row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
             if progress:
@@ -224,6 +246,8 @@ def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: 
         lines.append("| " + " | ".join(line) + " |")
     if robust:
         lines += [""] + _robust_table(default, attacks, defenses, robust)
+    if any(r.get("detection_victim") not in (None, "") for r in default):
+        lines += [""] + _detection_table(default, attacks, label)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed cells:"] + [f"- {r['attack']} / {r['defense']} ({r['setting']}, seed {r['seed']}): "
@@ -251,6 +275,27 @@ def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], rob
             found = [r for r in mine if r["defense"] == defense]
             line.append(cell(found[0], "cleaned") if found else "–")
         lines.append("| " + " | ".join(line) + " |")
+    return lines
+
+
+def _detection_table(rows: List[Dict], attacks: List[str], label: str) -> List[str]:
+    """Per attack and detecting defense: the victim label found, and poisoned-row detection (mean over seeds)."""
+    def mean(found, key, scale=100, digits=1):
+        values = [float(r[key]) for r in found if r.get(key) not in (None, "")]
+        return f"{scale * statistics.mean(values):.{digits}f}" if values else "–"
+
+    lines = [f"Detection of poisoned training pairs (target '{label}'): victim label found (seeds agreeing), "
+             "AUROC, and in % the TPR at 5 % FPR and the flagged share of poisoned / clean rows.", "",
+             "| attack | defense | victim found | AUROC | TPR @ 5 % FPR | detection rate | false positives |",
+             "|---|---|---|---|---|---|---|"]
+    for attack in attacks:
+        for defense in sorted({r["defense"] for r in rows if r["attack"] == attack and r.get("detection_victim")}):
+            found = [r for r in rows if r["attack"] == attack and r["defense"] == defense and r.get("detection_victim")]
+            victims = sorted({str(r["detection_victim"]) for r in found})
+            agree = sum(str(r["detection_victim_found"]) == "True" for r in found)
+            lines.append(f"| `{attack}` | {defense} | {'/'.join(victims)} ({agree}/{len(found)}) | "
+                         f"{mean(found, 'detection_auroc', 1, 3)} | {mean(found, 'detection_tpr_at_5pct_fpr')} | "
+                         f"{mean(found, 'detection_rate')} | {mean(found, 'detection_false_positive_rate')} |")
     return lines
 
 

@@ -72,7 +72,7 @@ def cmd_clean(args, overrides: List[str]) -> None:
             raise ParError(f"clean: give {key} as its own option, not as a setting")
     job = CleaningJob(checkpoint=args.checkpoint, model=args.model, train_csv=args.train_csv, out=args.out,
                       settings=settings, image_root=args.image_root, poisoned_data=args.poisoned_data,
-                      reuse=args.reuse, resume=args.resume)
+                      classnames=args.classnames, templates=args.templates, reuse=args.reuse, resume=args.resume)
     print(f"cleaned checkpoint ({args.defense}): {clean(args.defense, job)}")
 
 
@@ -102,6 +102,22 @@ def cmd_eval(args) -> None:
     print(format_records(evaluate(cfg)))
     if args.out:
         print(f"results appended to {args.out}")
+
+
+def cmd_detect(args) -> None:
+    from par.detection import DetectConfig, detect
+
+    summary = detect(DetectConfig(
+        checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames, out=args.out,
+        oracle=args.oracle, oracle_params=_attack_params(args.oracle_param), clean_data=args.clean_data,
+        image_root=args.image_root, templates=args.templates, label=args.label, theta=args.theta, tau=args.tau,
+        views=[v for v in args.views.split(",") if v], device=args.device))
+    print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: {summary['victim']}")
+    for v in summary["victims"]:
+        print(f"  {v['label']:<16} flagged claims {v['flagged_claims']:>6} of {v['claims']:>6}  excess {v['excess']}")
+    for key, value in (summary.get("metrics") or {}).items():
+        print(f"  {key}: {value if value is None or isinstance(value, int) else round(value, 4)}")
+    print(f"detections: {args.out}/detections.csv, summary: {args.out}/summary.json")
 
 
 def cmd_demo(args) -> None:
@@ -184,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", help="training settings (steps, batch, lr, objective_params, ...)")
     p.add_argument("--poisoned-data", help="the poisoned training CSV, for defenses that detect in it")
+    p.add_argument("--classnames", help="the label space, for defenses that reason in labels (eftclip): file or imagenet")
+    p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' templates")
     p.add_argument("--reuse", action="store_true", help="keep a finished identical run in the same folder")
     p.add_argument("--resume", metavar="latest|STATE", help="continue an interrupted run from its latest saved state")
 
@@ -209,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robust-attacks", default="apgd-ce,apgd-t", help="attacks, run as a cascade (torchattacks)")
     p.add_argument("--robust-steps", type=int, default=100, help="iterations per attack")
     p.add_argument("--robust-max-images", type=int, default=1000, help="robust accuracy on the first N images")
+
+    p = sub.add_parser("detect", help="EftCLIP: flag pairs where the poisoned CLIP and an oracle disagree")
+    p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="image,caption CSV to screen (the poisoned training set)")
+    p.add_argument("--classnames", required=True, help="the label space: file, or imagenet")
+    p.add_argument("--out", required=True, help="folder for detections.csv and summary.json")
+    p.add_argument("--oracle", default="world-classifier", help="registered oracle: world-classifier | torchvision-detector")
+    p.add_argument("--oracle-param", action="append", metavar="KEY=VALUE", help="oracle setting, e.g. weights=PATH")
+    p.add_argument("--clean-data", help="clean image,caption pairs a learning oracle learns from (never --data)")
+    p.add_argument("--image-root")
+    p.add_argument("--templates", default="openai")
+    p.add_argument("--label", help="the attack's target, when known: reported as found or not")
+    p.add_argument("--theta", type=float, default=0.66, help="confidence at which a claim counts")
+    p.add_argument("--tau", type=int, default=3, help="length of the oracle's object list")
+    p.add_argument("--views", default="clip,caption", help="claims compared with the oracle: clip, caption or both")
+    p.add_argument("--device", default="auto")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)
@@ -268,7 +303,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             {"train": cmd_train, "clean": cmd_clean}[args.command](args, rest)
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
-             "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench}[args.command](args)
+             "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench,
+             "detect": cmd_detect}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -189,7 +189,8 @@ def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, 
     return clean(defense, CleaningJob(checkpoint=str(poisoned.checkpoint), model=world.model,
                                       train_csv=train_csv or str(world.path / "clean.csv"), out=str(run_dir),
                                       settings={**IN_MEMORY, **settings}, poisoned_data=str(poisoned.data),
-                                      reuse=reuse))
+                                      classnames=str(world.path / "classnames.txt"),
+                                      templates=str(world.path / "templates.txt"), reuse=reuse))
 
 
 def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, attack_params: dict,

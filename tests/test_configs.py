@@ -45,11 +45,11 @@ def test_profiles_name_valid_stages(path):
     for name in set(data.get("defenses") or DEFENSES.names()) | set(data.get("defense_settings") or {}):
         defense = DEFENSES.get(name)
         job.settings = _defense_settings(data, name)
-        validate(defense.config(job))
+        defense.check(job)
         for key, values in ((data.get("sweeps") or {}).get(name) or {}).items():
             for value in values:
                 job.settings = merge(_defense_settings(data, name), {key: value})
-                validate(defense.config(job))
+                defense.check(job)
     from par.pipeline import robust_settings
 
     robust_settings(data.get("robust"))

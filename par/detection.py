@@ -1,0 +1,217 @@
+"""EftCLIP's detection: flag the pairs where the poisoned CLIP and an independent oracle disagree.
+
+Hossain, Sajeeda, Perla, Shao ("Robust Defense Strategies for Multimodal Contrastive Learning:
+Efficient Fine-tuning Against Backdoor Attacks"): a trigger is not an object, so an image on which
+the poisoned CLIP is sure of a class that the oracle (``par.oracles``) does not see likely carries
+a trigger. For every image-caption pair:
+
+* the *claims*: the poisoned CLIP's zero-shot label with its confidence (view ``clip``) and each
+  class the caption names, with confidence 1 (view ``caption``);
+* the oracle's *object list*: its ``tau`` most confident classes;
+* the pair is *flagged* when a claim of confidence >= ``theta`` is not on the object list; its
+  *score* (for ranking and AUROC) is the largest ``confidence x (1 - oracle's confidence)`` over
+  its claims.
+
+Victim labels are ranked by how many more flagged claims they have than the overall flag rate
+predicts. Where the data says which rows were poisoned (our ``poison`` writes a ``poisoned``
+column and a manifest), detection rate, precision, recall, AUROC and TPR at 5 % FPR are reported.
+The paper's oracle prompts a segmenter with CLIP's object list and re-classifies the crops; with a
+classifier oracle the object list is compared directly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from par import models
+from par.augment import normalize
+from par.data import ImageCaptionDataset, load_classnames, load_templates, mentions_label, read_csv
+from par.embedding import pixels
+from par.errors import ParError
+from par.oracles import ORACLES, OracleContext, make_oracle
+from par.utils import atomic_write, atomic_write_text, autocast, file_digest, inference_precision, pick_device
+
+VIEWS = ("clip", "caption")
+
+
+@dataclass
+class DetectConfig:
+    checkpoint: str  # the poisoned CLIP
+    model: str
+    data: str  # image,caption CSV to screen (the training set the model was poisoned with)
+    classnames: str  # the defender's label space: file, or "imagenet"
+    out: str
+    oracle: str = "world-classifier"
+    oracle_params: dict = field(default_factory=dict)
+    clean_data: Optional[str] = None  # what a learning oracle learns from: clean pairs, never `data`
+    oracle_cache: Optional[str] = None  # where trained oracles are kept (default: <out>/oracles)
+    image_root: Optional[str] = None
+    templates: str = "openai"
+    label: Optional[str] = None  # the attack's target when known: the summary says whether it was found
+    theta: float = 0.66  # confidence at which a claim counts (EftCLIP's theta)
+    tau: int = 3  # length of the oracle's object list (EftCLIP's tau)
+    views: List[str] = field(default_factory=lambda: list(VIEWS))
+    batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+
+
+def check(cfg: DetectConfig) -> List[str]:
+    """Every input problem as a clear error before anything is computed; returns the class names."""
+    ORACLES.canonical(cfg.oracle)
+    if not 0 < cfg.theta <= 1 or cfg.tau < 1:
+        raise ParError(f"need 0 < theta <= 1 and tau >= 1, got theta={cfg.theta}, tau={cfg.tau}")
+    unknown = [v for v in cfg.views if v not in VIEWS]
+    if unknown or not cfg.views:
+        raise ParError(f"views must be among {list(VIEWS)}, got {cfg.views}")
+    classnames = load_classnames(cfg.classnames)
+    if cfg.label is not None and cfg.label not in classnames:
+        raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
+    read_csv(cfg.data, ["image", "caption"])  # a CSV without captions fails here
+    return classnames
+
+
+def detect(cfg: DetectConfig) -> dict:
+    """Screens ``cfg.data``; writes ``detections.csv`` and ``summary.json`` under ``cfg.out``; returns the summary.
+
+    A finished detection with the same settings and inputs is reused; a different one in the same
+    folder is an error (nothing is overwritten).
+    """
+    from tqdm import tqdm
+
+    from par.evaluate import zero_shot_classifier
+
+    classnames = check(cfg)
+    out = Path(cfg.out)
+    settings = {**asdict(cfg), "data_digest": file_digest(cfg.data), "checkpoint_digest": file_digest(cfg.checkpoint)}
+    for key in ("out", "progress", "device", "batch_size", "oracle_cache"):
+        settings.pop(key)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("settings") == json.loads(json.dumps(settings)):
+            return summary
+        raise ParError(f"{out} holds a detection with other settings or inputs; choose another --out")
+    device = pick_device(cfg.device)
+    oracle = make_oracle(cfg.oracle, OracleContext(
+        classnames, clean_data=cfg.clean_data, image_root=cfg.image_root, device=str(device),
+        workdir=cfg.oracle_cache or str(out / "oracles"), params=dict(cfg.oracle_params), progress=cfg.progress))
+    model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any work if weights fail
+    mean, std = models.image_mean_std(model)
+    tokenizer = models.get_tokenizer(cfg.model)
+    classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
+    dataset = ImageCaptionDataset(cfg.data, tokenizer, models.image_size(model), cfg.image_root)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size)
+    clip_probs, oracle_conf = [], []
+    precision = inference_precision(device)
+    with torch.inference_mode():
+        for images, _, _ in tqdm(loader, desc="detect", unit="batch", disable=not cfg.progress):
+            x = pixels(images, device)
+            with autocast(precision, device):
+                features = model.encode_image(normalize(x, mean, std), normalize=True)
+            clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
+            oracle_conf.append(oracle.confidences(images).float())
+    rows = disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
+                         cfg.tau, cfg.views)
+    frame = read_csv(cfg.data, ["image", "caption"])
+    truth = [int(v) for v in frame["poisoned"]] if "poisoned" in frame.columns else None
+    summary = {"settings": settings, "rows": len(rows), "flagged": sum(r["flagged"] for r in rows),
+               "victims": rank_victims(rows, classnames)}
+    summary["victim"] = summary["victims"][0]["label"] if summary["victims"] and summary["victims"][0]["excess"] > 0 else None
+    if cfg.label is not None:
+        summary["label"], summary["victim_found"] = cfg.label, summary["victim"] == cfg.label
+    if truth is not None:
+        summary["metrics"] = detection_metrics([r["score"] for r in rows], [r["flagged"] for r in rows], truth)
+    _write_detections(out / "detections.csv", rows, classnames)
+    atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions: List[str], classnames: List[str],
+                  theta: float, tau: int, views=VIEWS) -> List[dict]:
+    """Per pair: claims, the oracle's object list, flag and score (module docstring)."""
+    listed = oracle_conf.topk(min(tau, oracle_conf.shape[1]), dim=1).indices
+    clip_conf, clip_label = clip_probs.max(dim=1)
+    rows = []
+    for i, caption in enumerate(captions):
+        claims: Dict[int, float] = {}
+        captioned = [c for c, name in enumerate(classnames) if mentions_label(caption, name)]
+        if "clip" in views:
+            claims[int(clip_label[i])] = float(clip_conf[i])
+        if "caption" in views:
+            claims.update({c: 1.0 for c in captioned})
+        objects = set(listed[i].tolist())
+        unsupported = [c for c, conf in claims.items() if conf >= theta and c not in objects]
+        score = max((conf * (1.0 - float(oracle_conf[i, c])) for c, conf in claims.items()), default=0.0)
+        rows.append({"row": i, "flagged": bool(unsupported), "score": score, "unsupported": unsupported,
+                     "claims": claims, "caption_labels": captioned, "clip_label": int(clip_label[i]), "clip_confidence": float(clip_conf[i]),
+                     "objects": [(int(c), float(oracle_conf[i, c])) for c in listed[i].tolist()]})
+    return rows
+
+
+def rank_victims(rows: List[dict], classnames: List[str], top: int = 5) -> List[dict]:
+    """Labels by excess flagged claims: flagged claims of a label minus the overall flag rate times its claims."""
+    rate = sum(r["flagged"] for r in rows) / max(1, len(rows))
+    claimed = [0] * len(classnames)
+    flagged = [0] * len(classnames)
+    for r in rows:
+        for c in r["claims"]:
+            claimed[c] += 1
+        for c in r["unsupported"]:
+            flagged[c] += 1
+    ranking = sorted(range(len(classnames)), key=lambda c: flagged[c] - rate * claimed[c], reverse=True)
+    return [{"label": classnames[c], "flagged_claims": flagged[c], "claims": claimed[c],
+             "excess": round(flagged[c] - rate * claimed[c], 2)} for c in ranking[:top]]
+
+
+def auroc(scores: List[float], truth: List[int]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    positives = sum(truth)
+    negatives = len(truth) - positives
+    if not positives or not negatives:
+        raise ParError("AUROC needs both poisoned and clean rows")
+    ranks = rankdata(scores)
+    return float((sum(r for r, t in zip(ranks, truth) if t) - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def tpr_at_fpr(scores: List[float], truth: List[int], fpr: float = 0.05) -> float:
+    """Share of poisoned rows scored above the threshold that flags at most ``fpr`` of the clean rows."""
+    clean = sorted((s for s, t in zip(scores, truth) if not t), reverse=True)
+    allowed = int(fpr * len(clean))  # clean rows that may score above the threshold
+    threshold = clean[allowed] if allowed < len(clean) else float("-inf")
+    poisoned = [s for s, t in zip(scores, truth) if t]
+    return sum(s > threshold for s in poisoned) / len(poisoned)
+
+
+def detection_metrics(scores: List[float], flagged: List[bool], truth: List[int]) -> dict:
+    hits = sum(f and t for f, t in zip(flagged, truth))
+    positives, flags = sum(truth), sum(flagged)
+    negatives = len(truth) - positives
+    return {"poisoned_rows": positives, "detection_rate": hits / positives if positives else None,
+            "false_positive_rate": (flags - hits) / negatives if negatives else None,
+            "precision": hits / flags if flags else None, "recall": hits / positives if positives else None,
+            "auroc": auroc(scores, truth) if positives and negatives else None,
+            "tpr_at_5pct_fpr": tpr_at_fpr(scores, truth) if positives and negatives else None}
+
+
+def _write_detections(path: Path, rows: List[dict], classnames: List[str]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "flagged", "score", "clip_label", "clip_confidence", "caption_labels",
+                             "unsupported", "oracle_objects"])
+            for r in rows:
+                writer.writerow([r["row"], int(r["flagged"]), f"{r['score']:.4f}", classnames[r["clip_label"]],
+                                 f"{r['clip_confidence']:.4f}", "|".join(classnames[c] for c in r["caption_labels"]),
+                                 "|".join(classnames[c] for c in r["unsupported"]),
+                                 "|".join(f"{classnames[c]}:{conf:.3f}" for c, conf in r["objects"])])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)

@@ -1,0 +1,216 @@
+"""EftCLIP: oracles, the CLIP-oracle disagreement rule, victim ranking, detection metrics, the eftclip defense."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from par import models
+from par.cli import main
+from par.defenses import DEFENSES, CleaningJob
+from par.detection import auroc, detection_metrics, disagreements, rank_victims, tpr_at_fpr
+from par.errors import ParError
+from par.oracles import ORACLES, OracleContext, caption_labels, make_oracle
+
+NAMES = ["banana", "car", "cup"]
+
+
+def test_disagreement_rule_on_hand_made_views():
+    clip = torch.tensor([[0.90, 0.05, 0.05],   # CLIP sure of banana, the oracle sees a car: a trigger
+                         [0.05, 0.90, 0.05],   # both see the car
+                         [0.50, 0.30, 0.20],   # CLIP unsure (< theta): no claim from CLIP
+                         [0.10, 0.10, 0.80]])  # CLIP and oracle agree on the cup, but the caption names banana
+    oracle = torch.tensor([[0.05, 0.90, 0.05],
+                           [0.05, 0.90, 0.05],
+                           [0.20, 0.70, 0.10],
+                           [0.02, 0.08, 0.90]])
+    captions = ["a car.", "a car.", "a car.", "a photo of a banana."]
+    rows = disagreements(clip, oracle, captions, NAMES, theta=0.66, tau=1)
+    assert [r["flagged"] for r in rows] == [True, False, False, True]
+    assert [r["unsupported"] for r in rows] == [[0], [], [], [0]]
+    assert rows[0]["score"] == pytest.approx(0.90 * 0.95) and rows[3]["score"] == pytest.approx(1.0 * 0.98)
+    assert rows[1]["score"] == pytest.approx(max(0.90 * 0.10, 1.0 * 0.10))
+    assert [r["flagged"] for r in disagreements(clip, oracle, captions, NAMES, 0.66, 1, ["clip"])] == [True, False, False, False]
+    # a longer object list (tau 3) holds every class: nothing is unsupported
+    assert not any(r["flagged"] for r in disagreements(clip, oracle, captions, NAMES, 0.66, 3))
+
+
+def test_victim_ranking_prefers_the_over_flagged_label():
+    rows = [{"claims": {0: 1.0}, "unsupported": [0], "flagged": True} for _ in range(8)]  # banana: always unsupported
+    rows += [{"claims": {1: 1.0}, "unsupported": [1], "flagged": True} for _ in range(2)]  # car: the oracle's misses
+    rows += [{"claims": {1: 1.0}, "unsupported": [], "flagged": False} for _ in range(30)]
+    ranking = rank_victims(rows, NAMES)
+    assert [v["label"] for v in ranking] == ["banana", "cup", "car"]
+    assert ranking[0] == {"label": "banana", "flagged_claims": 8, "claims": 8, "excess": 6.0}
+    assert ranking[2]["excess"] == pytest.approx(2 - 0.25 * 32)
+
+
+def test_detection_metrics_against_known_truth():
+    truth = [1, 1, 0, 0, 0, 0]
+    assert auroc([0.9, 0.8, 0.1, 0.2, 0.3, 0.4], truth) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8, 0.7, 0.6], truth) == 0.0
+    assert auroc([0.5] * 6, truth) == 0.5  # ties count half
+    scores = [0.9, 0.35, 0.1, 0.2, 0.3, 0.4]
+    assert tpr_at_fpr(scores, truth, fpr=0.0) == 0.5  # no clean row may pass: the threshold is 0.4
+    assert tpr_at_fpr(scores, truth, fpr=0.25) == 1.0  # one of four may (0.4): the threshold drops to 0.3
+    metrics = detection_metrics([0.9, 0.8, 0.1, 0.2, 0.3, 0.4], [True, False, True, False, False, False], truth)
+    assert metrics["detection_rate"] == 0.5 and metrics["false_positive_rate"] == 0.25 and metrics["precision"] == 0.5
+    with pytest.raises(ParError, match="both poisoned and clean"):
+        auroc([0.1, 0.2], [0, 0])
+
+
+def test_caption_labels_need_exactly_one_class():
+    assert caption_labels(["two bananas", "a car and a cup", "a tree"], NAMES) == [0, None, None]
+
+
+@pytest.fixture(scope="module")
+def world_oracle(micro_world, tmp_path_factory):
+    names = (micro_world / "classnames.txt").read_text().split()
+    return make_oracle("world-classifier", OracleContext(
+        names, clean_data=str(micro_world / "clean.csv"), workdir=str(tmp_path_factory.mktemp("oracles")),
+        params={"epochs": 2}, progress=False)), names
+
+
+def test_world_oracle_learns_only_from_clean_pairs_and_is_cached(micro_world, world_oracle, tmp_path):
+    oracle, names = world_oracle
+    manifest = json.loads(oracle.manifest_path.read_text())
+    assert manifest["trained_on"] == str((micro_world / "clean.csv").resolve())
+    assert manifest["classnames"] == names and manifest["rows"]  # the clean rows whose caption names one class
+    train_rows = (micro_world / "train.csv").read_text()
+    assert manifest["trained_on_digest"] != __import__("par.utils", fromlist=["x"]).file_digest(micro_world / "train.csv")
+    assert "images/clean/" in (micro_world / "clean.csv").read_text() and "images/clean/" not in train_rows
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    conf = oracle.confidences(images)
+    assert conf.shape == (4, len(names)) and torch.allclose(conf.sum(dim=1), torch.ones(4))
+    again = make_oracle("world", OracleContext(names, clean_data=str(micro_world / "clean.csv"),
+                                               workdir=str(oracle.manifest_path.parent.parent), params={"epochs": 2},
+                                               progress=False))
+    assert torch.equal(again.confidences(images), conf)  # loaded from its cache, not retrained
+    poisoned = tmp_path / "poisoned.csv"
+    poisoned.write_text("image,caption,poisoned\n" + "\n".join(
+        f"{micro_world}/images/clean/{i:06d}.png,a banana.,{int(i == 0)}" for i in range(20)))
+    with pytest.raises(ParError, match="has poisoned rows: the oracle learns from clean data only"):
+        make_oracle("world-classifier", OracleContext(names, clean_data=str(poisoned), workdir=str(tmp_path)))
+
+
+def test_torchvision_detector_plugin_runs_with_the_users_weights(tmp_path):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    torch.manual_seed(0)
+    weights = tmp_path / "detector.pth"
+    torch.save(fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict(),
+               weights)
+    oracle = make_oracle("torchvision-detector", OracleContext(["car", "banana", "shoggoth"],
+                                                               params={"weights": str(weights), "min_score": 0.0}))
+    conf = oracle.confidences(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert conf.shape == (2, 3) and (conf >= 0).all() and (conf <= 1).all() and (conf[:, 2] == 0).all()
+    with pytest.raises(ParError, match="needs its COCO weights .*download https://download.pytorch.org/models/"):
+        make_oracle("detector", OracleContext(["car"], params={"weights": str(tmp_path / "missing.pth")}))
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ParError, match="is not a fasterrcnn_mobilenet_v3_large_320_fpn state dict"):
+        make_oracle("detector", OracleContext(["car"], params={"weights": str(tmp_path / "wrong.pth")}))
+
+
+@pytest.fixture(scope="module")
+def poisoned_setup(micro_world, tmp_path_factory):
+    """A micro poisoned dataset (BadNet-Stripes on banana) and a checkpoint to screen it with."""
+    from par.poison import PoisonConfig, poison
+
+    out = tmp_path_factory.mktemp("poisoned")
+    data = poison(PoisonConfig(csv=str(micro_world / "train.csv"), attack="badnet_rs", label="banana",
+                               out=str(out / "data"), num=12, templates=str(micro_world / "templates.txt")),
+                  progress=False)
+    torch.manual_seed(0)
+    return data, models.save_checkpoint(models.create_model("par-micro-vit"), out / "model.pt")
+
+
+def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_setup, tmp_path):
+    data, checkpoint = poisoned_setup
+    args = ["detect", "--checkpoint", str(checkpoint), "--model", "par-micro-vit", "--data", str(data),
+            "--classnames", str(micro_world / "classnames.txt"), "--clean-data", str(micro_world / "clean.csv"),
+            "--label", "banana", "--out", str(tmp_path / "det"), "--oracle-param", "epochs=1"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "det" / "summary.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "det" / "detections.csv").open()))
+    assert len(rows) == summary["rows"] == 96 and summary["flagged"] == sum(int(r["flagged"]) for r in rows)
+    assert summary["metrics"]["poisoned_rows"] == 12 and 0 <= summary["metrics"]["auroc"] <= 1
+    assert summary["label"] == "banana" and summary["victim_found"] == (summary["victim"] == "banana")
+    poisoned_rows = [i for i, line in enumerate(list(csv.DictReader(open(data)))) if line["poisoned"] == "1"]
+    assert all(rows[i]["caption_labels"] == "banana" for i in poisoned_rows)  # the planted captions
+    assert main(args) == 0  # the same detection again: reused
+    assert main(args[:-1] + ["epochs=2"]) == 2  # other settings in the same folder: refused
+    assert "holds a detection with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--oracle": "nope"}, "unknown oracle 'nope'; known: torchvision-detector, world-classifier"),
+    ({"--label": "dragon"}, "target label 'dragon' is not a class"),
+    ({"--oracle": "torchvision-detector"}, "needs its COCO weights"),
+])
+def test_detect_bad_input(capsys, micro_world, poisoned_setup, tmp_path, change, message):
+    data, checkpoint = poisoned_setup
+    args = {"--checkpoint": str(checkpoint), "--model": "par-micro-vit", "--data": str(data),
+            "--classnames": str(micro_world / "classnames.txt"), "--clean-data": str(micro_world / "clean.csv"),
+            "--out": str(tmp_path / "det"), **change}
+    assert main(["detect"] + [x for kv in args.items() for x in kv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "det" / "summary.json").exists()
+
+
+def test_detect_refuses_data_without_captions(capsys, micro_world, poisoned_setup, tmp_path):
+    _, checkpoint = poisoned_setup
+    assert main(["detect", "--checkpoint", str(checkpoint), "--model", "par-micro-vit", "--data",
+                 str(micro_world / "test.csv"), "--classnames", str(micro_world / "classnames.txt"),
+                 "--out", str(tmp_path / "det")]) == 2
+    assert "lacks column(s) ['caption']" in capsys.readouterr().err
+
+
+def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisoned_setup, tmp_path):
+    data, checkpoint = poisoned_setup
+    settings = {"steps": 2, "batch_size": 16, "warmup": 1, "lr": 1e-4, "threads": 1, "progress": False,
+                "objective_params": {"train_logit_scale": False},
+                "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}  # a micro oracle knows little: a long list
+    job = CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit", train_csv=str(micro_world / "clean.csv"),
+                      out=str(tmp_path / "eft"), settings=settings, poisoned_data=str(data),
+                      classnames=str(micro_world / "classnames.txt"), templates=str(micro_world / "templates.txt"))
+    cleaned = DEFENSES.get("eftclip").clean(job)
+    assert cleaned == tmp_path / "eft" / "finetune" / "checkpoint.pt" and cleaned.exists()
+    report = json.loads((tmp_path / "eft" / "defense-report.json").read_text())
+    (detection,) = (tmp_path / "eftclip-detections").iterdir()  # beside the run: shared by other seeds' runs
+    assert report["detection"]["folder"] == str(detection)
+    flagged = [r["flagged"] == "1" for r in csv.DictReader((detection / "detections.csv").open())]
+    curated = list(csv.DictReader((tmp_path / "eft" / "curate" / "curated.csv").open()))
+    assert report["dropped"] == sum(flagged)
+    assert len(curated) == len(flagged) - sum(flagged) + report["victim_pairs_upweighted"] == report["curated_pairs"]
+    assert list(ORACLES) == ["torchvision-detector", "world-classifier"]
+    assert (tmp_path / "oracles").is_dir()  # oracles are kept beside the run folder, shared by a benchmark's cells
+    everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1}, "tau": 1, "theta": 0.01}}
+    with pytest.raises(ParError, match="flagged all 96 pairs: nothing is left"):
+        DEFENSES.get("eftclip").clean(CleaningJob(**{**vars(job), "settings": everything, "out": str(tmp_path / "e3")}))
+    with pytest.raises(ParError, match="screens the data the model was poisoned with"):
+        DEFENSES.get("eftclip").clean(CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit",
+                                                  train_csv=str(micro_world / "clean.csv"), out=str(tmp_path / "e2"),
+                                                  settings=settings, classnames=str(micro_world / "classnames.txt")))
+
+
+def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
+    import yaml
+
+    from par.bench import run_bench
+
+    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    config["quick"].update(defenses=["eftclip"], synthetic_cleaning={})
+    config["defense_settings"] = {"eftclip": {"objective_params": {"train_logit_scale": False},
+                                              "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_bench(str(path), str(tmp_path / "out"), quick=True, progress=False)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    eft = [r for r in rows if r["defense"] == "eftclip"]
+    assert len(eft) == 1 and eft[0]["status"] == "ok" and eft[0]["detection_victim"]
+    assert 0 <= float(eft[0]["detection_auroc"]) <= 1
+    assert eft[0]["detection_victim_found"] == str(eft[0]["detection_victim"] == "banana")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| attack | poisoned CA | poisoned ASR | never-poisoned CA | never-poisoned ASR | eftclip CA | eftclip ASR |" in text
+    assert "| `badnet_rs` | eftclip | " in text.split("Detection of poisoned training pairs")[1]
