@@ -87,3 +87,20 @@ def test_fare_measurement_compares_defenses_and_checks_apgd_against_pgd(tmp_path
     assert summary["anchors_robustvlm_vit_l14"]["FARE^4"] == [61.1, 45.9, 32.4]
     assert "APGD <= PGD-10 everywhere: True" in stdout
     assert not (out / "results.csv").exists()  # the benchmark's own report is left alone
+
+
+def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
+    import yaml
+
+    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    config["defense_settings"]["eftclip"] = {"objective_params": {"train_logit_scale": False},
+                                             "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "bench"
+    stdout = _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),
+                   "--attacks", "badnet_rs"], tmp_path)
+    summary = json.loads((out / "eftclip-measurement.json").read_text())
+    (entry,) = summary["attacks"]
+    assert entry["attack"] == "badnet_rs" and 0 <= entry["auroc"] <= 1 and "eftclip" in entry["cleaned"]
+    assert summary["victim_found_for_every_attack"] == (entry["victims"] == ["banana"])
+    assert "victim 'banana' found for every attack" in stdout and not (out / "results.csv").exists()
