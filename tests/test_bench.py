@@ -156,3 +156,21 @@ def test_fare_column_and_robust_accuracy_table(bench, tmp_path):
     table = (bench / "results.md").read_text().split("Robust zero-shot accuracy")[1].splitlines()
     assert table[2] == "| attack | poisoned | never-poisoned | fare | ft |"
     assert table[4].startswith("| `badnet_rs` | ") and table[4].count(" / ") == 4
+
+
+def test_results_render_into_the_readme_between_markers(bench, tmp_path):
+    import subprocess
+    import sys
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    proc = subprocess.run([sys.executable, "scripts/bench_readme.py", str(bench / "results.csv"), "--config",
+                           "configs/micro-bench.yaml", "--readme", str(readme)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("# title\n<!-- results:start -->\nZero-shot CA / ASR") and text.endswith("<!-- results:end -->\ntail\n")
+    assert "old" not in text and "| BadNet-Stripes | " in text and "| 42.4 | 62.3 | 82.0 |" in text
+    readme.write_text("no markers\n")
+    proc = subprocess.run([sys.executable, "scripts/bench_readme.py", str(bench / "results.csv"), "--readme",
+                           str(readme)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "lacks the markers" in proc.stderr and readme.read_text() == "no markers\n"
