@@ -120,6 +120,14 @@ def cmd_detect(args) -> None:
     print(f"detections: {args.out}/detections.csv, summary: {args.out}/summary.json")
 
 
+def cmd_shards(args) -> None:
+    from par.shards import write_shards
+
+    written = write_shards(args.csv, args.out, args.image_root, args.shard_size)
+    pattern = f"{args.out}/{{00000..{len(written) - 1:05d}}}.tar" if len(written) > 1 else str(written[0])
+    print(f"wrote {len(written)} shards; train on them with train_csv: '{pattern}'")
+
+
 def cmd_demo(args) -> None:
     from par.demo import run_demo
 
@@ -268,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-param", action="append", metavar="NAME.KEY=VALUE",
                    help="parameter for one trigger, e.g. badclip.patch=patch.png")
 
+    p = sub.add_parser("shards", help="write image-caption pairs as webdataset shards (open_clip's jpg/txt)")
+    p.add_argument("--csv", required=True, help="image,caption CSV (a label column becomes .cls members)")
+    p.add_argument("--out", required=True, help="a new folder for 00000.tar, ... and sizes.json")
+    p.add_argument("--image-root")
+    p.add_argument("--shard-size", type=int, default=10000, help="pairs per shard")
+
     p = sub.add_parser("bench", help="every attack against every defense on the synthetic world")
     p.add_argument("--config", default="configs/bench.yaml")
     p.add_argument("--out", default="runs/bench")
@@ -304,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
              "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench,
-             "detect": cmd_detect}[args.command](args)
+             "detect": cmd_detect, "shards": cmd_shards}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -248,6 +248,27 @@ def preload(dataset: torch.utils.data.Dataset, workers: int = 0, desc: str = "de
     return torch.utils.data.TensorDataset(*[torch.cat(column) for column in columns])
 
 
+class PairLoader:
+    """The training loop's view of a map-style pairs dataset (``(image, tokens, row)`` items):
+    ``epoch(e, skip)`` yields that epoch's batches ``(images, tokens, captions, labels or None)``,
+    reshuffled per epoch and sharded over ranks by a ``ResumableSampler``, from batch ``skip`` on."""
+
+    def __init__(self, dataset, captions: Sequence[str], labels: Optional[torch.Tensor], local_batch: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 0, pin_memory: bool = False):
+        self.captions, self.labels, self.local_batch = captions, labels, local_batch
+        self.sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=self.sampler,
+                                                  drop_last=True, num_workers=workers, pin_memory=pin_memory)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = skip * self.local_batch
+        for images, tokens, rows in self.loader:
+            rows = rows.tolist()
+            yield images, tokens, [self.captions[i] for i in rows], None if self.labels is None else self.labels[rows]
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """A ``DistributedSampler`` that can start part-way into an epoch (for resuming)."""
 

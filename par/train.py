@@ -24,12 +24,13 @@ import torch
 from par import models
 from par.augment import AUGMENTATIONS
 from par.config import build
-from par.data import ResumableSampler, caption_dataset, preload, to_float
+from par.data import PairLoader, caption_dataset, preload, to_float
 from par.distributed import Dist, replica_drift, setup_distributed
 from par.errors import ParError
 from par.evaluate import LiveEval
 from par.objectives import OBJECTIVES, Batch, TaskContext, make_objective, objective_params
 from par.plots import plot_training
+from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
 from par.utils import PRECISIONS, autocast
 
@@ -43,7 +44,8 @@ MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.t
 @dataclass
 class TrainConfig:
     model: str
-    train_csv: str  # image,caption CSV, or a class-folder tree (captioned "a photo of a {class}.", labels kept)
+    train_csv: str  # image,caption CSV; a class-folder tree (captioned "a photo of a {class}.", labels kept);
+    # or webdataset shards "shards/{00000..00099}.tar" (python -m par shards; open_clip's --train-data convention)
     out: str
     image_root: Optional[str] = None
     train_classnames: Optional[str] = None  # a class-folder tree's class names: file or "imagenet" (default: folder names)
@@ -107,6 +109,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ParError(f"unknown precision {cfg.precision!r}; known: {', '.join(PRECISIONS)}")
     if cfg.eval_every and not (cfg.eval_csv and cfg.eval_classnames):
         raise ParError("eval_every needs eval_csv and eval_classnames")
+    if is_shard_pattern(cfg.train_csv):
+        expand(cfg.train_csv)  # a pattern that matches nothing fails before the run folder is made
     if cfg.eval_attack and not cfg.eval_label:
         raise ParError("eval_attack needs eval_label")
 
@@ -148,24 +152,26 @@ def build_model(cfg: TrainConfig, dist: Dist, device: torch.device):
 
 
 def build_data(cfg: TrainConfig, dist: Dist, device: torch.device, tokenizer, size: int):
-    """(loader, sampler, captions, labels): the loader yields uint8 images, token ids and row indices
-    (captions and labels, None when unlabelled, are looked up by row); the sampler reshuffles every epoch."""
+    """This rank's batches, ``data.epoch(e, skip)`` -> ``(uint8 images, token ids, captions, labels
+    or None)``: from webdataset shards (``train_csv`` a ``.tar`` pattern), else from a CSV or a
+    class-folder tree (decoded once into memory when ``preload``)."""
+    needs_labels = OBJECTIVES.get(cfg.objective).needs_labels
+    local_batch, pin = cfg.batch_size // dist.world_size, device.type == "cuda"
+    if is_shard_pattern(cfg.train_csv):
+        stream = ShardPairs(cfg.train_csv, tokenizer, size, dist.rank, dist.world_size, cfg.seed,
+                            needs_labels=needs_labels)
+        return ShardLoader(stream, local_batch, cfg.batch_size, cfg.workers, pin)
     dataset = caption_dataset(cfg.train_csv, tokenizer, size, cfg.image_root, cfg.train_classnames)
     captions, labels = dataset.captions, dataset.labels
-    if labels is None and OBJECTIVES.get(cfg.objective).needs_labels:
+    if labels is None and needs_labels:
         raise ParError(f"objective {cfg.objective!r} trains on class labels: give a class-folder tree as train_csv, "
                        f"or a CSV with a 'label' column ({cfg.train_csv} has neither)")
     if len(dataset) < cfg.batch_size:
         raise ParError(f"{cfg.train_csv} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
     if cfg.preload:
         dataset = preload(dataset, workers=cfg.workers, desc="decode train images", progress=cfg.progress and dist.main)
-    sampler = ResumableSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                               seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler, drop_last=True,
-        num_workers=0 if cfg.preload else cfg.workers, pin_memory=device.type == "cuda",
-    )
-    return loader, sampler, captions, labels
+    return PairLoader(dataset, captions, labels, local_batch, dist.rank, dist.world_size, cfg.seed,
+                      0 if cfg.preload else cfg.workers, pin)
 
 
 def live_eval(cfg: TrainConfig, size: int, device: torch.device) -> LiveEval:
@@ -197,7 +203,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     model, wrapped, objective, tokenizer = build_model(cfg, dist, device)
     mean, std, size = objective.context.mean, objective.context.std, models.image_size(model)
     augment = AUGMENTATIONS.get(cfg.augment)
-    loader, sampler, captions, labels = build_data(cfg, dist, device, tokenizer, size)
+    data = build_data(cfg, dist, device, tokenizer, size)
     generators = {"augment": torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)}
     evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
@@ -217,7 +223,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
             print(f"resuming {run.out} at step {step}")
 
     # ---- loop
-    local_batch, micro = cfg.batch_size // dist.world_size, cfg.batch_size // dist.world_size // cfg.accum_steps
+    micro = cfg.batch_size // dist.world_size // cfg.accum_steps
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({cfg.objective})", unit="step",
                disable=not (cfg.progress and dist.main))
     start, seen, first_step = time.time(), 0, step
@@ -225,19 +231,19 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                     tensorboard=cfg.tensorboard) as log:
         while step < cfg.steps:
             objective.on_epoch_start(epoch)
-            sampler.set_epoch(epoch)
-            sampler.skip, batches_done = skip * local_batch, skip
-            for raw_images, tokens, rows in loader:
+            batches_done = skip
+            for raw_images, tokens, captions, labels in data.epoch(epoch, skip):
                 lr = schedule(step)
                 raw_images = raw_images.to(device, non_blocking=True)
                 images = augment(to_float(raw_images), mean, std, generator=generators["augment"])
                 tokens = tokens.to(device, non_blocking=True)
+                labels = None if labels is None else labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 totals = {}
                 for k in range(cfg.accum_steps):  # micro-batches; DDP syncs gradients on the last one
                     part = slice(k * micro, (k + 1) * micro)
-                    batch = Batch(images[part], tokens[part], raw_images[part], [captions[i] for i in rows[part].tolist()],
-                                  None if labels is None else labels[rows[part]].to(device))
+                    batch = Batch(images[part], tokens[part], raw_images[part], captions[part],
+                                  None if labels is None else labels[part])
                     sync = k == cfg.accum_steps - 1 or dist.world_size == 1
                     with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg.precision, device):
                         terms = objective(wrapped, batch)

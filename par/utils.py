@@ -86,8 +86,16 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def path_digest(path: str | os.PathLike) -> str:
-    """``file_digest`` of a file; of a folder (a class-folder tree), the digest of its files' relative
-    paths and sizes (reading every byte of ImageNet to name a run would take longer than the run)."""
+    """``file_digest`` of a file; of a folder (a class-folder tree) or a shard pattern, the digest of
+    its files' paths and sizes (reading every byte of ImageNet to name a run would take longer than the run)."""
+    if str(path).endswith(".tar") and "{" in str(path):  # webdataset shards: their names and sizes, as a folder's
+        import braceexpand
+
+        files = [Path(f) for f in braceexpand.braceexpand(str(path))]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ParError(f"not found: {missing[0]} (of shard pattern {path})")
+        return digest([(str(f), f.stat().st_size) for f in files])
     path = Path(path)
     if path.is_file():
         return file_digest(path)

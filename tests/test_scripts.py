@@ -104,3 +104,16 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     assert entry["attack"] == "badnet_rs" and 0 <= entry["auroc"] <= 1 and "eftclip" in entry["cleaned"]
     assert summary["victim_found_for_every_attack"] == (entry["victims"] == ["banana"])
     assert "victim 'banana' found for every attack" in stdout and not (out / "results.csv").exists()
+
+
+def test_loader_throughput_measures_csv_and_shards(tmp_path):
+    out = tmp_path / "loader.jsonl"
+    stdout = _run(["scripts/loader_throughput.py", "--make-jpegs", "24", "--jpeg-size", "40", "--size", "32",
+                   "--model", "par-micro-vit", "--batch", "8", "--workers", "0", "1", "--batches", "2",
+                   "--warmup", "1", "--work", str(tmp_path / "work"), "--step-rate", "50", "--out", str(out)], tmp_path)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r["workers"]) for r in records] == [("csv", 0), ("csv", 1), ("shards", 0), ("shards", 1)]
+    for r in records:
+        assert r["images_per_s"] > 0 and abs(r["ratio_to_step"] - r["images_per_s"] / 50) < 0.01
+    assert (tmp_path / "work" / "shards" / "sizes.json").is_file()
+    assert "x step" in stdout

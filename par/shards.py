@@ -1,0 +1,194 @@
+"""Image-caption pairs as webdataset shards, in open_clip's convention.
+
+A shard is a tar of samples whose members share a key: ``KEY.jpg`` (the image), ``KEY.txt`` (the
+caption) and, when the pairs are labelled, ``KEY.cls`` (the class index). A ``sizes.json`` beside
+the shards maps each shard's file name to its sample count, as open_clip's ``--train-data`` expects.
+Training names them with a brace pattern, ``shards/{00000..00099}.tar``.
+
+At CC3M scale a CSV of image files means millions of small reads; shards turn them into a few large
+sequential ones and need no index in memory. Reading is a stream: each epoch the rank's shards are
+shuffled (seeded by the epoch), split among DataLoader workers, and mixed in a shuffle buffer. An
+epoch is a nominal ``total // batch`` batches, as in open_clip: a rank whose shards run out starts
+another pass over them, so every rank takes the same number of steps.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+from pathlib import Path
+from typing import Iterator, List
+
+import torch
+
+from par.errors import ParError
+
+SIZES = "sizes.json"
+
+
+def is_shard_pattern(spec: str | os.PathLike) -> bool:
+    """Whether a training-data spec names tar shards (``DIR/{00000..00009}.tar`` or one ``.tar``)."""
+    return str(spec).endswith(".tar")
+
+
+def expand(pattern: str) -> List[Path]:
+    """The shard files a brace pattern names; every one must exist."""
+    import braceexpand
+
+    names = [Path(p) for p in braceexpand.braceexpand(str(pattern))]
+    missing = [p for p in names if not p.is_file()]
+    if len(missing) == len(names):
+        raise ParError(f"shard pattern {pattern} matches no file (e.g. {names[0]} does not exist)")
+    if missing:
+        raise ParError(f"shard pattern {pattern}: {len(missing)} of {len(names)} shards missing, e.g. {missing[0]}")
+    return names
+
+
+def count_samples(shards: List[Path]) -> int:
+    """Samples in ``shards``: from the ``sizes.json`` beside them when it lists every shard, else by
+    reading the tar headers (exact, and fast: member data is skipped, not read)."""
+    import tarfile
+
+    total = 0
+    sizes = {}
+    for folder in {s.parent for s in shards}:
+        if (folder / SIZES).is_file():
+            sizes.update({str(folder / k): v for k, v in json.loads((folder / SIZES).read_text()).items()})
+    for shard in shards:
+        if str(shard) in sizes:
+            total += int(sizes[str(shard)])
+            continue
+        with tarfile.open(shard) as tar:
+            total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    return total
+
+
+def write_shards(csv_path, out, image_root=None, shard_size: int = 10000, progress: bool = True) -> List[Path]:
+    """Writes the pairs of an ``image,caption[,label]`` CSV as shards ``out/00000.tar``, ... and
+    ``out/sizes.json``. JPEG files are stored as they are; other images are encoded as JPEG (quality
+    95), since ``jpg`` is the member open_clip's loaders read. Refuses a non-empty ``out``."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from par.data import image_paths, open_image, read_csv
+
+    if shard_size < 1:
+        raise ParError(f"shard_size must be at least 1, got {shard_size}")
+    frame = read_csv(csv_path, ["image", "caption"])
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ParError(f"{out} is not empty; shards are written to a new folder (nothing overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = image_paths(frame, csv_path, image_root)
+    captions = frame["caption"].astype(str).tolist()
+    labels = frame["label"].astype(int).tolist() if "label" in frame.columns else None
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise ParError(f"{csv_path}: row {empty[0]} has an empty caption ({len(empty)} such rows)")
+    sizes: dict = {}
+    with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for i in tqdm(range(len(paths)), desc="write shards", unit="pair", disable=not progress):
+            data = paths[i].read_bytes() if paths[i].is_file() else None
+            if data is None:
+                raise ParError(f"image not found: {paths[i]}")
+            if not data.startswith(b"\xff\xd8"):  # not a JPEG: decode, then encode as one
+                buffer = io.BytesIO()
+                open_image(paths[i]).save(buffer, format="JPEG", quality=95)
+                data = buffer.getvalue()
+            sample = {"__key__": f"{i:09d}", "jpg": data, "txt": captions[i]}
+            if labels is not None:
+                sample["cls"] = labels[i]
+            sink.write(sample)
+            name = f"{i // shard_size:05d}.tar"
+            sizes[name] = sizes.get(name, 0) + 1
+    (out / SIZES).write_text(json.dumps(sizes, indent=1) + "\n")
+    return [out / name for name in sizes]
+
+
+class ShardPairs(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of ``(uint8 image, token ids, caption, label)`` from this rank's
+    shards (label -1 when the shards carry no ``cls``). ``set_epoch`` reseeds the shard order and
+    the shuffle buffer, so an epoch's stream is the same every time it is read (resuming skips into it)."""
+
+    def __init__(self, pattern: str, tokenizer, size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 buffer: int = 2000, needs_labels: bool = False):
+        from par.data import eval_transform
+
+        shards = expand(pattern)
+        if len(shards) < world_size:
+            raise ParError(f"{pattern}: {len(shards)} shard(s) for {world_size} processes; "
+                           f"write at least one shard per process (python -m par shards --shard-size)")
+        self.pattern, self.shards = pattern, [str(s) for s in shards[rank::world_size]]
+        self.total = count_samples(shards)
+        self.tokenizer, self.transform = tokenizer, eval_transform(size)
+        self.seed, self.rank, self.buffer, self.needs_labels = seed, rank, buffer, needs_labels
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _urls(self) -> Iterator[dict]:
+        """This rank's shards, pass after pass, each pass in a fresh seeded order."""
+        rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}")
+        for _ in itertools.count():
+            order = list(self.shards)
+            rng.shuffle(order)
+            yield from ({"url": url} for url in order)
+
+    def _decode(self, sample: dict):
+        from PIL import Image, UnidentifiedImageError
+
+        where = f"{sample.get('__url__', self.pattern)}: sample {sample.get('__key__')}"
+        if "txt" not in sample:
+            raise ParError(f"{where} has no caption (.txt member); members: {sorted(k for k in sample if not k.startswith('__'))}")
+        if "jpg" not in sample:
+            raise ParError(f"{where} has no image (.jpg member)")
+        if self.needs_labels and "cls" not in sample:
+            raise ParError(f"{where} has no class label (.cls member), which this objective trains on")
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as img:
+                image = self.transform(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ParError(f"{where}: cannot decode its image: {e}") from None
+        caption = sample["txt"].decode("utf-8")
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return image, self.tokenizer([caption])[0], caption, label
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls = itertools.islice(self._urls(), worker, None, workers)
+        samples = wds.tarfile_to_samples()(urls)
+        rng = random.Random(f"{self.seed}/{self.rank}/{self.epoch}/{worker}")
+        for sample in wds.shuffle(bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)(samples):
+            yield self._decode(sample)
+
+
+def collate_pairs(items):
+    """A batch of ``ShardPairs`` items: (images, tokens, captions, labels or None)."""
+    images, tokens, captions, labels = zip(*items)
+    labels = None if min(labels) < 0 else torch.tensor(labels)
+    return torch.stack(images), torch.stack(tokens), list(captions), labels
+
+
+class ShardLoader:
+    """The training loop's view of shards: ``epoch(e, skip)`` yields that epoch's batches
+    ``(images, tokens, captions, labels or None)`` after the first ``skip`` (resuming re-reads and
+    drops them: the stream is seeded, so the batches that follow are the ones an unbroken run saw)."""
+
+    def __init__(self, stream: ShardPairs, local_batch: int, global_batch: int, workers: int = 0,
+                 pin_memory: bool = False):
+        self.stream, self.local_batch, self.workers, self.pin_memory = stream, local_batch, workers, pin_memory
+        self.batches_per_epoch = stream.total // global_batch
+        if self.batches_per_epoch < 1:
+            raise ParError(f"{stream.pattern} holds {stream.total} samples, fewer than one batch of {global_batch}")
+
+    def epoch(self, epoch: int, skip: int = 0):
+        self.stream.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.local_batch, num_workers=self.workers,
+                                             collate_fn=collate_pairs, pin_memory=self.pin_memory)
+        return itertools.islice(loader, skip, self.batches_per_epoch)
