@@ -29,6 +29,12 @@ def fingerprint(cfg, cosmetic: Iterable[str], inputs: Iterable[str]) -> dict:
     return values
 
 
+def _set(fp: dict) -> dict:
+    """The settings a fingerprint records, unset (None) ones left out: a setting added to the code
+    later, unset by default, does not make older runs strangers."""
+    return {k: v for k, v in fp.items() if v is not None}
+
+
 def _diff(a: dict, b: dict) -> list:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
@@ -55,7 +61,7 @@ class RunFolder:
         """Never overwrites a finished run; never resumes or reuses a folder made with other settings."""
         record = self.out / "fingerprint.json"
         old = json.loads(record.read_text()) if record.exists() else None
-        if old is not None and old != fp and (reuse or resume):
+        if old is not None and _set(old) != _set(fp) and (reuse or resume):
             raise ParError(f"run folder {self.out} was made with other settings (differs in {_diff(fp, old)}); "
                            "choose another out")
         if resume:

@@ -186,3 +186,21 @@ def test_merge_sets_dotted_keys_without_touching_the_input():
     assert base == {"lr": 1.0, "objective_params": {"tau": 2.0}}
     with pytest.raises(ParError, match="'lr' is not a mapping"):
         config.merge(base, {"lr.x": 1})
+
+
+def test_run_folder_reuses_runs_recorded_before_an_unset_setting_existed(tmp_path):
+    import json
+
+    from par.distributed import Dist
+    from par.runs import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    (out / "fingerprint.json").write_text(json.dumps({"lr": 0.001, "image_root": None}))
+    found = RunFolder(out, {"lr": 0.001, "image_root": None, "train_classnames": None}, Dist(), reuse=True)
+    assert found.status == "finished"  # a setting added later, unset, does not change what the run was
+    with pytest.raises(ParError, match=r"differs in \['train_classnames'\]"):
+        RunFolder(out, {"lr": 0.001, "image_root": None, "train_classnames": "imagenet"}, Dist(), reuse=True)
+    with pytest.raises(ParError, match=r"differs in \['lr'\]"):
+        RunFolder(out, {"lr": 0.002, "image_root": None}, Dist(), reuse=True)
