@@ -30,9 +30,10 @@ def fingerprint(cfg, cosmetic: Iterable[str], inputs: Iterable[str]) -> dict:
 
 
 def _set(fp: dict) -> dict:
-    """The settings a fingerprint records, unset (None) ones left out: a setting added to the code
-    later, unset by default, does not make older runs strangers."""
-    return {k: v for k, v in fp.items() if v is not None}
+    """What a fingerprint says about a run: unset (None) settings left out, so a setting added to the
+    code later, unset by default, does not make older runs strangers; and an input known by its digest
+    is compared by that, not by how its path was spelt (relative or absolute, another checkout)."""
+    return {k: v for k, v in fp.items() if v is not None and f"{k}_digest" not in fp}
 
 
 def _diff(a: dict, b: dict) -> list:

@@ -13,6 +13,7 @@ Aims (reported, never asserted): victim 'banana' for every attack; AUROC >= 0.95
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated cleaning seeds")
     parser.add_argument("--attacks", help="comma-separated subset (default: the profile's)")
     args = parser.parse_args()
-    out = (REPO / args.out).resolve()
+    os.chdir(REPO)  # paths as the benchmark spells them (relative), so its cells and caches are found
+    out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     config = {**load_yaml(REPO / args.config), "seeds": seeds, "sweeps": {}, "synthetic_cleaning": {},
               "robust": None}

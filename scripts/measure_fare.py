@@ -13,6 +13,7 @@ the summary. Exits 1 if APGD is weaker than PGD anywhere (a broken attack), neve
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +50,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--max-images", type=int, default=1000)
     args = parser.parse_args()
-    out = (REPO / args.out).resolve()
+    os.chdir(REPO)  # paths as the benchmark spells them (relative), so its cells and caches are found
+    out = Path(args.out)
     eps = [eps_label(parse_eps(e)) for e in args.eps.split(",")]
     config = load_yaml(REPO / args.config)
     config.update(seeds=(config.get("seeds") or [0])[:1], sweeps={}, synthetic_cleaning={})

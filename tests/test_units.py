@@ -204,3 +204,19 @@ def test_run_folder_reuses_runs_recorded_before_an_unset_setting_existed(tmp_pat
         RunFolder(out, {"lr": 0.001, "image_root": None, "train_classnames": "imagenet"}, Dist(), reuse=True)
     with pytest.raises(ParError, match=r"differs in \['lr'\]"):
         RunFolder(out, {"lr": 0.002, "image_root": None}, Dist(), reuse=True)
+
+
+def test_run_folder_knows_an_input_by_its_digest_not_its_path_spelling(tmp_path):
+    import json
+
+    from par.distributed import Dist
+    from par.runs import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    (out / "fingerprint.json").write_text(json.dumps({"train_csv": "runs/x/train.csv", "train_csv_digest": "abc"}))
+    same = {"train_csv": "/work/main/runs/x/train.csv", "train_csv_digest": "abc"}
+    assert RunFolder(out, same, Dist(), reuse=True).status == "finished"
+    with pytest.raises(ParError, match=r"differs in \['train_csv', 'train_csv_digest'\]"):
+        RunFolder(out, {**same, "train_csv_digest": "def"}, Dist(), reuse=True)
