@@ -1,12 +1,14 @@
 """PAR training throughput and MFU, with synthetic tensors and (optionally) the real loader.
 
     python scripts/train_throughput.py --model ViT-B-32 --batch 256 --precision fp32 amp amp_bf16
-    python scripts/train_throughput.py --model ViT-B-32 --csv runs/world224/train.csv --workers 12
+    python scripts/train_throughput.py --model ViT-B-32 --data runs/world224/train.csv --workers 12
+    python scripts/train_throughput.py --model ViT-B-32 --data 'shards/{00000..00099}.tar' --workers 12
 
 A PAR step is one forward + backward of the trainable model and one forward of the frozen
 copy: about 4x the forward FLOPs, counted with torch's FlopCounterMode. MFU = achieved FLOP/s
 over the device's peak (``--peak-tflops``; known for H100/H200 bf16/fp16 dense). With
-``--csv`` the same step is fed by par's real ImageCaptionDataset + DataLoader, so the cost of
+``--data`` (a CSV or a shard pattern) the same step is fed by the training loop's own loader (``PairLoader`` or
+``ShardLoader``), so the cost of
 decoding shows up as the gap to the synthetic figure. Writes a JSON record per setting to
 ``--out`` and prints a table.
 """
@@ -71,7 +73,8 @@ def measure(model, frozen, batches, precision, device, steps, warmup):
 
 def main() -> int:
     from par import models
-    from par.data import ImageCaptionDataset
+    from par.data import PairLoader, caption_dataset
+    from par.shards import ShardLoader, ShardPairs, is_shard_pattern
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ViT-B-32")
@@ -80,7 +83,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--csv", help="image,caption CSV: also measure with the real loader")
+    parser.add_argument("--data", "--csv", dest="data", help="image,caption CSV or shard pattern: also measure with the real loader")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--compile", action="store_true")
@@ -110,20 +113,23 @@ def main() -> int:
             yield raw, tokens
 
     sources = {"synthetic": synthetic}
-    if args.csv:
-        dataset = ImageCaptionDataset(args.csv, tokenizer, size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.workers > 0)
+    if args.data:
+        pin = device.type == "cuda"
+        if is_shard_pattern(args.data):
+            loader = ShardLoader(ShardPairs(args.data, tokenizer, size), args.batch, args.batch, args.workers, pin)
+        else:
+            dataset = caption_dataset(args.data, tokenizer, size)
+            loader = PairLoader(dataset, dataset.captions, None, args.batch, workers=args.workers, pin_memory=pin)
 
         def real(n):
-            produced = 0
+            produced, epoch = 0, 0
             while produced < n:
-                for images, toks, _ in loader:
+                for images, toks, _, _ in loader.epoch(epoch):
                     yield images, toks
                     produced += 1
                     if produced >= n:
                         return
+                epoch += 1
 
         sources["loader"] = real
 
