@@ -72,3 +72,20 @@ def test_world_size_must_divide_batch(micro_world, init_ckpt, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "batch_size 15 is not divisible by world size 2" in proc.stderr
+
+
+def test_two_gloo_ranks_train_from_shards(micro_world, init_ckpt, tmp_path):
+    from par.shards import write_shards
+
+    write_shards(micro_world / "train.csv", tmp_path / "shards", shard_size=24, progress=False)  # 4 shards
+    args = _train_args(micro_world, init_ckpt, tmp_path / "multi", "--workers", "1")
+    args[args.index("--train_csv") + 1] = str(tmp_path / "shards" / "{00000..00003}.tar")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args)
+    assert json.loads((tmp_path / "multi" / "distributed.json").read_text()) == {"world_size": 2, "replica_drift": 0.0}
+    assert len(_losses(tmp_path / "multi")) == 4
+
+    one = _train_args(micro_world, init_ckpt, tmp_path / "too-few")
+    one[one.index("--train_csv") + 1] = str(tmp_path / "shards" / "00000.tar")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + one,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "1 shard(s) for 2 processes" in proc.stderr
