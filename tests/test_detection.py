@@ -185,7 +185,8 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
     assert len(curated) == len(flagged) - sum(flagged) + report["victim_pairs_upweighted"] == report["curated_pairs"]
     assert list(ORACLES) == ["torchvision-detector", "world-classifier"]
     assert (tmp_path / "oracles").is_dir()  # oracles are kept beside the run folder, shared by a benchmark's cells
-    everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1}, "tau": 1, "theta": 0.01}}
+    # a barely trained oracle (1 epoch, BatchNorm statistics left lagging) contradicts every pair
+    everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1, "precise_bn": False}, "tau": 1, "theta": 0.01}}
     with pytest.raises(ParError, match="flagged all 96 pairs: nothing is left"):
         DEFENSES.get("eftclip").clean(CleaningJob(**{**vars(job), "settings": everything, "out": str(tmp_path / "e3")}))
     with pytest.raises(ParError, match="screens the data the model was poisoned with"):
@@ -214,3 +215,17 @@ def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
     text = (tmp_path / "out" / "results.md").read_text()
     assert "| attack | poisoned CA | poisoned ASR | never-poisoned CA | never-poisoned ASR | eftclip CA | eftclip ASR |" in text
     assert "| `badnet_rs` | eftclip | " in text.split("Detection of poisoned training pairs")[1]
+
+
+def test_precise_bn_recomputes_the_running_statistics_on_the_training_images():
+    from par.oracles import SmallCNN, WorldClassifier, WorldClassifierParams
+
+    oracle = WorldClassifier.__new__(WorldClassifier)  # the re-estimation step alone, on a random net
+    oracle.model, oracle.params, oracle.device = SmallCNN(3), WorldClassifierParams(batch_size=16), torch.device("cpu")
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8)
+    oracle._precise_bn(images)
+    conv, norm = oracle.model.features[0], oracle.model.features[1]
+    with torch.no_grad():
+        out = conv(images.float() / 255)
+    assert torch.allclose(norm.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert norm.momentum == 0.1 and norm.num_batches_tracked == 3
