@@ -239,6 +239,6 @@ def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Opti
         records = evaluate(build(EvalConfig, {
             "checkpoint": str(checkpoint), "model": world.model, "data": world.test_csv,
             "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
-            "out": str(results), "progress": False, **values}, "profile 'robust'"))
+            "out": str(results), "progress": True, **values}, "profile 'robust'"))
     return {eps_label(r["robust"]["eps"]): r["metrics"][f"robust_top1@{eps_label(r['robust']['eps'])}"]
             for r in records if "robust" in r}
