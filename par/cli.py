@@ -105,16 +105,20 @@ def cmd_eval(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    from par.detection import DetectConfig, detect
+    from par.detection import VICTIM_Z, DetectConfig, detect
 
     summary = detect(DetectConfig(
         checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames, out=args.out,
         oracle=args.oracle, oracle_params=_attack_params(args.oracle_param), clean_data=args.clean_data,
         image_root=args.image_root, templates=args.templates, label=args.label, theta=args.theta, tau=args.tau,
-        views=[v for v in args.views.split(",") if v], device=args.device))
-    print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: {summary['victim']}")
+        calibrate=args.calibrate, views=[v for v in args.views.split(",") if v], device=args.device))
+    print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: "
+          f"{summary['victim'] or f'none (no label flagged significantly more than predicted, z < {VICTIM_Z})'}")
+    calibration = summary.get("calibration")
+    print(f"  predicted flags per label: its flag rate on {calibration['pairs']} held-out clean pairs"
+          if calibration else "  predicted flags per label: the overall flag rate (not calibrated on clean pairs)")
     for v in summary["victims"]:
-        print(f"  {v['label']:<16} flagged claims {v['flagged_claims']:>6} of {v['claims']:>6}  excess {v['excess']}")
+        print(f"  {v['label']:<16} flagged claims {v['flagged_claims']:>6} of {v['claims']:>6}  excess {v['excess']:>8} (z {v['z']})")
     for key, value in (summary.get("metrics") or {}).items():
         print(f"  {key}: {value if value is None or isinstance(value, int) else round(value, 4)}")
     print(f"detections: {args.out}/detections.csv, summary: {args.out}/summary.json")
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=0.66, help="confidence at which a claim counts")
     p.add_argument("--tau", type=int, default=3, help="length of the oracle's object list")
     p.add_argument("--views", default="clip,caption", help="claims compared with the oracle: clip, caption or both")
+    p.add_argument("--calibrate", type=float, default=0.2,
+                   help="share of --clean-data held out of the oracle to measure each label's flag rate on clean "
+                        "pairs (0: rank labels against the overall flag rate)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")

@@ -118,6 +118,7 @@ class EftCLIPParams:
     oracle_params: dict = field(default_factory=dict)
     theta: float = 0.66  # confidence at which a claim counts
     tau: int = 3  # length of the oracle's object list
+    calibrate: float = 0.2  # share of the clean pairs held out of the oracle to calibrate the victim ranking
     views: List[str] = field(default_factory=lambda: ["clip", "caption"])
     victims: int = 1  # top-ranked labels treated as victims
     victim_weight: int = 2  # unflagged pairs of a victim label appear this many times in the curated set
@@ -148,14 +149,16 @@ class EftCLIP(MultiStageDefense):
             raise ParError("eftclip reasons in class labels: give the class names (--classnames)")
         p = self.params(job)
         inputs = [file_digest(job.checkpoint), file_digest(job.poisoned_data), file_digest(job.train_csv),
-                  job.classnames, job.templates, p.oracle, p.oracle_params, p.theta, p.tau, p.views]
+                  job.classnames, job.templates, p.oracle, p.oracle_params, p.theta, p.tau, p.views,
+                  p.calibrate]
         # beside the run folder and keyed by what it depends on: a benchmark's seeds share one detection
         folder = Path(job.out).parent / "eftclip-detections" / digest(inputs)
         summary = detect(DetectConfig(
             checkpoint=job.checkpoint, model=job.model, data=job.poisoned_data, classnames=job.classnames,
             templates=job.templates, out=str(folder), oracle=p.oracle, oracle_params=p.oracle_params,
             clean_data=job.train_csv, oracle_cache=str(Path(job.out).parent / "oracles"), image_root=job.image_root,
-            theta=p.theta, tau=p.tau, views=p.views, progress=job.settings.get("progress", True)))
+            theta=p.theta, tau=p.tau, views=p.views, calibrate=p.calibrate,
+            progress=job.settings.get("progress", True)))
         return {**summary, "folder": str(folder)}
 
     def curate(self, job: CleaningJob, outputs: dict) -> Path:
@@ -167,7 +170,7 @@ class EftCLIP(MultiStageDefense):
         if path.exists():  # curated before from the same detection (the run folder is keyed by the job)
             return path
         p, summary = self.params(job), outputs["detect"]
-        victims = [v["label"] for v in summary["victims"][: p.victims] if v["excess"] > 0]
+        victims = [v["label"] for v in summary["victims"][: p.victims] if v["significant"]]
         flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(bool).tolist()
         frame = read_csv(job.poisoned_data, ["image", "caption"])
         frame["image"] = [str(path.resolve()) for path in image_paths(frame, job.poisoned_data, job.image_root)]

@@ -12,8 +12,12 @@ a trigger. For every image-caption pair:
   *score* (for ranking and AUROC) is the largest ``confidence x (1 - oracle's confidence)`` over
   its claims.
 
-Victim labels are ranked by how many more flagged claims they have than the overall flag rate
-predicts. Where the data says which rows were poisoned (our ``poison`` writes a ``poisoned``
+Victim labels are ranked by how many more flagged claims they have than clean pairs predict. An
+oracle has blind spots of its own (small or thin objects it often misses), so the prediction is
+each label's own flag rate, measured on a share of the defender's clean pairs held out of the
+oracle's training (``calibrate``); without clean pairs it is the overall flag rate of the screened
+pairs. A label is named the victim only when its excess is significant (z >= ``VICTIM_Z``), so a
+clean model screened on clean data gets none. Where the data says which rows were poisoned (our ``poison`` writes a ``poisoned``
 column and a manifest), detection rate, precision, recall, AUROC and TPR at 5 % FPR are reported.
 The paper's oracle prompts a segmenter with CLIP's object list and re-classifies the crops; with a
 classifier oracle the object list is compared directly.
@@ -24,7 +28,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,6 +41,8 @@ from par.oracles import ORACLES, OracleContext, make_oracle
 from par.utils import atomic_write, atomic_write_text, autocast, file_digest, inference_precision, pick_device
 
 VIEWS = ("clip", "caption")
+VICTIM_Z = 3.0  # a victim's flagged claims exceed the prediction by this many standard deviations
+PRIOR_CLAIMS = 10  # a label's clean flag rate borrows this many claims at the overall clean rate
 
 
 @dataclass
@@ -49,6 +55,7 @@ class DetectConfig:
     oracle: str = "world-classifier"
     oracle_params: dict = field(default_factory=dict)
     clean_data: Optional[str] = None  # what a learning oracle learns from: clean pairs, never `data`
+    calibrate: float = 0.2  # share of clean_data held out of the oracle to measure each label's flag rate
     oracle_cache: Optional[str] = None  # where trained oracles are kept (default: <out>/oracles)
     image_root: Optional[str] = None
     templates: str = "openai"
@@ -66,6 +73,9 @@ def check(cfg: DetectConfig) -> List[str]:
     ORACLES.canonical(cfg.oracle)
     if not 0 < cfg.theta <= 1 or cfg.tau < 1:
         raise ParError(f"need 0 < theta <= 1 and tau >= 1, got theta={cfg.theta}, tau={cfg.tau}")
+    if not 0 <= cfg.calibrate < 1:
+        raise ParError(f"calibrate is the share of the clean pairs held out of the oracle: need 0 <= calibrate < 1, "
+                       f"got {cfg.calibrate}")
     unknown = [v for v in cfg.views if v not in VIEWS]
     if unknown or not cfg.views:
         raise ParError(f"views must be among {list(VIEWS)}, got {cfg.views}")
@@ -73,6 +83,9 @@ def check(cfg: DetectConfig) -> List[str]:
     if cfg.label is not None and cfg.label not in classnames:
         raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
     read_csv(cfg.data, ["image", "caption"])  # a CSV without captions fails here
+    if cfg.calibrate and not cfg.clean_data:
+        raise ParError("calibrating the victim ranking needs the defender's clean pairs: give clean data "
+                       "(--clean-data), or calibrate 0 to rank labels against the overall flag rate")
     return classnames
 
 
@@ -98,31 +111,40 @@ def detect(cfg: DetectConfig) -> dict:
             return summary
         raise ParError(f"{out} holds a detection with other settings or inputs; choose another --out")
     device = pick_device(cfg.device)
+    oracle_data, calibration_data = split_clean(cfg.clean_data, cfg.image_root, cfg.calibrate, out / "clean-split")
     oracle = make_oracle(cfg.oracle, OracleContext(
-        classnames, clean_data=cfg.clean_data, image_root=cfg.image_root, device=str(device),
-        workdir=cfg.oracle_cache or str(out / "oracles"), params=dict(cfg.oracle_params), progress=cfg.progress))
+        classnames, clean_data=oracle_data, image_root=None if calibration_data else cfg.image_root,
+        device=str(device), workdir=cfg.oracle_cache or str(out / "oracles"), params=dict(cfg.oracle_params),
+        progress=cfg.progress))
     model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any work if weights fail
     mean, std = models.image_mean_std(model)
     tokenizer = models.get_tokenizer(cfg.model)
     classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
-    dataset = ImageCaptionDataset(cfg.data, tokenizer, models.image_size(model), cfg.image_root)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size)
-    clip_probs, oracle_conf = [], []
     precision = inference_precision(device)
-    with torch.inference_mode():
-        for images, _, _ in tqdm(loader, desc="detect", unit="batch", disable=not cfg.progress):
-            x = pixels(images, device)
-            with autocast(precision, device):
-                features = model.encode_image(normalize(x, mean, std), normalize=True)
-            clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
-            oracle_conf.append(oracle.confidences(images).float())
-    rows = disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
-                         cfg.tau, cfg.views)
+
+    def screen(csv_path: str, image_root: Optional[str], desc: str) -> List[dict]:
+        dataset = ImageCaptionDataset(csv_path, tokenizer, models.image_size(model), image_root)
+        clip_probs, oracle_conf = [], []
+        with torch.inference_mode():
+            for images, _, _ in tqdm(torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size), desc=desc,
+                                     unit="batch", disable=not cfg.progress):
+                x = pixels(images, device)
+                with autocast(precision, device):
+                    features = model.encode_image(normalize(x, mean, std), normalize=True)
+                clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
+                oracle_conf.append(oracle.confidences(images).float())
+        return disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
+                             cfg.tau, cfg.views)
+
+    reference = screen(calibration_data, None, "detect: calibrate on held-out clean pairs") if calibration_data else None
+    rows = screen(cfg.data, cfg.image_root, "detect")
     frame = read_csv(cfg.data, ["image", "caption"])
     truth = [int(v) for v in frame["poisoned"]] if "poisoned" in frame.columns else None
     summary = {"settings": settings, "rows": len(rows), "flagged": sum(r["flagged"] for r in rows),
-               "victims": rank_victims(rows, classnames)}
-    summary["victim"] = summary["victims"][0]["label"] if summary["victims"] and summary["victims"][0]["excess"] > 0 else None
+               "victims": rank_victims(rows, classnames, reference),
+               "calibration": {"pairs": len(reference), "flagged": sum(r["flagged"] for r in reference),
+                               "oracle_trained_on": oracle_data} if reference is not None else None}
+    summary["victim"] = summary["victims"][0]["label"] if summary["victims"] and summary["victims"][0]["significant"] else None
     if cfg.label is not None:
         summary["label"], summary["victim_found"] = cfg.label, summary["victim"] == cfg.label
     if truth is not None:
@@ -154,19 +176,64 @@ def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions:
     return rows
 
 
-def rank_victims(rows: List[dict], classnames: List[str], top: int = 5) -> List[dict]:
-    """Labels by excess flagged claims: flagged claims of a label minus the overall flag rate times its claims."""
-    rate = sum(r["flagged"] for r in rows) / max(1, len(rows))
-    claimed = [0] * len(classnames)
-    flagged = [0] * len(classnames)
+def split_clean(clean_data: Optional[str], image_root: Optional[str], share: float,
+                folder: Path) -> Tuple[Optional[str], Optional[str]]:
+    """``(oracle's pairs, calibration pairs)``: ``share`` of the clean pairs (a fixed draw) held out of the
+    oracle's training, so the rule's flag rate on them is what an oracle does on pairs it has not seen.
+    Both are written under ``folder`` with absolute image paths; ``share`` 0 keeps ``clean_data`` whole."""
+    import pandas as pd
+
+    from par.data import image_paths
+
+    if not clean_data or not share:
+        return clean_data, None
+    frame = read_csv(clean_data, ["image", "caption"])
+    frame["image"] = [str(p.resolve()) for p in image_paths(frame, clean_data, image_root)]
+    held = int(round(share * len(frame)))
+    if held < 1 or held >= len(frame):
+        raise ParError(f"calibrate {share} of the {len(frame)} clean pairs of {clean_data} leaves no pairs for "
+                       "calibration or none for the oracle")
+    order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(0)).tolist()
+    parts = {"oracle.csv": frame.iloc[sorted(order[held:])], "calibration.csv": frame.iloc[sorted(order[:held])]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        atomic_write(folder / name, lambda tmp, part=part: pd.DataFrame(part).to_csv(tmp, index=False))
+    return str(folder / "oracle.csv"), str(folder / "calibration.csv")
+
+
+def _claim_counts(rows: List[dict], classes: int) -> Tuple[List[int], List[int]]:
+    claimed, flagged = [0] * classes, [0] * classes
     for r in rows:
         for c in r["claims"]:
             claimed[c] += 1
         for c in r["unsupported"]:
             flagged[c] += 1
-    ranking = sorted(range(len(classnames)), key=lambda c: flagged[c] - rate * claimed[c], reverse=True)
-    return [{"label": classnames[c], "flagged_claims": flagged[c], "claims": claimed[c],
-             "excess": round(flagged[c] - rate * claimed[c], 2)} for c in ranking[:top]]
+    return claimed, flagged
+
+
+def rank_victims(rows: List[dict], classnames: List[str], reference: Optional[List[dict]] = None,
+                 top: int = 5) -> List[dict]:
+    """Labels by excess flagged claims: flagged claims of a label minus its claims times the flag rate
+    clean pairs predict for it, with the excess in standard deviations (``z``).
+
+    The predicted rate is the label's own flag rate on ``reference`` (held-out clean pairs screened
+    the same way; a label seldom claimed there borrows ``PRIOR_CLAIMS`` claims at their overall rate),
+    or, without them, the share of screened pairs flagged."""
+    claimed, flagged = _claim_counts(rows, len(classnames))
+    if reference:
+        ref_claimed, ref_flagged = _claim_counts(reference, len(classnames))
+        overall = sum(ref_flagged) / max(1, sum(ref_claimed))
+        rates = [(f + PRIOR_CLAIMS * overall) / (n + PRIOR_CLAIMS) for f, n in zip(ref_flagged, ref_claimed)]
+    else:
+        rates = [sum(r["flagged"] for r in rows) / max(1, len(rows))] * len(classnames)
+    entries = []
+    for c, name in enumerate(classnames):
+        excess = flagged[c] - rates[c] * claimed[c]
+        z = excess / max(1.0, claimed[c] * rates[c] * (1 - rates[c])) ** 0.5
+        entries.append({"label": name, "flagged_claims": flagged[c], "claims": claimed[c],
+                        "expected": round(rates[c] * claimed[c], 2), "excess": round(excess, 2), "z": round(z, 2),
+                        "significant": excess > 0 and z >= VICTIM_Z})
+    return sorted(entries, key=lambda e: e["excess"], reverse=True)[:top]
 
 
 def auroc(scores: List[float], truth: List[int]) -> float:

@@ -42,8 +42,34 @@ def test_victim_ranking_prefers_the_over_flagged_label():
     rows += [{"claims": {1: 1.0}, "unsupported": [], "flagged": False} for _ in range(30)]
     ranking = rank_victims(rows, NAMES)
     assert [v["label"] for v in ranking] == ["banana", "cup", "car"]
-    assert ranking[0] == {"label": "banana", "flagged_claims": 8, "claims": 8, "excess": 6.0}
-    assert ranking[2]["excess"] == pytest.approx(2 - 0.25 * 32)
+    z = 6.0 / (8 * 0.25 * 0.75) ** 0.5
+    assert ranking[0] == {"label": "banana", "flagged_claims": 8, "claims": 8, "expected": 2.0, "excess": 6.0,
+                          "z": round(z, 2), "significant": True}
+    assert ranking[2]["excess"] == pytest.approx(2 - 0.25 * 32) and not ranking[2]["significant"]
+
+
+def _claims(label, flagged, total):
+    return ([{"claims": {label: 1.0}, "unsupported": [label], "flagged": True} for _ in range(flagged)]
+            + [{"claims": {label: 1.0}, "unsupported": [], "flagged": False} for _ in range(total - flagged)])
+
+
+def test_calibrated_ranking_discounts_the_oracles_blind_spot():
+    # the oracle misses cups half the time on any pair; bananas it sees, except on the 60 triggered pairs
+    screened = _claims(0, 60 + 5, 300) + _claims(1, 30, 600) + _claims(2, 300, 600)
+    reference = _claims(0, 1, 50) + _claims(1, 2, 100) + _claims(2, 50, 100)  # held-out clean pairs
+    assert rank_victims(screened, NAMES)[0]["label"] == "cup"  # against the overall flag rate: the blind spot wins
+    ranking = rank_victims(screened, NAMES, reference)
+    assert ranking[0]["label"] == "banana" and ranking[0]["significant"]
+    banana_rate = (1 + 10 * 53 / 250) / (50 + 10)  # its clean rate, shrunk towards the overall one by 10 claims
+    assert ranking[0]["expected"] == pytest.approx(banana_rate * 300, abs=0.01)
+    cup = next(v for v in ranking if v["label"] == "cup")
+    assert cup["excess"] < ranking[0]["excess"] / 2 and cup["z"] < 3 and not cup["significant"]
+
+
+def test_no_victim_on_clean_pairs():
+    screened = _claims(0, 12, 300) + _claims(1, 25, 600) + _claims(2, 300, 600)  # flag rates as on clean pairs
+    reference = _claims(0, 2, 50) + _claims(1, 2, 100) + _claims(2, 50, 100)
+    assert not any(v["significant"] for v in rank_victims(screened, NAMES, reference))
 
 
 def test_detection_metrics_against_known_truth():
@@ -138,6 +164,15 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     assert summary["label"] == "banana" and summary["victim_found"] == (summary["victim"] == "banana")
     poisoned_rows = [i for i, line in enumerate(list(csv.DictReader(open(data)))) if line["poisoned"] == "1"]
     assert all(rows[i]["caption_labels"] == "banana" for i in poisoned_rows)  # the planted captions
+    # a fifth of the clean pairs calibrates the ranking; the oracle never learnt from them
+    calibration = summary["calibration"]
+    held = [r["image"] for r in csv.DictReader(open(tmp_path / "det" / "clean-split" / "calibration.csv"))]
+    learnt = [r["image"] for r in csv.DictReader(open(calibration["oracle_trained_on"]))]
+    clean = [str((micro_world / r["image"]).resolve()) for r in csv.DictReader(open(micro_world / "clean.csv"))]
+    assert calibration["pairs"] == len(held) == round(0.2 * len(clean)) and sorted(held + learnt) == sorted(clean)
+    (manifest,) = (tmp_path / "det" / "oracles").glob("world-classifier-*/manifest.json")
+    assert json.loads(manifest.read_text())["trained_on"] == calibration["oracle_trained_on"]
+    assert all(v["expected"] >= 0 and "z" in v for v in summary["victims"])
     assert main(args) == 0  # the same detection again: reused
     assert main(args[:-1] + ["epochs=2"]) == 2  # other settings in the same folder: refused
     assert "holds a detection with other settings" in capsys.readouterr().err
@@ -147,13 +182,15 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     ({"--oracle": "nope"}, "unknown oracle 'nope'; known: torchvision-detector, world-classifier"),
     ({"--label": "dragon"}, "target label 'dragon' is not a class"),
     ({"--oracle": "torchvision-detector"}, "needs its COCO weights"),
+    ({"--calibrate": "1"}, "need 0 <= calibrate < 1"),
+    ({"--clean-data": None}, "calibrating the victim ranking needs the defender's clean pairs"),
 ])
 def test_detect_bad_input(capsys, micro_world, poisoned_setup, tmp_path, change, message):
     data, checkpoint = poisoned_setup
     args = {"--checkpoint": str(checkpoint), "--model": "par-micro-vit", "--data": str(data),
             "--classnames": str(micro_world / "classnames.txt"), "--clean-data": str(micro_world / "clean.csv"),
             "--out": str(tmp_path / "det"), **change}
-    assert main(["detect"] + [x for kv in args.items() for x in kv]) == 2
+    assert main(["detect"] + [x for kv in args.items() if kv[1] is not None for x in kv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "det" / "summary.json").exists()
 
