@@ -110,8 +110,9 @@ def cmd_detect(args) -> None:
     summary = detect(DetectConfig(
         checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames, out=args.out,
         oracle=args.oracle, oracle_params=_attack_params(args.oracle_param), clean_data=args.clean_data,
-        image_root=args.image_root, templates=args.templates, label=args.label, theta=args.theta, tau=args.tau,
-        calibrate=args.calibrate, views=[v for v in args.views.split(",") if v], device=args.device))
+        oracle_cache=args.oracle_cache, image_root=args.image_root, templates=args.templates, label=args.label,
+        theta=args.theta, tau=args.tau, calibrate=args.calibrate, views=[v for v in args.views.split(",") if v],
+        device=args.device))
     print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: "
           f"{summary['victim'] or f'none (no label flagged significantly more than predicted, z < {VICTIM_Z})'}")
     calibration = summary.get("calibration")
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", default="world-classifier", help="registered oracle: world-classifier | torchvision-detector")
     p.add_argument("--oracle-param", action="append", metavar="KEY=VALUE", help="oracle setting, e.g. weights=PATH")
     p.add_argument("--clean-data", help="clean image,caption pairs a learning oracle learns from (never --data)")
+    p.add_argument("--oracle-cache", help="folder of trained oracles, shared by detections (default: OUT/oracles)")
     p.add_argument("--image-root")
     p.add_argument("--templates", default="openai")
     p.add_argument("--label", help="the attack's target, when known: reported as found or not")

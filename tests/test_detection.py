@@ -155,7 +155,8 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     data, checkpoint = poisoned_setup
     args = ["detect", "--checkpoint", str(checkpoint), "--model", "par-micro-vit", "--data", str(data),
             "--classnames", str(micro_world / "classnames.txt"), "--clean-data", str(micro_world / "clean.csv"),
-            "--label", "banana", "--out", str(tmp_path / "det"), "--oracle-param", "epochs=1"]
+            "--label", "banana", "--out", str(tmp_path / "det"), "--oracle-cache", str(tmp_path / "shared"),
+            "--oracle-param", "epochs=1"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "det" / "summary.json").read_text())
     rows = list(csv.DictReader((tmp_path / "det" / "detections.csv").open()))
@@ -170,7 +171,7 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     learnt = [r["image"] for r in csv.DictReader(open(calibration["oracle_trained_on"]))]
     clean = [str((micro_world / r["image"]).resolve()) for r in csv.DictReader(open(micro_world / "clean.csv"))]
     assert calibration["pairs"] == len(held) == round(0.2 * len(clean)) and sorted(held + learnt) == sorted(clean)
-    (manifest,) = (tmp_path / "det" / "oracles").glob("world-classifier-*/manifest.json")
+    (manifest,) = (tmp_path / "shared").glob("world-classifier-*/manifest.json")  # --oracle-cache: shared
     assert json.loads(manifest.read_text())["trained_on"] == calibration["oracle_trained_on"]
     assert all(v["expected"] >= 0 and "z" in v for v in summary["victims"])
     assert main(args) == 0  # the same detection again: reused
