@@ -113,8 +113,9 @@ def cmd_detect(args) -> None:
         oracle_cache=args.oracle_cache, image_root=args.image_root, templates=args.templates, label=args.label,
         theta=args.theta, tau=args.tau, calibrate=args.calibrate, views=[v for v in args.views.split(",") if v],
         device=args.device))
-    print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: "
-          f"{summary['victim'] or f'none (no label flagged significantly more than predicted, z < {VICTIM_Z})'}")
+    strength = (f"z {summary['victim_z']}: " + ("significant" if summary["victim_significant"] else
+                f"weak evidence, below {VICTIM_Z}")) if summary["victim"] else "no label flagged more than predicted"
+    print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: {summary['victim']} ({strength})")
     calibration = summary.get("calibration")
     print(f"  predicted flags per label: its flag rate on {calibration['pairs']} held-out clean pairs"
           if calibration else "  predicted flags per label: the overall flag rate (not calibrated on clean pairs)")

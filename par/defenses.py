@@ -170,7 +170,7 @@ class EftCLIP(MultiStageDefense):
         if path.exists():  # curated before from the same detection (the run folder is keyed by the job)
             return path
         p, summary = self.params(job), outputs["detect"]
-        victims = [v["label"] for v in summary["victims"][: p.victims] if v["significant"]]
+        victims = [v["label"] for v in summary["victims"][: p.victims] if v["excess"] > 0]
         flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(bool).tolist()
         frame = read_csv(job.poisoned_data, ["image", "caption"])
         frame["image"] = [str(path.resolve()) for path in image_paths(frame, job.poisoned_data, job.image_root)]

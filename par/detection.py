@@ -14,10 +14,12 @@ a trigger. For every image-caption pair:
 
 Victim labels are ranked by how many more flagged claims they have than clean pairs predict. An
 oracle has blind spots of its own (small or thin objects it often misses), so the prediction is
-each label's own flag rate, measured on a share of the defender's clean pairs held out of the
-oracle's training (``calibrate``); without clean pairs it is the overall flag rate of the screened
-pairs. A label is named the victim only when its excess is significant (z >= ``VICTIM_Z``), so a
-clean model screened on clean data gets none. Where the data says which rows were poisoned (our ``poison`` writes a ``poisoned``
+each label's own flag rate, measured apart for the captions' claims and the poisoned CLIP's on a
+share of the defender's clean pairs held out of the oracle's training (``calibrate``;
+``rank_victims`` says why apart); without clean pairs it is the overall flag rate of the screened
+pairs. The top label is the victim; its excess in standard deviations (``z``: noise of the screened
+claims and of the rate's estimate) says how strong the evidence is (``significant``: z >=
+``VICTIM_Z``). Where the data says which rows were poisoned (our ``poison`` writes a ``poisoned``
 column and a manifest), detection rate, precision, recall, AUROC and TPR at 5 % FPR are reported.
 The paper's oracle prompts a segmenter with CLIP's object list and re-classifies the crops; with a
 classifier oracle the object list is compared directly.
@@ -144,7 +146,10 @@ def detect(cfg: DetectConfig) -> dict:
                "victims": rank_victims(rows, classnames, reference),
                "calibration": {"pairs": len(reference), "flagged": sum(r["flagged"] for r in reference),
                                "oracle_trained_on": oracle_data} if reference is not None else None}
-    summary["victim"] = summary["victims"][0]["label"] if summary["victims"] and summary["victims"][0]["significant"] else None
+    top = summary["victims"][0] if summary["victims"] else None
+    summary["victim"] = top["label"] if top and top["excess"] > 0 else None
+    summary["victim_z"] = top["z"] if summary["victim"] else None
+    summary["victim_significant"] = bool(summary["victim"]) and top["significant"]
     if cfg.label is not None:
         summary["label"], summary["victim_found"] = cfg.label, summary["victim"] == cfg.label
     if truth is not None:
@@ -201,14 +206,19 @@ def split_clean(clean_data: Optional[str], image_root: Optional[str], share: flo
     return str(folder / "oracle.csv"), str(folder / "calibration.csv")
 
 
-def _claim_counts(rows: List[dict], classes: int) -> Tuple[List[int], List[int]]:
-    claimed, flagged = [0] * classes, [0] * classes
+SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
+
+
+def _claim_counts(rows: List[dict], classes: int) -> Dict[str, Tuple[List[int], List[int]]]:
+    """Claims and flagged claims per label, apart for each source (a label the caption names is the caption's)."""
+    counts = {source: ([0] * classes, [0] * classes) for source in SOURCES}
     for r in rows:
+        captioned = set(r.get("caption_labels", ()))
         for c in r["claims"]:
+            claimed, flagged = counts["caption" if c in captioned else "clip"]
             claimed[c] += 1
-        for c in r["unsupported"]:
-            flagged[c] += 1
-    return claimed, flagged
+            flagged[c] += c in r["unsupported"]
+    return counts
 
 
 def rank_victims(rows: List[dict], classnames: List[str], reference: Optional[List[dict]] = None,
@@ -216,23 +226,36 @@ def rank_victims(rows: List[dict], classnames: List[str], reference: Optional[Li
     """Labels by excess flagged claims: flagged claims of a label minus its claims times the flag rate
     clean pairs predict for it, with the excess in standard deviations (``z``).
 
-    The predicted rate is the label's own flag rate on ``reference`` (held-out clean pairs screened
-    the same way; a label seldom claimed there borrows ``PRIOR_CLAIMS`` claims at their overall rate),
-    or, without them, the share of screened pairs flagged."""
-    claimed, flagged = _claim_counts(rows, len(classnames))
+    The predicted rate is measured on ``reference`` (held-out clean pairs screened the same way) for
+    each label and each source of a claim apart: the captions' claims give the oracle's own misses
+    of the label; the poisoned CLIP's lone claims give its confident mistakes on clean images, which
+    the backdoor inflates for its target. Mixing the two would charge the target's captioned claims
+    with CLIP's inflated rate and hide the poison. A label seldom claimed borrows ``PRIOR_CLAIMS``
+    claims at the source's overall rate. Without ``reference``: the share of screened pairs flagged."""
+    counts = _claim_counts(rows, len(classnames))
     if reference:
-        ref_claimed, ref_flagged = _claim_counts(reference, len(classnames))
-        overall = sum(ref_flagged) / max(1, sum(ref_claimed))
-        rates = [(f + PRIOR_CLAIMS * overall) / (n + PRIOR_CLAIMS) for f, n in zip(ref_flagged, ref_claimed)]
+        ref = _claim_counts(reference, len(classnames))
+        rates, measured_on = {}, {}  # measured_on: the claims a rate was estimated from (its own uncertainty)
+        for source, (ref_claimed, ref_flagged) in ref.items():
+            overall = sum(ref_flagged) / max(1, sum(ref_claimed))
+            rates[source] = [(f + PRIOR_CLAIMS * overall) / (n + PRIOR_CLAIMS) for f, n in zip(ref_flagged, ref_claimed)]
+            measured_on[source] = [n + PRIOR_CLAIMS for n in ref_claimed]
     else:
-        rates = [sum(r["flagged"] for r in rows) / max(1, len(rows))] * len(classnames)
+        rate = sum(r["flagged"] for r in rows) / max(1, len(rows))
+        rates = {source: [rate] * len(classnames) for source in SOURCES}
+        measured_on = {source: [len(rows)] * len(classnames) for source in SOURCES}
     entries = []
     for c, name in enumerate(classnames):
-        excess = flagged[c] - rates[c] * claimed[c]
-        z = excess / max(1.0, claimed[c] * rates[c] * (1 - rates[c])) ** 0.5
-        entries.append({"label": name, "flagged_claims": flagged[c], "claims": claimed[c],
-                        "expected": round(rates[c] * claimed[c], 2), "excess": round(excess, 2), "z": round(z, 2),
-                        "significant": excess > 0 and z >= VICTIM_Z})
+        claimed = sum(counts[source][0][c] for source in SOURCES)
+        flagged = sum(counts[source][1][c] for source in SOURCES)
+        expected = sum(counts[source][0][c] * rates[source][c] for source in SOURCES)
+        # binomial noise of the screened claims plus that of the rate's estimate
+        variance = sum(counts[source][0][c] * rates[source][c] * (1 - rates[source][c])
+                       * (1 + counts[source][0][c] / max(1, measured_on[source][c])) for source in SOURCES)
+        excess = flagged - expected
+        z = excess / max(1.0, variance) ** 0.5
+        entries.append({"label": name, "flagged_claims": flagged, "claims": claimed, "expected": round(expected, 2),
+                        "excess": round(excess, 2), "z": round(z, 2), "significant": excess > 0 and z >= VICTIM_Z})
     return sorted(entries, key=lambda e: e["excess"], reverse=True)[:top]
 
 

@@ -42,7 +42,7 @@ def test_victim_ranking_prefers_the_over_flagged_label():
     rows += [{"claims": {1: 1.0}, "unsupported": [], "flagged": False} for _ in range(30)]
     ranking = rank_victims(rows, NAMES)
     assert [v["label"] for v in ranking] == ["banana", "cup", "car"]
-    z = 6.0 / (8 * 0.25 * 0.75) ** 0.5
+    z = 6.0 / (8 * 0.25 * 0.75 * (1 + 8 / 40)) ** 0.5  # the screened claims' noise and the rate's (from 40 rows)
     assert ranking[0] == {"label": "banana", "flagged_claims": 8, "claims": 8, "expected": 2.0, "excess": 6.0,
                           "z": round(z, 2), "significant": True}
     assert ranking[2]["excess"] == pytest.approx(2 - 0.25 * 32) and not ranking[2]["significant"]
@@ -64,6 +64,24 @@ def test_calibrated_ranking_discounts_the_oracles_blind_spot():
     assert ranking[0]["expected"] == pytest.approx(banana_rate * 300, abs=0.01)
     cup = next(v for v in ranking if v["label"] == "cup")
     assert cup["excess"] < ranking[0]["excess"] / 2 and cup["z"] < 3 and not cup["significant"]
+
+
+def test_calibration_keeps_the_captions_and_clips_claims_apart():
+    def claims(label, flagged, total, captioned):
+        return [{**r, "caption_labels": [label] if captioned else []} for r in _claims(label, flagged, total)]
+
+    # clean pairs: the oracle misses 1 banana in 25; the poisoned CLIP's lone banana claims are mostly wrong
+    reference = claims(0, 4, 100, True) + claims(0, 18, 20, False) + claims(1, 4, 100, True)
+    # screened: 60 poisoned pairs captioned banana, all flagged, on top of the clean rates
+    screened = claims(0, 60 + 12, 360, True) + claims(0, 18, 20, False) + claims(1, 12, 300, True)
+    (banana,) = [v for v in rank_victims(screened, NAMES, reference) if v["label"] == "banana"]
+    caption_rate, clip_rate = (4 + 10 * 8 / 200) / 110, (18 + 10 * 18 / 20) / 30
+    assert banana["expected"] == pytest.approx(360 * caption_rate + 20 * clip_rate, abs=0.01)
+    assert banana["excess"] == pytest.approx(90 - 360 * caption_rate - 20 * clip_rate, abs=0.01) and banana["excess"] > 55
+    # one rate for both sources charges the captioned claims with CLIP's mistakes: the poison is hidden
+    merged = [{k: v for k, v in r.items() if k != "caption_labels"} for r in screened]
+    merged_ref = [{k: v for k, v in r.items() if k != "caption_labels"} for r in reference]
+    assert next(v for v in rank_victims(merged, NAMES, merged_ref) if v["label"] == "banana")["excess"] < banana["excess"] / 2
 
 
 def test_no_victim_on_clean_pairs():
