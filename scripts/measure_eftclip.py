@@ -64,7 +64,8 @@ def main() -> int:
                  "false_positive_rate": mean(mine, "detection_false_positive_rate"),
                  "cleaned": {"eftclip": (mean(mine, "cleaned_ca"), mean(mine, "cleaned_asr"))},
                  "poisoned": (mean(mine[:1], "poisoned_ca"), mean(mine[:1], "poisoned_asr"))}
-        for defense in dict.fromkeys(r["defense"] for r in others if r["attack"] == attack):
+        # eftclip's own cells are this run's (an older run's eftclip rows in results.csv are not)
+        for defense in dict.fromkeys(r["defense"] for r in others if r["attack"] == attack and r["defense"] != "eftclip"):
             same = [r for r in others if r["attack"] == attack and r["defense"] == defense and r["status"] == "ok"
                     and r["setting"] == "default" and (defense == "never-poisoned" or int(r["seed"]) in seeds)]
             if same:

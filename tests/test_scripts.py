@@ -104,6 +104,15 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     assert entry["attack"] == "badnet_rs" and 0 <= entry["auroc"] <= 1 and "eftclip" in entry["cleaned"]
     assert summary["victim_found_for_every_attack"] == (entry["victims"] == ["banana"])
     assert "victim 'banana' found for every attack" in stdout and not (out / "results.csv").exists()
+    # an older benchmark's eftclip row in results.csv is shown neither as this run's nor beside it
+    header = "attack,defense,setting,seed,cleaned_ca,cleaned_asr,status\n"
+    (out / "results.csv").write_text(header + "badnet_rs,eftclip,default,0,0.123,0.456,ok\n"
+                                      "badnet_rs,ft,default,0,0.5,0.25,ok\n")
+    _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),
+          "--attacks", "badnet_rs"], tmp_path)
+    (again,) = json.loads((out / "eftclip-measurement.json").read_text())["attacks"]
+    assert again["cleaned"]["eftclip"] == entry["cleaned"]["eftclip"] != [12.3, 45.6]
+    assert again["cleaned"]["ft"] == [50.0, 25.0]
 
 
 def test_loader_throughput_measures_csv_and_shards(tmp_path):
