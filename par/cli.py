@@ -120,7 +120,8 @@ def cmd_detect(args) -> None:
     print(f"  predicted flags per label: its flag rate on {calibration['pairs']} held-out clean pairs"
           if calibration else "  predicted flags per label: the overall flag rate (not calibrated on clean pairs)")
     for v in summary["victims"]:
-        print(f"  {v['label']:<16} flagged claims {v['flagged_claims']:>6} of {v['claims']:>6}  excess {v['excess']:>8} (z {v['z']})")
+        print(f"  {v['label']:<16} flagged claims {v['flagged_claims']:>6} of {v['claims']:>6}  "
+              f"excess {v['excess']:>8} (z {v['z']})")
     for key, value in (summary.get("metrics") or {}).items():
         print(f"  {key}: {value if value is None or isinstance(value, int) else round(value, 4)}")
     print(f"detections: {args.out}/detections.csv, summary: {args.out}/summary.json")

@@ -43,6 +43,7 @@ from par.oracles import ORACLES, OracleContext, make_oracle
 from par.utils import atomic_write, atomic_write_text, autocast, file_digest, inference_precision, pick_device
 
 VIEWS = ("clip", "caption")
+SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
 VICTIM_Z = 3.0  # a victim's flagged claims exceed the prediction by this many standard deviations
 PRIOR_CLAIMS = 10  # a label's clean flag rate borrows this many claims at the overall clean rate
 
@@ -186,8 +187,6 @@ def split_clean(clean_data: Optional[str], image_root: Optional[str], share: flo
     """``(oracle's pairs, calibration pairs)``: ``share`` of the clean pairs (a fixed draw) held out of the
     oracle's training, so the rule's flag rate on them is what an oracle does on pairs it has not seen.
     Both are written under ``folder`` with absolute image paths; ``share`` 0 keeps ``clean_data`` whole."""
-    import pandas as pd
-
     from par.data import image_paths
 
     if not clean_data or not share:
@@ -202,11 +201,8 @@ def split_clean(clean_data: Optional[str], image_root: Optional[str], share: flo
     parts = {"oracle.csv": frame.iloc[sorted(order[held:])], "calibration.csv": frame.iloc[sorted(order[:held])]}
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
-        atomic_write(folder / name, lambda tmp, part=part: pd.DataFrame(part).to_csv(tmp, index=False))
+        atomic_write(folder / name, lambda tmp, part=part: part.to_csv(tmp, index=False))
     return str(folder / "oracle.csv"), str(folder / "calibration.csv")
-
-
-SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
 
 
 def _claim_counts(rows: List[dict], classes: int) -> Dict[str, Tuple[List[int], List[int]]]:

@@ -65,8 +65,9 @@ def main() -> int:
                  "cleaned": {"eftclip": (mean(mine, "cleaned_ca"), mean(mine, "cleaned_asr"))},
                  "poisoned": (mean(mine[:1], "poisoned_ca"), mean(mine[:1], "poisoned_asr"))}
         # eftclip's own cells are this run's (an older run's eftclip rows in results.csv are not)
-        for defense in dict.fromkeys(r["defense"] for r in others if r["attack"] == attack and r["defense"] != "eftclip"):
-            same = [r for r in others if r["attack"] == attack and r["defense"] == defense and r["status"] == "ok"
+        beside = [r for r in others if r["attack"] == attack and r["defense"] != "eftclip"]
+        for defense in dict.fromkeys(r["defense"] for r in beside):
+            same = [r for r in beside if r["defense"] == defense and r["status"] == "ok"
                     and r["setting"] == "default" and (defense == "never-poisoned" or int(r["seed"]) in seeds)]
             if same:
                 entry["cleaned"][defense] = (mean(same, "cleaned_ca"), mean(same, "cleaned_asr"))
