@@ -204,9 +204,9 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     mean, std, size = objective.context.mean, objective.context.std, models.image_size(model)
     augment = AUGMENTATIONS.get(cfg.augment)
     data = build_data(cfg, dist, device, tokenizer, size)
-    generators = {"augment": torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)}
+    generators = {"augment": torch.Generator(device).manual_seed(cfg.seed + 1 + dist.rank)}  # draws on the device
     evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = make_optimizer(cfg, model, device)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
 
@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
             print(f"resuming {run.out} at step {step}")
 
     # ---- loop
-    micro = cfg.batch_size // dist.world_size // cfg.accum_steps
+    finite = FiniteWatch(device)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({cfg.objective})", unit="step",
                disable=not (cfg.progress and dist.main))
     start, seen, first_step = time.time(), 0, step
@@ -238,32 +238,23 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                 images = augment(to_float(raw_images), mean, std, generator=generators["augment"])
                 tokens = tokens.to(device, non_blocking=True)
                 labels = None if labels is None else labels.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                totals = {}
-                for k in range(cfg.accum_steps):  # micro-batches; DDP syncs gradients on the last one
-                    part = slice(k * micro, (k + 1) * micro)
-                    batch = Batch(images[part], tokens[part], raw_images[part], captions[part],
-                                  None if labels is None else labels[part])
-                    sync = k == cfg.accum_steps - 1 or dist.world_size == 1
-                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(cfg.precision, device):
-                        terms = objective(wrapped, batch)
-                    check_finite(terms["loss"], step, cfg.lr, run.state)
-                    scaler.scale(terms["loss"] / cfg.accum_steps).backward()
-                    for name, value in terms.items():
-                        totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.accum_steps
-                scaler.step(optimizer)
-                scaler.update()
+                batch = Batch(images, tokens, raw_images, captions, labels)
+                totals = train_step(wrapped, objective, batch, cfg.accum_steps, cfg.precision, device, optimizer,
+                                    scaler, dist.world_size > 1)
                 objective.after_step(model)
+                finite.watch(totals["loss"], step)
                 step, batches_done, seen = step + 1, batches_done + 1, seen + cfg.batch_size
                 bar.update(1)
 
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    finite.check(cfg.lr, run.state, dist)  # a saved state is always a good one
                     rng = dist.gather_to_main(rng_state(generators, objective))  # every rank's streams, one file
                     if dist.main:
                         save_state(run.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                                                "batches_done": batches_done, "rng": rng})
                 if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    finite.check(cfg.lr, run.state, dist)
                     record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                               **{k: dist.mean(v).item() for k, v in totals.items()}}
                     if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -275,13 +266,66 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                     break
             epoch, skip = epoch + 1, 0
     bar.close()
+    finite.check(cfg.lr, run.state, dist)
     return finish(cfg, run, dist, model, objective, step, time.time() - start, step - first_step)
 
 
-def check_finite(loss: torch.Tensor, step: int, lr: float, state: Path) -> None:
-    if not torch.isfinite(loss):
-        where = f"; the last good state is {state}" if state.exists() else ""
-        raise ParError(f"loss became {loss.item()} at step {step}; lower lr (now {lr}) or check the data{where}")
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; fused into one kernel per step on CUDA."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
+def train_step(wrapped, objective, batch: Batch, accum_steps: int, precision: str, device: torch.device,
+               optimizer, scaler, ddp: bool) -> dict:
+    """One optimiser step over ``accum_steps`` micro-batches of ``batch``; returns the objective's terms
+    averaged over them (device tensors: nothing here waits for the GPU). The training loop's step, and
+    the one ``scripts/train_throughput.py`` times."""
+    optimizer.zero_grad(set_to_none=True)
+    micro, totals = len(batch.images) // accum_steps, {}
+    for k in range(accum_steps):  # DDP syncs gradients on the last micro-batch only
+        part = slice(k * micro, (k + 1) * micro)
+        piece = Batch(batch.images[part], batch.tokens[part], batch.raw_images[part],
+                      None if batch.captions is None else batch.captions[part],
+                      None if batch.labels is None else batch.labels[part])
+        sync = k == accum_steps - 1 or not ddp
+        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(precision, device):
+            terms = objective(wrapped, piece)
+        scaler.scale(terms["loss"] / accum_steps).backward()
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / accum_steps
+    scaler.step(optimizer)
+    scaler.update()
+    return totals
+
+
+class FiniteWatch:
+    """Remembers the first step whose loss was not finite, on the device: checking every step would make
+    the CPU wait for the GPU at every step. ``check`` (before logging, saving a state, and the checkpoint)
+    raises, so no state or checkpoint is written from a diverged model."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss.float(), self.value)
+
+    def check(self, lr: float, state: Path, dist: Optional[Dist] = None) -> None:
+        """Raises on every process if any process saw a non-finite loss (so none waits on the others)."""
+        step = self.step.clone()
+        if dist is not None and dist.world_size > 1:
+            never = torch.iinfo(torch.long).max
+            step = torch.where(step < 0, never, step)
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+            step = torch.where(step == never, -1, step)
+        first = int(step)
+        if first >= 0:
+            value = self.value.item() if int(self.step) == first else "not finite on another process"
+            where = f"; the last good state is {state}" if state.exists() else ""
+            raise ParError(f"loss became {value} at step {first}; lower lr (now {lr}) or check the data{where}")
 
 
 def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step: int, seconds: float,

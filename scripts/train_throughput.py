@@ -1,19 +1,22 @@
-"""PAR training throughput and MFU, with synthetic tensors and (optionally) the real loader.
+"""Training throughput, MFU and peak memory of the training loop's own step, with synthetic tensors
+and (optionally) the real loader.
 
     python scripts/train_throughput.py --model ViT-B-32 --batch 256 --precision fp32 amp amp_bf16
-    python scripts/train_throughput.py --model ViT-B-32 --data runs/world224/train.csv --workers 12
+    python scripts/train_throughput.py --model ViT-L-14-336 --batch 512 --precision amp_bf16 --grad-checkpointing
     python scripts/train_throughput.py --model ViT-B-32 --data 'shards/{00000..00099}.tar' --workers 12
 
-A PAR step is one forward + backward of the trainable model and one forward of the frozen
-copy: about 4x the forward FLOPs, counted with torch's FlopCounterMode. MFU = achieved FLOP/s
-over the device's peak (``--peak-tflops``; known for H100/H200 bf16/fp16 dense). With
-``--data`` (a CSV or a shard pattern) the same step is fed by the training loop's own loader (``PairLoader`` or
-``ShardLoader``), so the cost of
-decoding shows up as the gap to the synthetic figure. Writes a JSON record per setting to
-``--out`` and prints a table.
+The step timed is ``par.train.train_step`` on the model, objective (default ``par``: a forward and
+backward of the trainable model, a forward of the frozen copy), fused AdamW and GradScaler that
+``par.train`` builds, after the objective's augmentation drawn on the device: what ``python -m par
+train`` runs per step, less logging. FLOPs per sample are counted by torch's FlopCounterMode over one
+real forward + backward of that step (without gradient checkpointing's recomputation, so MFU counts
+useful work only); MFU = achieved FLOP/s over the device's peak (``--peak-tflops``; known for
+H100/H200). With ``--data`` (a CSV or a shard pattern) the same step is fed by the loop's own loader
+(``PairLoader`` or ``ShardLoader``), so the cost of decoding shows up as the gap to the synthetic
+figure. ``--profile FILE`` writes torch.profiler's table of a few steps of the last setting. Writes
+a JSON record per setting to ``--out`` and prints a table.
 """
 import argparse
-import copy
 import json
 import sys
 import time
@@ -27,57 +30,102 @@ PEAK_TFLOPS = {  # dense tensor-core peaks per precision (fp32 = TF32 tensor cor
     "H100": {"fp32": 495.0, "amp": 989.0, "amp_bf16": 989.0},
     "H200": {"fp32": 495.0, "amp": 989.0, "amp_bf16": 989.0},
 }
+CAPTION = "a photo of a banana on a wooden table."
 
 
-def forward_flops(model, images, tokens) -> int:
+def step_flops(objective, model, batch) -> int:
+    """FLOPs of the objective's forward and backward on ``batch``: every forward it makes (the frozen
+    copy's too) and the gradients it needs, as executed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(images, tokens)
+    with FlopCounterMode(display=False) as counter:
+        objective(objective.step_module(model), batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def measure(model, frozen, batches, precision, device, steps, warmup):
-    from open_clip import ClipLoss
+class Setup:
+    """The loop's pieces for one precision: model, objective, optimiser, scaler, augmentation."""
 
-    from par.augment import par_augment
-    from par.losses import par_terms
-    from par.utils import autocast
+    def __init__(self, args, precision, device):
+        from par.augment import AUGMENTATIONS
+        from par.distributed import Dist
+        from par.train import build_model, make_optimizer, train_config
 
-    loss_fn = ClipLoss()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
-    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
-    seen, start = 0, None
-    for i, (raw, tokens) in enumerate(batches(steps + warmup)):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start, seen = time.time(), 0
-        raw, tokens = raw.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        images = par_augment(raw.float().div_(255), mean, std)
-        with autocast(precision, device):
-            image, text, scale = model(images, tokens)
-            with torch.no_grad():
-                f_image, f_text, _ = frozen(images, tokens)
-            loss = par_terms(image, text, f_image, f_text, scale, 2.15, loss_fn)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        seen += raw.shape[0]
+        self.cfg = train_config({"model": args.model, "train_csv": "unused.csv", "out": "unused",
+                                 "objective": args.objective, "augment": args.augment, "precision": precision,
+                                 "grad_checkpointing": args.grad_checkpointing, "compile": args.compile,
+                                 "device": str(device), "batch_size": args.batch, "lr": 1e-6, "progress": False})
+        torch.manual_seed(0)
+        self.model, self.wrapped, self.objective, self.tokenizer = build_model(self.cfg, Dist(), device)
+        self.optimizer = make_optimizer(self.cfg, self.model, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
+        self.augment = AUGMENTATIONS.get(args.augment)
+        self.generator = torch.Generator(device).manual_seed(1)
+        self.device, self.precision = device, precision
+
+    def batch(self, raw, tokens, captions):
+        from par.data import to_float
+        from par.objectives import Batch
+
+        raw, tokens = raw.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+        ctx = self.objective.context
+        images = self.augment(to_float(raw), ctx.mean, ctx.std, generator=self.generator)
+        return Batch(images, tokens, raw, captions)
+
+    def step(self, raw, tokens, captions):
+        from par.train import train_step
+
+        totals = train_step(self.wrapped, self.objective, self.batch(raw, tokens, captions), 1, self.precision,
+                            self.device, self.optimizer, self.scaler, False)
+        self.objective.after_step(self.model)
+        return totals
+
+
+def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def measure(setup, batches, steps, warmup):
+    """Samples/s over ``steps`` steps after ``warmup`` (compilation, autotuning, loss scale)."""
+    seen, start = 0, None
+    for i, (raw, tokens, captions) in enumerate(batches(steps + warmup)):
+        if i == warmup:
+            synchronize(setup.device)
+            start, seen = time.time(), 0
+        setup.step(raw, tokens, captions)
+        seen += raw.shape[0]
+    synchronize(setup.device)
     return seen / (time.time() - start)
+
+
+def profile(setup, batches, path: Path, steps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for raw, tokens, captions in batches(steps):
+            setup.step(raw, tokens, captions)
+        synchronize(setup.device)
+    key = "cuda_time_total" if setup.device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps: {setup.cfg.model}, {setup.precision}, batch {setup.cfg.batch_size}\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    print(f"wrote {path}")
 
 
 def main() -> int:
     from par import models
     from par.data import PairLoader, caption_dataset
     from par.shards import ShardLoader, ShardPairs, is_shard_pattern
+    from par.utils import pick_device
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--objective", default="par")
+    parser.add_argument("--augment", default="par")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--precision", nargs="+", default=["fp32", "amp", "amp_bf16"])
     parser.add_argument("--steps", type=int, default=20)
@@ -87,34 +135,35 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="write torch.profiler's table of the last setting")
     parser.add_argument("--out", default="runs/train_throughput.jsonl")
     args = parser.parse_args()
-
-    from par.utils import pick_device
 
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = models.create_model(args.model).to(device).train()
-    model.logit_scale.requires_grad_(False)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    if args.compile:
-        model, frozen = torch.compile(model), torch.compile(frozen)
-    size = models.image_size(model)
-    tokenizer = models.get_tokenizer(args.model)
-    tokens = tokenizer(["a photo of a banana on a wooden table."] * args.batch)
+    probe = Setup(argparse.Namespace(**{**vars(args), "compile": False, "grad_checkpointing": False}), "fp32",
+                  torch.device("cpu"))
+    size = models.image_size(probe.model)
+    tokenizer = probe.tokenizer
+    two = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    flops = step_flops(probe.objective, probe.model, probe.batch(two, tokenizer([CAPTION] * 2), [CAPTION] * 2)) / 2
+    del probe
+    pin = device.type == "cuda"
     raw = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
-    flops = forward_flops(models.create_model(args.model), raw[:2].float(), tokens[:2]) / 2 * 4  # per sample, PAR step
+    tokens, captions = tokenizer([CAPTION] * args.batch), [CAPTION] * args.batch
+    if pin:  # as the loaders hand batches over
+        raw, tokens = raw.pin_memory(), tokens.pin_memory()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peaks = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
     def synthetic(n):
         for _ in range(n):
-            yield raw, tokens
+            yield raw, tokens, captions
 
     sources = {"synthetic": synthetic}
     if args.data:
-        pin = device.type == "cuda"
         if is_shard_pattern(args.data):
             loader = ShardLoader(ShardPairs(args.data, tokenizer, size), args.batch, args.batch, args.workers, pin)
         else:
@@ -124,8 +173,8 @@ def main() -> int:
         def real(n):
             produced, epoch = 0, 0
             while produced < n:
-                for images, toks, _, _ in loader.epoch(epoch):
-                    yield images, toks
+                for images, toks, caps, _ in loader.epoch(epoch):
+                    yield images, toks, caps
                     produced += 1
                     if produced >= n:
                         return
@@ -135,23 +184,39 @@ def main() -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{name}: {args.model} @ {size}px, batch {args.batch}, {flops / 1e9:.1f} GFLOP per sample per PAR step")
-    print(f"{'source':<10}{'precision':<10}{'samples/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
+    extras = [k for k in ("compile", "grad_checkpointing") if getattr(args, k)]
+    print(f"{name}: {args.model} @ {size}px, {args.objective} step, batch {args.batch}"
+          f"{' + ' + ' + '.join(extras) if extras else ''}, {flops / 1e9:.3g} GFLOP per sample per step")
+    print(f"{'source':<10}{'precision':<10}{'samples/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    setup = None
     for precision in args.precision:
         if device.type == "cpu" and precision == "amp":
             print(f"{'':<10}{precision:<10} skipped: fp16 autocast is for CUDA")
             continue
+        setup = None  # free the previous precision's model before building the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        setup = Setup(args, precision, device)
         for source, batches in sources.items():
-            rate = measure(model, frozen, batches, precision, device, args.steps, args.warmup)
+            rate = measure(setup, batches, args.steps, args.warmup)
+            peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
             tflops = rate * flops / 1e12
             peak = args.peak_tflops or (peaks or {}).get(precision)
             mfu = tflops / peak if peak else None
-            record = {"device": name, "model": args.model, "batch": args.batch, "precision": precision,
-                      "source": source, "samples_per_s": round(rate, 1), "tflops": float(f"{tflops:.4g}"),
-                      "mfu": float(f"{mfu:.4g}") if mfu is not None else None, "compile": args.compile}
+            record = {"device": name, "model": args.model, "objective": args.objective, "batch": args.batch,
+                      "precision": precision, "source": source, "samples_per_s": round(rate, 1),
+                      "tflops": float(f"{tflops:.4g}"), "mfu": float(f"{mfu:.4g}") if mfu is not None else None,
+                      "peak_memory_gib": round(peak_gib, 2) if peak_gib is not None else None,
+                      "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+                      "gflop_per_sample": float(f"{flops / 1e9:.4g}"), "torch": torch.__version__}
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"{source:<10}{precision:<10}{rate:>12.1f}{tflops:>10.2f}{(f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'):>8}")
+            print(f"{source:<10}{precision:<10}{rate:>12.1f}{tflops:>10.2f}"
+                  f"{(f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'):>8}"
+                  f"{(f'{peak_gib:.1f}' if peak_gib is not None else 'n/a'):>10}")
+    if args.profile and setup is not None:
+        profile(setup, synthetic, Path(args.profile))
     return 0
 
 

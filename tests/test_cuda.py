@@ -62,7 +62,7 @@ def test_one_step_trains_and_keeps_the_frozen_copy(encoder, objective, precision
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
     for _ in range(3):  # fp16's first steps may be skipped while the loss scale finds its level
-        images = augment(to_float(raw), mean, std, generator=torch.Generator().manual_seed(0))
+        images = augment(to_float(raw), mean, std, generator=torch.Generator(device).manual_seed(0))
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
             terms = task(wrapped, Batch(images, tokens, raw, list(CAPTIONS)))
@@ -76,6 +76,20 @@ def test_one_step_trains_and_keeps_the_frozen_copy(encoder, objective, precision
     if frozen is not None:
         for k, v in task.frozen.state_dict().items():
             assert torch.equal(v, frozen[k]), f"frozen copy changed: {k}"
+
+
+def test_par_augment_draws_on_the_device():
+    """The loop's generator lives on the training device: the batch-sized noise is drawn there."""
+    from par.augment import par_augment
+
+    device = torch.device(DEVICE)
+    images = torch.rand(64, 3, 32, 32, device=device)
+    a = par_augment(images, (0.5,) * 3, (0.25,) * 3, generator=torch.Generator(device).manual_seed(3))
+    b = par_augment(images, (0.5,) * 3, (0.25,) * 3, generator=torch.Generator(device).manual_seed(3))
+    assert a.device.type == device.type and torch.equal(a, b)
+    plain = (images - 0.5) / 0.25
+    noisy = ((a - plain).abs().flatten(1) > 0.01).float().mean(1) > 0.5  # noise touches every pixel
+    assert 16 < int(noisy.sum()) < 48  # p = 0.5 per image
 
 
 def _micro_run(world, out, **over):

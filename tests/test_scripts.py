@@ -16,15 +16,22 @@ def _run(args, tmp_path):
 
 def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path):
     out = tmp_path / "train.jsonl"
-    stdout = _run(["scripts/train_throughput.py", "--model", "par-micro-vit", "--batch", "8", "--steps", "2",
-                   "--warmup", "1", "--device", "cpu", "--precision", "fp32", "amp", "--workers", "0",
-                   "--csv", str(micro_world / "train.csv"), "--peak-tflops", "1", "--out", str(out)], tmp_path)
+    common = ["scripts/train_throughput.py", "--model", "par-micro-vit", "--batch", "8", "--steps", "2",
+              "--warmup", "1", "--device", "cpu", "--peak-tflops", "1", "--out", str(out)]
+    stdout = _run([*common, "--precision", "fp32", "amp", "--workers", "0", "--csv", str(micro_world / "train.csv"),
+                   "--grad-checkpointing", "--profile", str(tmp_path / "profile.txt")], tmp_path)
+    _run([*common, "--precision", "fp32", "--objective", "ft", "--augment", "none"], tmp_path)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["source"], r["precision"]) for r in records] == [("synthetic", "fp32"), ("loader", "fp32")]
+    assert [(r["source"], r["precision"], r["objective"]) for r in records] == [
+        ("synthetic", "fp32", "par"), ("loader", "fp32", "par"), ("synthetic", "fp32", "ft")]
     for r in records:
         assert r["samples_per_s"] > 0 and r["mfu"] is not None
+    assert records[0]["grad_checkpointing"] and not records[2]["grad_checkpointing"]
+    # PAR's step is fine-tuning's plus the frozen copy's forward: between 1x and 1.5x its FLOPs
+    assert 1.1 < records[0]["gflop_per_sample"] / records[2]["gflop_per_sample"] < 1.5
     assert any(line.split() == ["amp", "skipped:", "fp16", "autocast", "is", "for", "CUDA"] for line in stdout.splitlines())
-    assert "GFLOP per sample per PAR step" in stdout
+    assert "par step, batch 8 + grad_checkpointing" in stdout and "GFLOP per sample per step" in stdout
+    assert "Optimizer.step" in (tmp_path / "profile.txt").read_text()  # the loop's own step was profiled
 
 
 def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path):
@@ -38,8 +45,9 @@ def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path):
     assert all(record[key] > 0 for key in ("forward_only", "clean_eval", "triggered_eval"))
 
 
-def test_forward_flops_counts_a_known_model():
-    """The FLOP count behind MFU, on a model whose count is known: 2 * m * n * k per matmul."""
+def test_step_flops_counts_a_known_model():
+    """The FLOP count behind MFU, on a model whose count is known: 2 * m * n * k per matmul forward, and
+    backward the weights' gradients alone (the inputs need none): twice the forward."""
     import importlib.util
 
     import torch
@@ -56,8 +64,18 @@ def test_forward_flops_counts_a_known_model():
         def forward(self, images, tokens):
             return self.image(images), self.text(tokens), None
 
-    flops = script.forward_flops(TwoLinear(), torch.zeros(4, 12), torch.zeros(4, 7))
-    assert flops == 2 * 4 * 12 * 5 + 2 * 4 * 7 * 3
+    class SumObjective:
+        def step_module(self, model):
+            return model
+
+        def __call__(self, model, batch):
+            image, text, _ = model(batch.images, batch.tokens)
+            return {"loss": image.sum() + text.sum()}
+
+    model = TwoLinear()
+    batch = type("Batch", (), {"images": torch.zeros(4, 12), "tokens": torch.zeros(4, 7)})()
+    assert script.step_flops(SumObjective(), model, batch) == 2 * (2 * 4 * 12 * 5 + 2 * 4 * 7 * 3)
+    assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients behind
 
 
 def test_backdoor_rate_search_walks_down_while_the_attack_succeeds_and_up_while_it_fails(tmp_path):

@@ -10,7 +10,7 @@ from par import models
 from par.errors import ParError
 from par.evaluate import EvalConfig, evaluate, merged_metrics
 from par.objectives import OBJECTIVES, ClipObjective, ObjectiveParams
-from par.train import train, train_config
+from par.train import FiniteWatch, train, train_config
 
 
 def _cfg(world, out, **over):
@@ -52,6 +52,17 @@ def test_non_finite_loss_stops_with_a_clear_message(micro_world, tmp_path):
     with pytest.raises(ParError, match="loss became nan at step 0"):
         train(_cfg(micro_world, tmp_path / "run", init_checkpoint=str(ckpt)))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_finite_watch_reports_the_first_bad_step_when_checked(tmp_path):
+    watch = FiniteWatch(torch.device("cpu"))
+    watch.watch(torch.tensor(1.5), 0)
+    watch.check(1e-3, tmp_path / "state.pt")  # all finite so far: no error
+    watch.watch(torch.tensor(float("nan")), 3)
+    watch.watch(torch.tensor(float("inf")), 5)
+    (tmp_path / "state.pt").write_bytes(b"")
+    with pytest.raises(ParError, match=r"loss became nan at step 3; lower lr \(now 0.001\).*last good state is"):
+        watch.check(1e-3, tmp_path / "state.pt")
 
 
 def test_too_few_rows_for_a_batch(micro_world, tmp_path):
