@@ -14,6 +14,7 @@ JSON record per setting to ``--out``.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def make_jpegs(work: Path, n: int, size: int) -> tuple:
     csv = work / "jpeg" / "pairs.csv"
     if not csv.is_file():
         world = work / "world"
-        make_world(WorldConfig(seed=0, image_size=size, train=n, clean=0, test=0, workers=2), world)
+        make_world(WorldConfig(seed=0, image_size=size, train=n, clean=0, test=0, workers=os.cpu_count() or 2), world)
         frame = pd.read_csv(world / "train.csv")
         (work / "jpeg" / "images").mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(frame["image"]):

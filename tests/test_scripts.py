@@ -1,8 +1,8 @@
 """The measurement scripts run end to end on tiny inputs (their figures are benchmarks, not tests)."""
 import json
+import os
 import subprocess
 import sys
-
 
 from conftest import REPO
 
@@ -144,3 +144,25 @@ def test_loader_throughput_measures_csv_and_shards(tmp_path):
         assert r["images_per_s"] > 0 and abs(r["ratio_to_step"] - r["images_per_s"] / 50) < 0.01
     assert (tmp_path / "work" / "shards" / "sizes.json").is_file()
     assert "x step" in stdout
+
+
+def test_device_check_runs_its_stages_and_reports_them(tmp_path):
+    """scripts/device_check.sh, the GPU issue's one prepared command, dry-run on the CPU (micro model)."""
+    env = {**os.environ, "DEVICE_CHECK_DRY": "1", "PY": sys.executable, "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", "scripts/device_check.sh", "env", "throughput", "tests"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = (out / "summary.md").read_text()
+    assert "done: env throughput tests; failed: none; skipped (run again with these): none" in summary
+    assert "| cpu | par-micro-vit | par | 8 | amp_bf16 | no | no | synthetic |" in summary
+    assert "tests collected" in (out / "cuda_tests.log").read_text()
+    assert "torch" in (out / "env.txt").read_text() and (out / "profile.txt").is_file()
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
+
+    late = subprocess.run(["bash", "scripts/device_check.sh", "memory"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "OUT": str(tmp_path / "late"), "DEVICE_CHECK_BUDGET_S": "0"}, timeout=120)
+    assert late.returncode == 0 and "skipped (run again with these): memory" in late.stdout
+    bad = subprocess.run(["bash", "scripts/device_check.sh", "env", "warp"], cwd=REPO, capture_output=True,
+                         text=True, env={**env, "OUT": str(tmp_path / "bad")}, timeout=60)
+    assert bad.returncode == 2 and "unknown stage 'warp'" in bad.stdout
