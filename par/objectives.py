@@ -179,7 +179,7 @@ class CleanCLIPObjective(Objective):
         if batch.captions is None:
             raise RuntimeError("cleanclip needs the batch's captions")
         ctx = self.context
-        augmented = torch.stack([self.autoaugment(img) for img in batch.raw_images.cpu()]).to(batch.images.device)
+        augmented = torch.stack([self.autoaugment(img) for img in batch.raw_images])  # per image, on the device
         aug_images = normalize(to_float(augmented), ctx.mean, ctx.std)
         aug_tokens = ctx.tokenizer(eda_batch(batch.captions, self.rng)).to(batch.tokens.device)
         n = batch.images.shape[0]
@@ -246,7 +246,7 @@ class RoCLIPObjective(Objective):
         if self.params.augment:
             if batch.captions is None:
                 raise RuntimeError("roclip needs the batch's captions")
-            augmented = torch.stack([self.image_augment(img) for img in batch.raw_images.cpu()]).to(images.device)
+            augmented = torch.stack([self.image_augment(img) for img in batch.raw_images])  # on the device
             images = normalize(to_float(augmented), ctx.mean, ctx.std)
             tokens = ctx.tokenizer(eda_batch(batch.captions, self.rng)).to(tokens.device)
         image, text, scale = model(images, tokens)
@@ -257,12 +257,13 @@ class RoCLIPObjective(Objective):
             loss = ctx.contrastive(image, neighbours, scale) + 0.0 * text.sum()
         else:
             loss = ctx.contrastive(image, text, scale)
-        fresh = text.detach().float().cpu()
-        self.pool = fresh if self.pool is None else torch.cat([fresh, self.pool])[: self.params.pool_size]
-        return {"loss": loss, "matched": torch.tensor(float(matched))}
+        fresh = text.detach().float()  # the pool stays on the device (up to 131,072 x width floats)
+        self.pool = fresh if self.pool is None else torch.cat([fresh, self.pool.to(fresh.device)])[: self.params.pool_size]
+        return {"loss": loss, "matched": torch.tensor(float(matched), device=loss.device)}
 
     def state_dict(self):
-        return {"eda_rng": self.rng.getstate(), "pool": self.pool, "matching": self.matching}
+        return {"eda_rng": self.rng.getstate(), "pool": None if self.pool is None else self.pool.cpu(),
+                "matching": self.matching}
 
     def load_state_dict(self, state):
         self.rng.setstate(_as_tuple(state["eda_rng"]))
