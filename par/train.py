@@ -234,11 +234,8 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
             batches_done = skip
             for raw_images, tokens, captions, labels in data.epoch(epoch, skip):
                 lr = schedule(step)
-                raw_images = raw_images.to(device, non_blocking=True)
-                images = augment(to_float(raw_images), mean, std, generator=generators["augment"])
-                tokens = tokens.to(device, non_blocking=True)
-                labels = None if labels is None else labels.to(device, non_blocking=True)
-                batch = Batch(images, tokens, raw_images, captions, labels)
+                batch = device_batch(raw_images, tokens, captions, labels, device, augment, mean, std,
+                                     generators["augment"])
                 totals = train_step(wrapped, objective, batch, cfg.accum_steps, cfg.precision, device, optimizer,
                                     scaler, dist.world_size > 1)
                 objective.after_step(model)
@@ -274,6 +271,15 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     """AdamW over ``param_groups``; fused into one kernel per step on CUDA."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=device.type == "cuda")
+
+
+def device_batch(raw_images, tokens, captions, labels, device: torch.device, augment, mean, std,
+                 generator) -> Batch:
+    """A loader's batch on the device, its images augmented and normalised there."""
+    raw_images = raw_images.to(device, non_blocking=True)
+    images = augment(to_float(raw_images), mean, std, generator=generator)
+    labels = None if labels is None else labels.to(device, non_blocking=True)
+    return Batch(images, tokens.to(device, non_blocking=True), raw_images, captions, labels)
 
 
 def train_step(wrapped, objective, batch: Batch, accum_steps: int, precision: str, device: torch.device,

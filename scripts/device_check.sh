@@ -75,12 +75,12 @@ for stage in "${STAGES[@]}"; do
         echo "unknown stage '$stage'; known: env throughput tests compile loader memory encoders"; exit 2
     fi
 done
+export -f stage_env stage_throughput stage_tests stage_compile stage_loader stage_memory stage_encoders
+export OUT PY DEV B32 RN L14 BATCH MID BIG STEPS WARM JPEGS JPEG_PX PX WORKERS TRAIN TESTS
 for stage in "${STAGES[@]}"; do
     left=$((BUDGET - (SECONDS - START)))
     if ((left < 30)); then SKIPPED+=("$stage"); echo "== $stage: skipped, ${left}s of the budget left"; continue; fi
     echo "== $stage (at $((SECONDS - START)) s, at most ${left} s)"
-    export -f "stage_$stage"
-    export OUT PY DEV B32 RN L14 BATCH MID BIG STEPS WARM JPEGS JPEG_PX PX WORKERS TRAIN TESTS
     # SIGINT to the stage's whole process group: pytest still prints what ran, a script its traceback
     timeout --signal=INT --kill-after=20 "$left" bash -c "set -o pipefail; stage_$stage"; rc=$?
     if ((rc == 0)); then DONE+=("$stage"); else FAILED+=("$stage (exit $rc)"); fi

@@ -65,13 +65,10 @@ class Setup:
         self.device, self.precision = device, precision
 
     def batch(self, raw, tokens, captions):
-        from par.data import to_float
-        from par.objectives import Batch
+        from par.train import device_batch
 
-        raw, tokens = raw.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
         ctx = self.objective.context
-        images = self.augment(to_float(raw), ctx.mean, ctx.std, generator=self.generator)
-        return Batch(images, tokens, raw, captions)
+        return device_batch(raw, tokens, captions, None, self.device, self.augment, ctx.mean, ctx.std, self.generator)
 
     def step(self, raw, tokens, captions):
         from par.train import train_step
