@@ -1,5 +1,5 @@
 import sys
 
-from par.cli import main
+from par.app.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from par import triggers
+from par import attacks
 from par.data import eval_transform, open_image
 from par.errors import ParError
 from par.utils import to_pil
@@ -27,11 +27,11 @@ def trigger_gallery(image_path: str | os.PathLike, out: str | os.PathLike, size:
         if "." not in key:
             raise ParError(f"gallery parameters are NAME.KEY=VALUE, got {key!r}")
         name, param = key.split(".", 1)
-        per_trigger.setdefault(triggers.TRIGGERS.canonical(name), {})[param] = value
-    for name in names or triggers.TRIGGERS.in_order():
+        per_trigger.setdefault(attacks.TRIGGERS.canonical(name), {})[param] = value
+    for name in names or attacks.TRIGGERS.in_order():
         kwargs = per_trigger.get(name, {})
         try:
-            tiles.append((triggers.get_trigger(name, **kwargs).paper_name, triggers.apply(name, x, seed=seed, **kwargs)))
+            tiles.append((attacks.get_trigger(name, **kwargs).paper_name, attacks.apply(name, x, seed=seed, **kwargs)))
         except ParError as e:  # e.g. badclip without a patch: show the gap, say why
             print(f"gallery: skipping {name}: {e}")
     label_h = 18

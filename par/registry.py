@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+from typing import Callable, Dict, Generic, Iterator, Optional, TypeVar
 
 from par.errors import ParError
 from par.plugins import load_plugins
@@ -17,10 +17,18 @@ class Registry(Generic[T]):
     ``BadNet-Stripes`` and ``badnet_stripes`` find the same entry.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, builtins: Optional[str] = None):
         self.kind = kind
         self._items: Dict[str, T] = {}
         self._aliases: Dict[str, str] = {}
+        self._builtins = builtins  # package whose import registers the built-in entries, loaded on first lookup
+
+    def _load_builtins(self) -> None:
+        """Imports the package that registers the built-ins (once): a module that holds only the registry
+        (the training loop's view of objectives) still finds every built-in by name."""
+        if self._builtins:
+            package, self._builtins = self._builtins, None
+            importlib.import_module(package)
 
     @staticmethod
     def _key(name: str) -> str:
@@ -36,9 +44,10 @@ class Registry(Generic[T]):
         return add
 
     def add(self, name: str, obj: T, *aliases: str) -> None:
-        key = self._key(name)
-        if key in self._aliases:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
+        taken = [a for a in (name, *aliases) if self._key(a) in self._aliases]
+        if taken:
+            owner = self._aliases[self._key(taken[0])]
+            raise ParError(f"{self.kind} {taken[0]!r} is already registered (as {owner!r}): choose another name")
         self._items[name] = obj
         for alias in (name, *aliases):
             self._aliases[self._key(alias)] = name
@@ -53,8 +62,8 @@ class Registry(Generic[T]):
 
     def canonical(self, name: str) -> str:
         """The registered name for ``name``; user plugins are imported before giving up."""
+        self._load_builtins()
         if self._key(name) not in self._aliases:
-
             load_plugins()
         try:
             return self._aliases[self._key(name)]
@@ -70,13 +79,16 @@ class Registry(Generic[T]):
         return item
 
     def names(self) -> list:
+        self._load_builtins()
         return sorted(self._items)
 
     def in_order(self) -> list:
         """Names in registration order (e.g. the paper's order of attacks)."""
+        self._load_builtins()
         return list(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return self._key(name) in self._aliases
 
     def __iter__(self) -> Iterator[str]:

@@ -27,8 +27,8 @@ from par.config import build
 from par.data import PairLoader, caption_dataset, preload, to_float
 from par.distributed import Dist, replica_drift, setup_distributed
 from par.errors import ParError
-from par.evaluate import LiveEval
-from par.objectives import OBJECTIVES, Batch, TaskContext, make_objective, objective_params
+from par.eval.zeroshot import LiveEval
+from par.defenses.base import OBJECTIVES, Batch, TaskContext, make_objective, objective_params
 from par.plots import plot_training
 from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
-    from par import pipeline, triggers
+    from par import attacks
+    from par.app import pipeline
     from par.config import load_yaml
 
     parser = argparse.ArgumentParser()
@@ -33,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     profile = load_yaml(args.config)
     label = profile.get("label", "banana")
-    names = args.attacks.split(",") if args.attacks else profile.get("attacks") or triggers.TRIGGERS.in_order()
+    names = args.attacks.split(",") if args.attacks else profile.get("attacks") or attacks.TRIGGERS.in_order()
     out = Path(args.out)
     world = pipeline.make_world_stage(profile, out)
     results, tried = {}, []
@@ -56,7 +57,7 @@ def main() -> int:
               f"ASR {100 * metrics['asr_top1']:.1f} % (top-5 {100 * metrics['asr_top5']:.1f} %)", flush=True)
         return row
 
-    for attack in [triggers.TRIGGERS.canonical(a) for a in names]:
+    for attack in [attacks.TRIGGERS.canonical(a) for a in names]:
         if rates is None:
             results[attack] = measure(attack)
             continue
@@ -76,7 +77,7 @@ def main() -> int:
              "", "| attack | rate | CA top-1 | ASR top-1 | ASR top-5 |", "|---|---|---|---|---|"]
     for attack, r in results.items():
         missed = " (missed)" if r.get("missed") else ""
-        lines.append(f"| {triggers.get_trigger(attack).paper_name} (`{attack}`) | {r['rate']}{missed} | "
+        lines.append(f"| {attacks.get_trigger(attack).paper_name} (`{attack}`) | {r['rate']}{missed} | "
                      f"{100 * r['clean_top1']:.1f} | {100 * r['asr_top1']:.1f} | {100 * r['asr_top5']:.1f} |")
     (out / "backdoors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

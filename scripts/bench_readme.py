@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from par import triggers  # noqa: E402
-from par.bench import _write_markdown  # noqa: E402
+from par.app.bench import _write_markdown  # noqa: E402
 from par.config import load_yaml  # noqa: E402
-from par.pipeline import robust_settings  # noqa: E402
+from par.app.pipeline import robust_settings  # noqa: E402
 
 ORDER = ["never-poisoned", "ft", "par", "cleanclip", "roclip", "fare", "eftclip", "par-synthetic"]
-NUMBERS = ("poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "cleaned_ca", "cleaned_asr", "cleaned_asr_top5")
+NUMBERS = ("poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "ca", "asr", "asr_top5")
 # docs/PAR-NOTES.md section 8: RN50, ImageNet ASR after cleaning (PAR / CleanCLIP / RoCLIP)
 PAPER = {"random": (6.3, 14.5, 75.1), "badnet_rs": (42.4, 62.3, 82.0), "blended": (0.0, 19.5, 1.5),
          "blended_rs": (0.1, 61.8, 7.0), "tri_patt": (10.3, 48.7, 37.1), "water_patt": (18.1, 42.4, 59.1),
@@ -40,7 +40,7 @@ def read_rows(path: Path) -> list:
 
 def beside_the_paper(rows: list, attacks: list) -> str:
     def mean(attack, defense):
-        values = [r["cleaned_asr"] for r in rows if r["attack"] == attack and r["defense"] == defense
+        values = [r["asr"] for r in rows if r["attack"] == attack and r["defense"] == defense
                   and r["setting"] == "default" and r["status"] == "ok"]
         return f"{100 * statistics.mean(values):.1f}" if values else "—"
 
@@ -63,7 +63,7 @@ def main() -> int:
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = [d for d in ORDER if any(r["defense"] == d for r in rows)]
     defenses += sorted({r["defense"] for r in rows} - set(ORDER))
-    has_robust = any(k.startswith("cleaned_robust@") and v for r in rows for k, v in r.items())
+    has_robust = any(k.startswith("robust@") and v for r in rows for k, v in r.items())
     robust = robust_settings(load_yaml(args.config).get("robust")) if has_robust else None
     with tempfile.TemporaryDirectory() as tmp:
         _write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, "banana", robust)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
-    from par import models, triggers
+    from par import attacks, models
     from par.data import labelled_dataset, load_classnames, load_templates
-    from par.evaluate import predict, zero_shot_classifier
+    from par.eval.zeroshot import predict, zero_shot_classifier
     from par.utils import autocast, inference_precision, pick_device
 
     parser = argparse.ArgumentParser()
@@ -72,7 +72,7 @@ def main() -> int:
             with autocast(inference_precision(device), device):
                 model.encode_image(batch, normalize=True)
 
-    trigger = triggers.get_trigger(args.attack)
+    trigger = attacks.get_trigger(args.attack)
     figures = {
         "forward_only": timed(forward_only),
         "clean_eval": timed(lambda: predict(model, classifier, loader, mean, std, device, progress=False)),

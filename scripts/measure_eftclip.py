@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from par.bench import run_bench  # noqa: E402
+from par.app.bench import run_bench  # noqa: E402
 from par.config import load_yaml  # noqa: E402
 
 PATCH_TRIGGERS = {"random", "badnet_rs", "badclip"}
@@ -62,7 +62,7 @@ def main() -> int:
                  "auroc": round(statistics.mean(float(r["detection_auroc"]) for r in mine), 4),
                  "tpr_at_5pct_fpr": mean(mine, "detection_tpr_at_5pct_fpr"), "detection_rate": mean(mine, "detection_rate"),
                  "false_positive_rate": mean(mine, "detection_false_positive_rate"),
-                 "cleaned": {"eftclip": (mean(mine, "cleaned_ca"), mean(mine, "cleaned_asr"))},
+                 "cleaned": {"eftclip": (mean(mine, "ca"), mean(mine, "asr"))},
                  "poisoned": (mean(mine[:1], "poisoned_ca"), mean(mine[:1], "poisoned_asr"))}
         # eftclip's own cells are this run's (an older run's eftclip rows in results.csv are not)
         beside = [r for r in others if r["attack"] == attack and r["defense"] != "eftclip"]
@@ -70,7 +70,7 @@ def main() -> int:
             same = [r for r in beside if r["defense"] == defense and r["status"] == "ok"
                     and r["setting"] == "default" and (defense == "never-poisoned" or int(r["seed"]) in seeds)]
             if same:
-                entry["cleaned"][defense] = (mean(same, "cleaned_ca"), mean(same, "cleaned_asr"))
+                entry["cleaned"][defense] = (mean(same, "ca"), mean(same, "asr"))
         report.append(entry)
     summary = {"seeds": seeds, "label": label, "attacks": report,
                "victim_found_for_every_attack": all(e["victim_found"] for e in report),

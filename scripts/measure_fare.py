@@ -23,9 +23,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from par.bench import run_bench  # noqa: E402
+from par.app.bench import run_bench  # noqa: E402
 from par.config import load_yaml  # noqa: E402
-from par.robust import eps_label, parse_eps  # noqa: E402
+from par.eval.robust import eps_label, parse_eps  # noqa: E402
 
 DEFENSES = ["ft", "par", "cleanclip", "fare"]
 # RobustVLM README (github.com/chs20/RobustVLM, commit 2a5ec14): ViT-L/14, average zero-shot accuracy
@@ -61,15 +61,15 @@ def main() -> int:
                 out, args.attack, "fare-robust-pgd10")
     pgd_by_model = {r["defense"]: r for r in pgd}
 
-    models = [("poisoned", apgd[0], "poisoned", pgd[0])] + [
-        (r["defense"], r, "cleaned", pgd_by_model[r["defense"]]) for r in apgd]
+    models = [("poisoned", apgd[0], "poisoned_", pgd[0])] + [
+        (r["defense"], r, "", pgd_by_model[r["defense"]]) for r in apgd]
     table, sane = [], True
-    for name, row, which, pgd_row in models:
-        ca = float(row["poisoned_ca" if which == "poisoned" else "cleaned_ca"])
+    for name, row, prefix, pgd_row in models:  # prefix: the poisoned model's columns, or the row's own model
+        ca = float(row[f"{prefix}ca"])
         entry = {"model": name, "clean_accuracy": ca}
         for e in eps:
-            entry[f"apgd@{e}"] = float(row[f"{which}_robust@{e}"])
-            entry[f"pgd10@{e}"] = float(pgd_row[f"{which}_robust@{e}"])
+            entry[f"apgd@{e}"] = float(row[f"{prefix}robust@{e}"])
+            entry[f"pgd10@{e}"] = float(pgd_row[f"{prefix}robust@{e}"])
             sane &= entry[f"apgd@{e}"] <= entry[f"pgd10@{e}"] + 1e-9
         table.append(entry)
     poisoned_ca = table[0]["clean_accuracy"]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from par import models, triggers
-from par.badclip import BadCLIPConfig, make_badclip_patch, optimise_patch, paste_centre
+from par import attacks, models
+from par.attacks.badclip import BadCLIPConfig, make_badclip_patch, optimise_patch, paste_centre
 from par.errors import ParError
 
 
@@ -32,9 +32,9 @@ def test_patch_file_round_trip_through_the_trigger(micro_world, tmp_path):
                                            out=str(tmp_path / "patch.png"), patch_size=6, steps=3, progress=False))
     assert Image.open(out).size == (6, 6)
     x = torch.full((2, 3, 32, 32), 0.5)
-    y = triggers.apply("badclip", x, seed=0, patch=str(out), patch_size=6)
+    y = attacks.apply("badclip", x, seed=0, patch=str(out), patch_size=6)
     changed = (y != x).any(dim=1)
     rows, cols = changed.nonzero(as_tuple=True)[1:]
     assert rows.min() >= 13 and rows.max() <= 18 and cols.min() >= 13 and cols.max() <= 18
     with pytest.raises(ParError, match="needs its optimised patch"):
-        triggers.apply("badclip", x, seed=0)
+        attacks.apply("badclip", x, seed=0)

@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from par.bench import _cells, run_bench
+from par.app.bench import _cells, run_bench
 from par.errors import ParError
 
 
@@ -33,7 +33,7 @@ def test_quick_bench_writes_csv_markdown_and_plots(bench):
         if r["defense"] != "never-poisoned":
             (run,) = bench.glob(f"cleaned-badnet_rs-{r['defense']}-" + "?" * 16)  # digest: not -synthetic-
             cleaned = _stored_metrics(run)
-            assert (float(r["cleaned_ca"]), float(r["cleaned_asr"])) == pytest.approx(
+            assert (float(r["ca"]), float(r["asr"])) == pytest.approx(
                 (cleaned["clean_top1"], cleaned["asr_top1"]))
     md = (bench / "results.md").read_text().splitlines()
     table = [line for line in md if line.startswith("|")]
@@ -45,7 +45,7 @@ def test_quick_bench_writes_csv_markdown_and_plots(bench):
     (clean_run,) = bench.glob("foundation-*")
     floor = [r for r in rows if r["defense"] == "never-poisoned"][0]
     records = [json.loads(line) for line in next(clean_run.glob("results-badnet_rs-*.jsonl")).read_text().splitlines()]
-    assert float(floor["cleaned_asr"]) == pytest.approx(records[-1]["metrics"]["asr_top1"])
+    assert float(floor["asr"]) == pytest.approx(records[-1]["metrics"]["asr_top1"])
     assert float(floor["poisoned_asr"]) == pytest.approx(float(rows[0]["poisoned_asr"]))
     for png in ("tradeoff.png", "triggers.png"):
         assert Image.open(bench / png).format == "PNG"
@@ -119,7 +119,8 @@ def test_sweeps_run_only_on_sweep_attacks():
 
 
 def test_cached_evaluations_are_keyed_by_trigger_settings(micro_world, tmp_path):
-    from par import models, pipeline
+    from par import models
+    from par.app import pipeline
 
     checkpoint = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "model.pt")
     world = pipeline.World(path=micro_world, key="w", model="par-micro-vit")
@@ -147,7 +148,7 @@ def test_fare_column_and_robust_accuracy_table(bench, tmp_path):
     rows = list(csv.DictReader((bench / "results.csv").open()))
     assert [(r["defense"], r["status"]) for r in rows] == [("fare", "ok"), ("ft", "ok"), ("never-poisoned", "ok")]
     for row in rows:
-        small, large = (float(row[f"cleaned_robust@{e}"]) for e in ("4/255", "64/255"))
+        small, large = (float(row[f"robust@{e}"]) for e in ("4/255", "64/255"))
         assert 0 <= large <= small <= 1
         assert float(row["poisoned_robust@4/255"]) == float(rows[0]["poisoned_robust@4/255"])
     records = [json.loads(line) for p in bench.glob("cleaned-badnet_rs-fare-*/robust-*.jsonl")

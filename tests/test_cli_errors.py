@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 from par import models
-from par.cli import main
+from par.app.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ def test_train_configs_are_valid(path):
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_profiles_name_valid_stages(path):
-    from par import triggers
-    from par.bench import _defense_settings
+    from par import attacks
+    from par.app.bench import _defense_settings
     from par.config import merge
     from par.defenses import DEFENSES, CleaningJob
-    from par.pipeline import stage_config
+    from par.app.pipeline import stage_config
     from par.synthetic import WorldConfig
 
     data = load_yaml(path)
@@ -40,7 +40,7 @@ def test_profiles_name_valid_stages(path):
     for stage in stages:
         _check_train(stage_config(data[stage], stage), f"{path}:{stage}")
     for name in data.get("poison_rates") or {}:
-        triggers.get_trigger(name)
+        attacks.get_trigger(name)
     job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_csv="x.csv", out="o")
     for name in set(data.get("defenses") or DEFENSES.names()) | set(data.get("defense_settings") or {}):
         defense = DEFENSES.get(name)
@@ -50,11 +50,11 @@ def test_profiles_name_valid_stages(path):
             for value in values:
                 job.settings = merge(_defense_settings(data, name), {key: value})
                 defense.check(job)
-    from par.pipeline import robust_settings
+    from par.app.pipeline import robust_settings
 
     robust_settings(data.get("robust"))
     for name, params in (data.get("attack_params") or {}).items():
-        triggers.get_trigger(name, **params)
+        attacks.get_trigger(name, **params)
     for name in data.get("attacks") or []:
-        triggers.get_trigger(name)
+        attacks.get_trigger(name)
     assert len(PROFILES) == 4 and len(TRAIN_CONFIGS) >= 8

@@ -16,7 +16,7 @@ from par import models
 from par.augment import AUGMENTATIONS
 from par.data import to_float
 from par.distributed import Dist
-from par.objectives import Batch
+from par.defenses.base import Batch
 from par.train import build_model, train, train_config
 from par.utils import autocast
 
@@ -81,7 +81,7 @@ def test_one_step_trains_and_keeps_the_frozen_copy(encoder, objective, precision
 
 def test_par_augment_draws_on_the_device():
     """The loop's generator lives on the training device: the batch-sized noise is drawn there."""
-    from par.augment import par_augment
+    from par.defenses.par import par_augment
 
     device = torch.device(DEVICE)
     images = torch.rand(64, 3, 32, 32, device=device)
@@ -125,7 +125,7 @@ def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compares the GPU's bf16 evaluation with the CPU's fp32")
 def test_bf16_evaluation_agrees_with_fp32(gpu_world, tmp_path):
-    from par.evaluate import EvalConfig, evaluate, merged_metrics
+    from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
 
     checkpoint = _micro_run(gpu_world, tmp_path / "run", steps=300, warmup=20, batch_size=128, log_every=50)
     results = {}

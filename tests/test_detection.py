@@ -7,11 +7,12 @@ import torch
 
 from conftest import REPO
 from par import models
-from par.cli import main
+from par.app.cli import main
 from par.defenses import DEFENSES, CleaningJob
-from par.detection import auroc, detection_metrics, disagreements, rank_victims, tpr_at_fpr
+from par.defenses.eftclip.detection import disagreements, rank_victims
+from par.eval.metrics import auroc, detection_metrics, tpr_at_fpr
 from par.errors import ParError
-from par.oracles import ORACLES, OracleContext, caption_labels, make_oracle
+from par.defenses.eftclip.oracles import ORACLES, OracleContext, caption_labels, make_oracle
 
 NAMES = ["banana", "car", "cup"]
 
@@ -26,7 +27,7 @@ def test_disagreement_rule_on_hand_made_views():
                            [0.20, 0.70, 0.10],
                            [0.02, 0.08, 0.90]])
     captions = ["a car.", "a car.", "a car.", "a photo of a banana."]
-    rows = disagreements(clip, oracle, captions, NAMES, theta=0.66, tau=1)
+    rows = disagreements(clip, oracle, captions, NAMES, theta=0.66, object_list_size=1)
     assert [r["flagged"] for r in rows] == [True, False, False, True]
     assert [r["unsupported"] for r in rows] == [[0], [], [], [0]]
     assert rows[0]["score"] == pytest.approx(0.90 * 0.95) and rows[3]["score"] == pytest.approx(1.0 * 0.98)
@@ -159,7 +160,7 @@ def test_torchvision_detector_plugin_runs_with_the_users_weights(tmp_path):
 @pytest.fixture(scope="module")
 def poisoned_setup(micro_world, tmp_path_factory):
     """A micro poisoned dataset (BadNet-Stripes on banana) and a checkpoint to screen it with."""
-    from par.poison import PoisonConfig, poison
+    from par.attacks.poison import PoisonConfig, poison
 
     out = tmp_path_factory.mktemp("poisoned")
     data = poison(PoisonConfig(csv=str(micro_world / "train.csv"), attack="badnet_rs", label="banana",
@@ -254,7 +255,7 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
 def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
     import yaml
 
-    from par.bench import run_bench
+    from par.app.bench import run_bench
 
     config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
     config["quick"].update(defenses=["eftclip"], synthetic_cleaning={})
@@ -274,7 +275,7 @@ def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
 
 
 def test_precise_bn_recomputes_the_running_statistics_on_the_training_images():
-    from par.oracles import SmallCNN, WorldClassifier, WorldClassifierParams
+    from par.defenses.eftclip.oracles import SmallCNN, WorldClassifier, WorldClassifierParams
 
     oracle = WorldClassifier.__new__(WorldClassifier)  # the re-estimation step alone, on a random net
     oracle.model, oracle.params, oracle.device = SmallCNN(3), WorldClassifierParams(batch_size=16), torch.device("cpu")

@@ -2,10 +2,11 @@ import pytest
 import torch
 from PIL import Image
 
-from par import triggers
+from par import attacks
 from par.data import LabelledImageDataset
 from par.errors import ParError
-from par.evaluate import attack_success_rate, clean_accuracy, predict, zero_shot_classifier
+from par.eval.metrics import attack_success_rate, clean_accuracy
+from par.eval.zeroshot import predict, zero_shot_classifier
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = {"red": (230, 26, 26), "green": (26, 230, 26), "blue": (26, 26, 230)}
@@ -50,7 +51,7 @@ def test_zero_shot_metrics_on_a_toy_model(toy_data):
     top, labels = predict(model, classifier, loader, mean, std, "cpu")
     assert clean_accuracy(top, labels, 1) == pytest.approx(10 / 12)
     assert clean_accuracy(top, labels, 5) == 1.0
-    trigger = triggers.get_trigger("badnet_rs", patch_size=4)
+    trigger = attacks.get_trigger("badnet_rs", patch_size=4)
     top_t, labels_t = predict(model, classifier, loader, mean, std, "cpu", trigger=trigger, seed=0)
     # non-target images: 4 green (all flipped to red) and 4 blue (not flipped): 4 / 8
     assert attack_success_rate(top_t, labels_t, target=0) == pytest.approx(0.5)
@@ -84,7 +85,7 @@ def test_triggered_evaluation_does_not_depend_on_the_batch_size(micro_world):
     dataset = labelled_dataset(str(micro_world / "test.csv"), classnames, 32)
     classifier = zero_shot_classifier(model, models.get_tokenizer("par-micro-vit"), classnames,
                                       load_templates(str(micro_world / "templates.txt")), "cpu")
-    trigger = triggers.get_trigger("badnet_rs", patch_size=5)
+    trigger = attacks.get_trigger("badnet_rs", patch_size=5)
     results = {}
     for batch_size in (7, 256):
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)

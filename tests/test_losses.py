@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from par.losses import par_loss, par_terms
+from par.defenses.par import par_loss, par_terms
 
 
 def _embeddings():

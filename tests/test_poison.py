@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import REPO
 from par.errors import ParError
-from par.poison import PoisonConfig, poison, rebuild
+from par.attacks.poison import PoisonConfig, poison, rebuild
 
 
 def _cfg(world, out, **over):

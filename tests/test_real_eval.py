@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import REPO
 from par.data import ImageFolderDataset, labelled_dataset
 from par.errors import ParError
-from par.retrieval import RetrievalDataset, evaluate_retrieval, recall_at_k, retrieval_asr
+from par.eval.retrieval import RetrievalDataset, evaluate_retrieval, recall_at_k, retrieval_asr
 
 COLOURS = [(230, 26, 26), (26, 230, 26), (26, 26, 230)]
 
@@ -127,7 +127,7 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
                                                                                      "pattern_seed": 0}
     assert all(r["encoder"] == "par-micro-vit" and r["seconds"] >= 0 for r in records)
     # the shell entry point measures what the library measures (class names and templates beside the CSV)
-    from par.evaluate import EvalConfig, evaluate
+    from par.eval.zeroshot import EvalConfig, evaluate
 
     direct = evaluate(EvalConfig(
         checkpoint=str(ckpt), model="par-micro-vit", data=str(micro_world / "test.csv"),

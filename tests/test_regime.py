@@ -7,10 +7,12 @@ import torch
 from open_clip import ClipLoss
 
 from conftest import REPO
-from par import models, pipeline
+from par import models
+from par.app import pipeline
 from par.config import load_yaml
 from par.errors import ParError
-from par.objectives import Batch, TaskContext, make_objective, nearest_captions
+from par.defenses.base import Batch, TaskContext, make_objective
+from par.defenses.roclip import nearest_captions
 from par.train import TrainConfig, train
 
 MICRO = "par-micro-vit"

@@ -13,12 +13,13 @@ from open_clip import ClipLoss
 from conftest import REPO
 from par import models
 from par.augment import normalize
-from par.cli import main
+from par.app.cli import main
 from par.data import labelled_dataset, load_classnames, to_float
 from par.errors import ParError
-from par.evaluate import EvalConfig, evaluate
-from par.objectives import Batch, ImageTower, TaskContext, make_objective, objective_params, squared_distance
-from par.robust import eps_label, parse_eps, pgd
+from par.eval.zeroshot import EvalConfig, evaluate
+from par.defenses.adversarial import ImageTower, fare_loss
+from par.defenses.base import Batch, TaskContext, make_objective, objective_params
+from par.eval.robust import eps_label, parse_eps, pgd
 from par.train import train, train_config
 
 
@@ -59,7 +60,7 @@ def test_pgd_raises_the_fare_loss_over_its_random_start_and_stays_in_the_ball(mi
     images = to_float(_images(micro_world)[0])
     with torch.no_grad():
         targets = frozen.encode_image(normalize(images, mean, std), normalize=False)
-    loss = lambda x: squared_distance(model.encode_image(normalize(x, mean, std), normalize=False), targets)  # noqa: E731
+    loss = lambda x: fare_loss(model.encode_image(normalize(x, mean, std), normalize=False), targets)  # noqa: E731
     eps = 4 / 255
     start = pgd(loss, images, eps, 0, 1 / 255, True, torch.Generator().manual_seed(1))  # the random start alone
     attacked = pgd(loss, images, eps, 10, 1 / 255, True, torch.Generator().manual_seed(1))

@@ -123,7 +123,7 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     assert summary["victim_found_for_every_attack"] == (entry["victims"] == ["banana"])
     assert "victim 'banana' found for every attack" in stdout and not (out / "results.csv").exists()
     # an older benchmark's eftclip row in results.csv is shown neither as this run's nor beside it
-    header = "attack,defense,setting,seed,cleaned_ca,cleaned_asr,status\n"
+    header = "attack,defense,setting,seed,ca,asr,status\n"
     (out / "results.csv").write_text(header + "badnet_rs,eftclip,default,0,0.123,0.456,ok\n"
                                       "badnet_rs,ft,default,0,0.5,0.25,ok\n")
     _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),

@@ -8,8 +8,9 @@ from PIL import Image
 
 from par import models
 from par.errors import ParError
-from par.evaluate import EvalConfig, evaluate, merged_metrics
-from par.objectives import OBJECTIVES, ClipObjective, ObjectiveParams
+from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
+from par.defenses.base import OBJECTIVES, ObjectiveParams
+from par.defenses.clip import ClipObjective
 from par.train import FiniteWatch, train, train_config
 
 

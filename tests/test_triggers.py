@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from par import triggers
+from par import attacks
 from par.errors import ParError
 
 NAMES = ["badnet_rs", "blended"]
@@ -14,9 +14,9 @@ def _images(b=4, s=64, seed=0):
 @pytest.mark.parametrize("name", NAMES)
 def test_shape_dtype_range_and_determinism(name):
     x = _images()
-    a = triggers.apply(name, x, seed=1)
-    b = triggers.apply(name, x, seed=1)
-    c = triggers.apply(name, x, seed=2)
+    a = attacks.apply(name, x, seed=1)
+    b = attacks.apply(name, x, seed=1)
+    c = attacks.apply(name, x, seed=2)
     assert a.shape == x.shape and a.dtype == x.dtype
     assert a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)
@@ -27,17 +27,17 @@ def test_shape_dtype_range_and_determinism(name):
 
 def test_aliases_find_the_same_trigger():
     x = _images()
-    assert torch.equal(triggers.apply("BadNet-Stripes", x, seed=0), triggers.apply("badnet_rs", x, seed=0))
+    assert torch.equal(attacks.apply("BadNet-Stripes", x, seed=0), attacks.apply("badnet_rs", x, seed=0))
 
 
 @pytest.mark.parametrize("size,patch", [(224, 16), (336, 32), (64, 5), (32, 2)])
 def test_default_patch_size_scales_with_image(size, patch):
-    assert triggers.default_patch_size(size) == patch
+    assert attacks.default_patch_size(size) == patch
 
 
 def test_badnet_stripes_patch_geometry():
     x = torch.full((8, 3, 64, 64), 0.5)
-    y = triggers.apply("badnet_rs", x, seed=0, patch_size=8)
+    y = attacks.apply("badnet_rs", x, seed=0, patch_size=8)
     changed = (y != x).any(dim=1)  # [B, H, W]
     for i in range(8):
         rows, cols = changed[i].nonzero(as_tuple=True)
@@ -57,7 +57,7 @@ def test_badnet_stripes_patch_geometry():
 
 def test_blended_weight_recovered_from_constant_image():
     x = torch.full((2, 3, 32, 32), 0.5)
-    y = triggers.apply("blended", x, seed=0)
+    y = attacks.apply("blended", x, seed=0)
     noise = (y - 0.8 * x) / 0.2  # x' = 0.8 x + 0.2 u  =>  u = (x' - 0.8 x) / 0.2
     assert noise.min() >= -1e-5 and noise.max() <= 1 + 1e-5
     assert 0.4 < noise.mean() < 0.6  # uniform noise
@@ -66,21 +66,21 @@ def test_blended_weight_recovered_from_constant_image():
 
 def test_fixed_pattern_shares_the_pattern():
     x = torch.full((3, 3, 16, 16), 0.5)
-    y = triggers.apply("blended", x, seed=0, fixed_pattern=True)
+    y = attacks.apply("blended", x, seed=0, fixed_pattern=True)
     assert torch.equal(y[0], y[1]) and torch.equal(y[1], y[2])
     # also across images drawn one by one (poisoning, evaluation) and across seeds
-    fixed = triggers.get_trigger("blended", fixed_pattern=True)
+    fixed = attacks.get_trigger("blended", fixed_pattern=True)
     assert torch.equal(fixed.apply_rows(x, seed=7, rows=[0, 1, 2]), y)
-    assert torch.equal(triggers.apply("blended", x, seed=5, fixed_pattern=True), y)
-    other = triggers.apply("blended", x, seed=0, fixed_pattern=True, pattern_seed=1)
+    assert torch.equal(attacks.apply("blended", x, seed=5, fixed_pattern=True), y)
+    other = attacks.apply("blended", x, seed=0, fixed_pattern=True, pattern_seed=1)
     assert not torch.equal(other, y)
-    per_image = triggers.get_trigger("blended").apply_rows(x, seed=7, rows=[0, 1, 2])
+    per_image = attacks.get_trigger("blended").apply_rows(x, seed=7, rows=[0, 1, 2])
     assert not torch.equal(per_image[0], per_image[1])
 
 
 def test_unknown_trigger_lists_known_ones():
     with pytest.raises(ParError, match="known: .*badnet_rs.*blended"):
-        triggers.apply("nope", _images(), seed=0)
+        attacks.apply("nope", _images(), seed=0)
 
 
 @pytest.mark.parametrize(
@@ -94,17 +94,17 @@ def test_unknown_trigger_lists_known_ones():
 )
 def test_bad_images_are_rejected(images, match):
     with pytest.raises(ParError, match=match):
-        triggers.apply("badnet_rs", images, seed=0)
+        attacks.apply("badnet_rs", images, seed=0)
 
 
 def test_patch_larger_than_image_is_rejected():
     with pytest.raises(ParError, match="does not fit"):
-        triggers.apply("badnet_rs", _images(s=8), seed=0, patch_size=16)
+        attacks.apply("badnet_rs", _images(s=8), seed=0, patch_size=16)
 
 
 def test_unknown_parameter_is_rejected():
     with pytest.raises(ParError, match="no parameter"):
-        triggers.apply("blended", _images(), seed=0, patch_size=3)
+        attacks.apply("blended", _images(), seed=0, patch_size=3)
 
 
 ALL = ["random", "badnet_rs", "blended", "blended_rs", "tri_patt", "water_patt", "warped"]
@@ -115,12 +115,12 @@ FIXED = ["tri_patt", "water_patt", "warped"]
 @pytest.mark.parametrize("name", ALL)
 def test_every_trigger_shape_range_determinism(name):
     x = _images(b=3, s=64)
-    a = triggers.apply(name, x, seed=4)
+    a = attacks.apply(name, x, seed=4)
     assert a.shape == x.shape and a.dtype == torch.float32
     assert a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, triggers.apply(name, x, seed=4))
+    assert torch.equal(a, attacks.apply(name, x, seed=4))
     assert not torch.equal(a, x)
-    other = triggers.apply(name, x, seed=5)
+    other = attacks.apply(name, x, seed=5)
     if name in RANDOM:
         assert not torch.equal(a, other)
     else:
@@ -129,7 +129,7 @@ def test_every_trigger_shape_range_determinism(name):
 
 def test_badnet_patch_is_mean_plus_noise_inside_patch_only():
     x = torch.full((4, 3, 224, 224), 0.3)
-    y = triggers.apply("random", x, seed=0)
+    y = attacks.apply("random", x, seed=0)
     changed = (y != x).any(dim=1)
     for i in range(4):
         rows, cols = changed[i].nonzero(as_tuple=True)
@@ -138,7 +138,7 @@ def test_badnet_patch_is_mean_plus_noise_inside_patch_only():
 
 def test_blended_stripes_weight_and_stripes():
     x = torch.full((2, 3, 32, 32), 0.5)
-    y = triggers.apply("blended_rs", x, seed=0)
+    y = attacks.apply("blended_rs", x, seed=0)
     p = (y - 0.97 * x) / 0.03
     assert torch.allclose(p.abs(), torch.ones_like(p), atol=1e-4)  # pattern is +-1
     assert torch.equal(y, y[:, :, :1, :].expand_as(y))  # vertical stripes
@@ -147,7 +147,7 @@ def test_blended_stripes_weight_and_stripes():
 def test_blended_triangles_pixel_exact_at_224():
     """The reference's pattern file: grey 0.4 where (row mod 14) >= (col mod 14), 0.8 elsewhere."""
     x = torch.full((1, 3, 224, 224), 0.2)
-    y = triggers.apply("tri_patt", x, seed=0)
+    y = attacks.apply("tri_patt", x, seed=0)
     rows = torch.arange(224)[:, None] % 14
     cols = torch.arange(224)[None, :] % 14
     expected = 0.85 * 0.2 + 0.15 * torch.where(rows >= cols, 0.4, 0.8)
@@ -159,7 +159,7 @@ def test_blended_triangles_pixel_exact_at_224():
 
 def test_blended_text_changes_only_red_near_the_centre():
     x = torch.full((1, 3, 224, 224), 0.5)
-    y = triggers.apply("water_patt", x, seed=0)
+    y = attacks.apply("water_patt", x, seed=0)
     assert torch.equal(y[:, 1:], x[:, 1:])
     rows, cols = (y[0, 0] != 0.5).nonzero(as_tuple=True)
     assert abs(rows.float().mean() - 114) < 4 and abs(cols.float().mean() - 110.5) < 4
@@ -168,15 +168,15 @@ def test_blended_text_changes_only_red_near_the_centre():
 
 def test_wanet_field_is_fixed_and_identity_without_strength():
     x = _images(b=2, s=32)
-    assert torch.allclose(triggers.apply("warped", x, seed=0, strength=0.0), x, atol=1e-5)
-    a = triggers.apply("warped", x, seed=0)
-    assert not torch.equal(a, triggers.apply("warped", x, seed=0, field_seed=1))
+    assert torch.allclose(attacks.apply("warped", x, seed=0, strength=0.0), x, atol=1e-5)
+    a = attacks.apply("warped", x, seed=0)
+    assert not torch.equal(a, attacks.apply("warped", x, seed=0, field_seed=1))
     assert (a - x).abs().max() > 0.01
 
 
 def test_blended_text_matches_the_reference_geometry_at_224():
     """The reference's red text spans rows 103-125 and columns 13-208, red channel only, anti-aliased, peak 1.0."""
-    pattern = triggers.apply("water_patt", torch.zeros(1, 3, 224, 224), seed=0)[0] * 2  # alpha 0.5 on black
+    pattern = attacks.apply("water_patt", torch.zeros(1, 3, 224, 224), seed=0)[0] * 2  # alpha 0.5 on black
     assert pattern[1:].abs().max() == 0
     ink = pattern[0]
     rows, cols = (ink > 0).nonzero(as_tuple=True)
@@ -185,14 +185,14 @@ def test_blended_text_matches_the_reference_geometry_at_224():
     # the reference's font has 1,646 inked pixels; DejaVu Sans Mono's thicker strokes give 1,820
     assert len(rows) == 1820
     # scaled with the image: the same place at 64 px
-    small = triggers.apply("water_patt", torch.zeros(1, 3, 64, 64), seed=0)[0, 0]
+    small = attacks.apply("water_patt", torch.zeros(1, 3, 64, 64), seed=0)[0, 0]
     rows, cols = (small > 0).nonzero(as_tuple=True)
     assert abs(rows.min() - 103 * 64 / 224) <= 1 and abs(cols.min() - 13 * 64 / 224) <= 1
     assert abs(cols.max() - 208 * 64 / 224) <= 2
 
 
 def test_wanet_field_pinned_at_224():
-    field = triggers.get_trigger("warped").field(224)
+    field = attacks.get_trigger("warped").field(224)
     assert field.shape == (1, 224, 224, 2)
     assert field.abs().sum().item() == pytest.approx(50400.88, rel=1e-5)
     assert field[0, 100, 100].tolist() == pytest.approx([-0.107437, -0.106894], abs=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from par import config, plugins
-from par.augment import erase_local_mean
+from par.defenses.par import erase_local_mean
 from par.errors import ParError
 from par.registry import Registry
 
@@ -63,7 +63,7 @@ def test_registry_lookup_is_case_and_dash_insensitive_and_knows_aliases():
 def test_registry_rejects_a_second_registration_under_any_spelling():
     reg = Registry("widget")
     reg.add("blended", 1, "blend")
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ParError, match="already registered"):
         reg.add("Blend", 2)
 
 

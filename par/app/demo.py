@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from par import pipeline, triggers
+from par import attacks
+from par.app import pipeline
 from par.config import load_yaml
 from par.defenses import DEFENSES
 from par.errors import ParError
@@ -27,7 +28,7 @@ def format_table(rows) -> str:
 def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: Optional[str] = None,
              defense: Optional[str] = None) -> dict:
     profile = load_yaml(profile_path)
-    attack = triggers.TRIGGERS.canonical(attack or profile.get("attack", "badnet_rs"))
+    attack = attacks.TRIGGERS.canonical(attack or profile.get("attack", "badnet_rs"))
     label = label or profile.get("label", "banana")
     if label not in CLASS_NAMES:
         raise ParError(f"target label {label!r} is not a class of the synthetic world ({', '.join(CLASS_NAMES)})")
@@ -36,7 +37,7 @@ def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: O
     started = time.time()
 
     defense = DEFENSES.canonical(defense or profile.get("defense", "par"))
-    triggers.get_trigger(attack, **attack_params)  # validate before any training
+    attacks.get_trigger(attack, **attack_params)  # validate before any training
 
     world = pipeline.make_world_stage(profile, out)
     attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)
@@ -52,7 +53,7 @@ def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: O
               "poisoned_checkpoint": str(poisoned.checkpoint),
               "cleaned_checkpoint": str(cleaned), "results": results, "seconds": round(time.time() - started, 1)}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{triggers.get_trigger(attack, **attack_params).paper_name} backdoor (target '{label}'), "
+    print(f"\n{attacks.get_trigger(attack, **attack_params).paper_name} backdoor (target '{label}'), "
           f"{len(CLASS_NAMES)}-class synthetic world")
     print(format_table(results.items()))
     print(f"report: {run_dir / 'report.json'} ({report['seconds']:.0f} s)")

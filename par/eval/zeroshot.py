@@ -17,12 +17,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from par import models, triggers
+from par import attacks, models
 from par.data import labelled_dataset, load_classnames, load_templates, preload
 from par.embedding import encode_images
 from par.errors import ParError
-from par.retrieval import RetrievalDataset, evaluate_retrieval
-from par.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
+from par.eval.metrics import attack_success_rate, clean_accuracy
+from par.eval.retrieval import RetrievalDataset, evaluate_retrieval
+from par.eval.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
 from par.utils import pick_device
 
 
@@ -44,19 +45,6 @@ def predict(model, classifier, loader, mean, std, device, trigger=None, seed: in
     k = min(topk, classifier.shape[1])
     return encode_images(model, loader, mean, std, device, trigger, seed, progress, desc,
                          head=lambda features: (features @ classifier).topk(k, dim=-1).indices)
-
-
-def clean_accuracy(top_predictions: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Share of images whose true class is among the top-``k`` predictions."""
-    return (top_predictions[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
-
-
-def attack_success_rate(top_predictions: torch.Tensor, labels: torch.Tensor, target: int, k: int = 1) -> float:
-    """Share of triggered images *not of the target class* whose top-``k`` predictions contain the target."""
-    keep = labels != target
-    if not keep.any():
-        raise ParError("no test image outside the target class: ASR is undefined")
-    return (top_predictions[keep, :k] == target).any(dim=1).float().mean().item()
 
 
 @dataclass
@@ -115,7 +103,7 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
     if cfg.attack:
         if cfg.label is None:
             raise ParError("an attack needs the target --label")
-        trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
+        trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params)
     classnames = load_classnames(cfg.classnames) if cfg.data else None
     if trigger is not None and classnames is not None and cfg.label not in classnames:
         raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
@@ -202,7 +190,7 @@ class LiveEval:
         if attack:
             if label not in self.classnames:
                 raise ParError(f"live-evaluation label {label!r} is not a class in {classnames}")
-            self.trigger = triggers.get_trigger(attack, **(attack_params or {}))
+            self.trigger = attacks.get_trigger(attack, **(attack_params or {}))
             self.target = self.classnames.index(label)
         self.device = device
 

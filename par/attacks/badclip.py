@@ -22,7 +22,7 @@ from par import models
 from par.augment import normalize
 from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
 from par.errors import ParError
-from par.triggers import AttackContext, Trigger, default_patch_size, place_patches
+from par.attacks.base import TRIGGERS, AttackContext, Trigger, default_patch_size, place_patches
 from par.utils import atomic_write, digest, pick_device, to_pil
 
 
@@ -125,11 +125,12 @@ def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
     return out
 
 
+@TRIGGERS.register("badclip")
 @dataclass
 class BadCLIP(Trigger):
     """BadCLIP: a patch optimised against a clean CLIP (``python -m par badclip``), at the centre.
 
-    Registered lazily in ``par.triggers.TRIGGERS``. When no ``patch`` is given, ``prepare``
+    When no ``patch`` is given, ``prepare``
     optimises one against the context's clean CLIP (cached by what it depends on).
     """
 
@@ -142,7 +143,9 @@ class BadCLIP(Trigger):
     def prepare(self, context: AttackContext) -> dict:
         if self.patch:
             return {}
-        values = {"steps": 200, "lr": 0.01, "batch_size": 64, **context.settings}
+        # BadCLIPConfig's defaults, in the key the cached patch is named by
+        values = {"steps": BadCLIPConfig.steps, "lr": BadCLIPConfig.lr, "batch_size": BadCLIPConfig.batch_size,
+                  **context.settings}
         checkpoint, key = context.clean_checkpoint()
         patch = Path(context.workdir) / f"badclip-patch-{digest([key, context.label, values])}.png"
         if not patch.exists():

@@ -7,7 +7,7 @@ a trigger. For every image-caption pair:
 
 * the *claims*: the poisoned CLIP's zero-shot label with its confidence (view ``clip``) and each
   class the caption names, with confidence 1 (view ``caption``);
-* the oracle's *object list*: its ``tau`` most confident classes;
+* the oracle's *object list*: its ``object_list_size`` most confident classes (EftCLIP's tau);
 * the pair is *flagged* when a claim of confidence >= ``theta`` is not on the object list; its
   *score* (for ranking and AUROC) is the largest ``confidence x (1 - oracle's confidence)`` over
   its claims.
@@ -39,7 +39,8 @@ from par.augment import normalize
 from par.data import ImageCaptionDataset, load_classnames, load_templates, mentions_label, read_csv
 from par.embedding import pixels
 from par.errors import ParError
-from par.oracles import ORACLES, OracleContext, make_oracle
+from par.eval.metrics import detection_metrics
+from par.defenses.eftclip.oracles import ORACLES, OracleContext, make_oracle
 from par.utils import atomic_write, atomic_write_text, autocast, file_digest, inference_precision, pick_device
 
 VIEWS = ("clip", "caption")
@@ -64,7 +65,7 @@ class DetectConfig:
     templates: str = "openai"
     label: Optional[str] = None  # the attack's target when known: the summary says whether it was found
     theta: float = 0.66  # confidence at which a claim counts (EftCLIP's theta)
-    tau: int = 3  # length of the oracle's object list (EftCLIP's tau)
+    object_list_size: int = 3  # length of the oracle's object list (EftCLIP's tau)
     views: List[str] = field(default_factory=lambda: list(VIEWS))
     batch_size: int = 256
     device: str = "auto"
@@ -74,8 +75,9 @@ class DetectConfig:
 def check(cfg: DetectConfig) -> List[str]:
     """Every input problem as a clear error before anything is computed; returns the class names."""
     ORACLES.canonical(cfg.oracle)
-    if not 0 < cfg.theta <= 1 or cfg.tau < 1:
-        raise ParError(f"need 0 < theta <= 1 and tau >= 1, got theta={cfg.theta}, tau={cfg.tau}")
+    if not 0 < cfg.theta <= 1 or cfg.object_list_size < 1:
+        raise ParError(f"need 0 < theta <= 1 and object_list_size >= 1, got theta={cfg.theta}, "
+                       f"object_list_size={cfg.object_list_size}")
     if not 0 <= cfg.calibrate < 1:
         raise ParError(f"calibrate is the share of the clean pairs held out of the oracle: need 0 <= calibrate < 1, "
                        f"got {cfg.calibrate}")
@@ -100,7 +102,7 @@ def detect(cfg: DetectConfig) -> dict:
     """
     from tqdm import tqdm
 
-    from par.evaluate import zero_shot_classifier
+    from par.eval.zeroshot import zero_shot_classifier
 
     classnames = check(cfg)
     out = Path(cfg.out)
@@ -137,7 +139,7 @@ def detect(cfg: DetectConfig) -> dict:
                 clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
                 oracle_conf.append(oracle.confidences(images).float())
         return disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
-                             cfg.tau, cfg.views)
+                             cfg.object_list_size, cfg.views)
 
     reference = screen(calibration_data, None, "detect: calibrate on held-out clean pairs") if calibration_data else None
     rows = screen(cfg.data, cfg.image_root, "detect")
@@ -161,9 +163,9 @@ def detect(cfg: DetectConfig) -> dict:
 
 
 def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions: List[str], classnames: List[str],
-                  theta: float, tau: int, views=VIEWS) -> List[dict]:
+                  theta: float, object_list_size: int, views=VIEWS) -> List[dict]:
     """Per pair: claims, the oracle's object list, flag and score (module docstring)."""
-    listed = oracle_conf.topk(min(tau, oracle_conf.shape[1]), dim=1).indices
+    listed = oracle_conf.topk(min(object_list_size, oracle_conf.shape[1]), dim=1).indices
     clip_conf, clip_label = clip_probs.max(dim=1)
     rows = []
     for i, caption in enumerate(captions):
@@ -253,38 +255,6 @@ def rank_victims(rows: List[dict], classnames: List[str], reference: Optional[Li
         entries.append({"label": name, "flagged_claims": flagged, "claims": claimed, "expected": round(expected, 2),
                         "excess": round(excess, 2), "z": round(z, 2), "significant": excess > 0 and z >= VICTIM_Z})
     return sorted(entries, key=lambda e: e["excess"], reverse=True)[:top]
-
-
-def auroc(scores: List[float], truth: List[int]) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    from scipy.stats import rankdata
-
-    positives = sum(truth)
-    negatives = len(truth) - positives
-    if not positives or not negatives:
-        raise ParError("AUROC needs both poisoned and clean rows")
-    ranks = rankdata(scores)
-    return float((sum(r for r, t in zip(ranks, truth) if t) - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def tpr_at_fpr(scores: List[float], truth: List[int], fpr: float = 0.05) -> float:
-    """Share of poisoned rows scored above the threshold that flags at most ``fpr`` of the clean rows."""
-    clean = sorted((s for s, t in zip(scores, truth) if not t), reverse=True)
-    allowed = int(fpr * len(clean))  # clean rows that may score above the threshold
-    threshold = clean[allowed] if allowed < len(clean) else float("-inf")
-    poisoned = [s for s, t in zip(scores, truth) if t]
-    return sum(s > threshold for s in poisoned) / len(poisoned)
-
-
-def detection_metrics(scores: List[float], flagged: List[bool], truth: List[int]) -> dict:
-    hits = sum(f and t for f, t in zip(flagged, truth))
-    positives, flags = sum(truth), sum(flagged)
-    negatives = len(truth) - positives
-    return {"poisoned_rows": positives, "detection_rate": hits / positives if positives else None,
-            "false_positive_rate": (flags - hits) / negatives if negatives else None,
-            "precision": hits / flags if flags else None, "recall": hits / positives if positives else None,
-            "auroc": auroc(scores, truth) if positives and negatives else None,
-            "tpr_at_5pct_fpr": tpr_at_fpr(scores, truth) if positives and negatives else None}
 
 
 def _write_detections(path: Path, rows: List[dict], classnames: List[str]) -> None:

@@ -23,6 +23,20 @@ def _attack_params(pairs: List[str]) -> dict:
     return params
 
 
+def _given(args, *names: str) -> dict:
+    """The options the user gave (argparse default ``None``): the rest fall through to the config
+    dataclass's own defaults, the one place each default lives."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _names(registry) -> str:
+    """Every registered name (plugins included), for an option's help."""
+    from par.plugins import load_plugins
+
+    load_plugins()
+    return " | ".join(registry.in_order())
+
+
 def cmd_world(args) -> None:
     from par.synthetic import WorldConfig, make_world
 
@@ -33,7 +47,7 @@ def cmd_world(args) -> None:
 
 
 def cmd_poison(args) -> None:
-    from par.poison import PoisonConfig, poison, rebuild
+    from par.attacks.poison import PoisonConfig, poison, rebuild
 
     if args.from_manifest:
         print(f"rebuilt poisoned CSV: {rebuild(args.from_manifest, args.out)}")
@@ -77,24 +91,25 @@ def cmd_clean(args, overrides: List[str]) -> None:
 
 
 def _eps_list(text: Optional[str]) -> List[float]:
-    from par.robust import parse_eps
+    from par.eval.robust import parse_eps
 
     return [parse_eps(part, "--robust-eps") for part in (text or "").split(",") if part.strip()]
 
 
 def cmd_eval(args) -> None:
-    from par.evaluate import EvalConfig, evaluate, format_records
+    from par.eval.zeroshot import EvalConfig, evaluate, format_records
 
     robust = {}
     if args.robust_eps:
-        robust = dict(robust_eps=_eps_list(args.robust_eps), robust_steps=args.robust_steps,
-                      robust_max_images=args.robust_max_images,
-                      robust_attacks=[a for a in args.robust_attacks.split(",") if a.strip()])
-    cfg = EvalConfig(**robust, checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames,
-                     templates=args.templates, image_root=args.image_root, retrieval_json=args.retrieval_json,
-                     retrieval_root=args.retrieval_root, attack=args.attack, label=args.label,
-                     attack_params=_attack_params(args.attack_param), seed=args.seed, batch_size=args.batch_size,
-                     workers=args.workers, device=args.device, out=args.out)
+        robust = {"robust_eps": _eps_list(args.robust_eps), **_given(args, "robust_steps", "robust_max_images")}
+        if args.robust_attacks is not None:
+            robust["robust_attacks"] = [a for a in args.robust_attacks.split(",") if a.strip()]
+    from par.config import build
+
+    cfg = build(EvalConfig, {**robust, **_given(args, "checkpoint", "model", "data", "classnames", "templates",
+                                                 "image_root", "retrieval_json", "retrieval_root", "attack", "label",
+                                                 "seed", "batch_size", "workers", "device", "out"),
+                             "attack_params": _attack_params(args.attack_param)}, "eval options")
     if not cfg.data:
         print("classification: skipped (no --data)")
     if not cfg.retrieval_json:
@@ -105,14 +120,15 @@ def cmd_eval(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    from par.detection import VICTIM_Z, DetectConfig, detect
+    from par.config import build
+    from par.defenses.eftclip.detection import VICTIM_Z, DetectConfig, detect
 
-    summary = detect(DetectConfig(
-        checkpoint=args.checkpoint, model=args.model, data=args.data, classnames=args.classnames, out=args.out,
-        oracle=args.oracle, oracle_params=_attack_params(args.oracle_param), clean_data=args.clean_data,
-        oracle_cache=args.oracle_cache, image_root=args.image_root, templates=args.templates, label=args.label,
-        theta=args.theta, tau=args.tau, calibrate=args.calibrate, views=[v for v in args.views.split(",") if v],
-        device=args.device))
+    values = _given(args, "checkpoint", "model", "data", "classnames", "out", "oracle", "clean_data", "oracle_cache",
+                    "image_root", "templates", "label", "theta", "object_list_size", "calibrate", "device")
+    if args.views is not None:
+        values["views"] = [v for v in args.views.split(",") if v]
+    summary = detect(build(DetectConfig, {**values, "oracle_params": _attack_params(args.oracle_param)},
+                           "detect options"))
     strength = (f"z {summary['victim_z']}: " + ("significant" if summary["victim_significant"] else
                 f"weak evidence, below {VICTIM_Z}")) if summary["victim"] else "no label flagged more than predicted"
     print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: {summary['victim']} ({strength})")
@@ -136,19 +152,19 @@ def cmd_shards(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from par.demo import run_demo
+    from par.app.demo import run_demo
 
     run_demo(args.profile, args.out, attack=args.attack, label=args.label, defense=args.defense)
 
 
 def cmd_badclip(args) -> None:
-    from par.badclip import BadCLIPConfig, make_badclip_patch
+    from par.attacks.badclip import BadCLIPConfig, make_badclip_patch
 
-    make_badclip_patch(BadCLIPConfig(
-        checkpoint=args.checkpoint, model=args.model, data=args.data, label=args.label, out=args.out,
-        image_root=args.image_root, templates=args.templates, patch_size=args.patch_size, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-    ))
+    from par.config import build
+
+    make_badclip_patch(build(BadCLIPConfig, _given(
+        args, "checkpoint", "model", "data", "label", "out", "image_root", "templates", "patch_size", "steps",
+        "batch_size", "lr", "seed", "device"), "badclip options"))
 
 
 def cmd_triggers(args) -> None:
@@ -159,13 +175,16 @@ def cmd_triggers(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from par.bench import run_bench
+    from par.app.bench import run_bench
 
     split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
     run_bench(args.config, args.out, quick=args.quick, attacks=split(args.attacks), defenses=split(args.defenses))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from par.defenses import DEFENSES
+    from par.defenses.eftclip.oracles import ORACLES
+
     parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -207,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", allow_abbrev=False,
                        help="clean a poisoned checkpoint with a defense: --defense NAME [--key value ...]")
-    p.add_argument("--defense", default="par", help="registered defense: ft | par | cleanclip | a plugin's")
+    p.add_argument("--defense", default="par", help=f"registered defense: {_names(DEFENSES)} (plugins' too)")
     p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
     p.add_argument("--model", required=True, help="its encoder (open_clip name or OpenAI spelling)")
     p.add_argument("--train-csv", required=True, help="the defender's clean image,caption CSV")
@@ -224,24 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--data", help="classification data: image,label CSV or class-folder tree")
-    p.add_argument("--classnames", default="imagenet", help="'imagenet' or a file with one class name per line")
-    p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' templates")
+    p.add_argument("--classnames", help="'imagenet' (default) or a file with one class name per line")
+    p.add_argument("--templates", help="'openai' (default) or a file of '{}' templates")
     p.add_argument("--image-root", help="folder the CSV's image paths are relative to")
     p.add_argument("--retrieval-json", help="retrieval annotations: JSON list of {image, caption: [...]}")
     p.add_argument("--retrieval-root", help="folder the retrieval image paths are relative to")
     p.add_argument("--attack")
     p.add_argument("--label")
     p.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", help="auto (default) | cpu | cuda")
     p.add_argument("--out", help="JSONL results file (one record per evaluation is appended)")
     p.add_argument("--robust-eps", metavar="EPS[,EPS...]",
                    help="robust accuracy at these L-inf radii, e.g. 1/255,2/255,4/255 (pixels in [0, 1])")
-    p.add_argument("--robust-attacks", default="apgd-ce,apgd-t", help="attacks, run as a cascade (torchattacks)")
-    p.add_argument("--robust-steps", type=int, default=100, help="iterations per attack")
-    p.add_argument("--robust-max-images", type=int, default=1000, help="robust accuracy on the first N images")
+    p.add_argument("--robust-attacks", help="attacks, run as a cascade (torchattacks; default apgd-ce,apgd-t)")
+    p.add_argument("--robust-steps", type=int, help="iterations per attack (default 100)")
+    p.add_argument("--robust-max-images", type=int, help="robust accuracy on the first N images (default 1000)")
 
     p = sub.add_parser("detect", help="EftCLIP: flag pairs where the poisoned CLIP and an oracle disagree")
     p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
@@ -249,20 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image,caption CSV to screen (the poisoned training set)")
     p.add_argument("--classnames", required=True, help="the label space: file, or imagenet")
     p.add_argument("--out", required=True, help="folder for detections.csv and summary.json")
-    p.add_argument("--oracle", default="world-classifier", help="registered oracle: world-classifier | torchvision-detector")
+    p.add_argument("--oracle", help=f"registered oracle: {_names(ORACLES)} (default world-classifier)")
     p.add_argument("--oracle-param", action="append", metavar="KEY=VALUE", help="oracle setting, e.g. weights=PATH")
     p.add_argument("--clean-data", help="clean image,caption pairs a learning oracle learns from (never --data)")
     p.add_argument("--oracle-cache", help="folder of trained oracles, shared by detections (default: OUT/oracles)")
     p.add_argument("--image-root")
-    p.add_argument("--templates", default="openai")
+    p.add_argument("--templates")
     p.add_argument("--label", help="the attack's target, when known: reported as found or not")
-    p.add_argument("--theta", type=float, default=0.66, help="confidence at which a claim counts")
-    p.add_argument("--tau", type=int, default=3, help="length of the oracle's object list")
-    p.add_argument("--views", default="clip,caption", help="claims compared with the oracle: clip, caption or both")
-    p.add_argument("--calibrate", type=float, default=0.2,
+    p.add_argument("--theta", type=float, help="confidence at which a claim counts (default 0.66)")
+    p.add_argument("--object-list-size", type=int, help="length of the oracle's object list (EftCLIP's tau; default 3)")
+    p.add_argument("--views", help="claims compared with the oracle: clip, caption or both (default clip,caption)")
+    p.add_argument("--calibrate", type=float,
                    help="share of --clean-data held out of the oracle to measure each label's flag rate on clean "
-                        "pairs (0: rank labels against the overall flag rate)")
-    p.add_argument("--device", default="auto")
+                        "pairs (default 0.2; 0: rank labels against the overall flag rate)")
+    p.add_argument("--device")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)
@@ -271,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True)
     p.add_argument("--out", required=True, help="patch PNG; apply with --attack badclip --attack-param patch=PATH")
     p.add_argument("--image-root")
-    p.add_argument("--templates", default="openai")
+    p.add_argument("--templates")
     p.add_argument("--patch-size", type=int)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, help="optimisation steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, help="Adam's learning rate (default 0.01)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
 
     p = sub.add_parser("triggers", help="draw an image clean and under every trigger, side by side")
     p.add_argument("--image", required=True)

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from par import triggers
+from par import attacks
 from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
 from par.errors import ParError
 from par.utils import atomic_write, atomic_write_text, file_digest, to_pil
@@ -62,7 +62,7 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
 def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Path:
     from tqdm import tqdm
 
-    trigger = triggers.get_trigger(cfg.attack, **cfg.attack_params)
+    trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params)
     frame = read_csv(cfg.csv, ["image", "caption"])
     if (cfg.rate is None) == (cfg.num is None):
         raise ParError("give exactly one of --rate and --num")
@@ -111,7 +111,7 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         images_out[row] = name
         if not cfg.label_consistent:
             captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
-        records.append({"row": row, "seed": triggers.row_seed(cfg.seed, row), "caption": captions[row]})
+        records.append({"row": row, "seed": attacks.row_seed(cfg.seed, row), "caption": captions[row]})
 
     poisoned = frame.copy()
     poisoned["image"] = images_out

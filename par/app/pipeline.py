@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from par import triggers
+from par import attacks
 from par.config import build, load_yaml
 from par.defenses import CleaningJob, clean
 from par.errors import ParError
-from par.evaluate import EvalConfig, evaluate, merged_metrics
+from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
 from par.models import canonical_model_name, read_metadata
-from par.poison import PoisonConfig, poison
+from par.attacks.poison import PoisonConfig, poison
 from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
 from par.utils import digest, file_digest
@@ -133,12 +133,12 @@ def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
 def prepare_attack_stage(profile: dict, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
     """``params`` plus whatever the attack builds for itself first (BadCLIP: its patch, optimised
     against the clean foundation, which is built on demand)."""
-    context = triggers.AttackContext(
+    context = attacks.AttackContext(
         label=label, model=world.model, clean_data=str(world.path / "clean.csv"),
         templates=str(world.path / "templates.txt"), workdir=out,
         clean_checkpoint=lambda: foundation_stage(profile, out, world),
         settings=dict((profile.get("attack_prepare") or {}).get(attack) or {}))
-    return {**params, **triggers.get_trigger(attack, **params).prepare(context)}
+    return {**params, **attacks.get_trigger(attack, **params).prepare(context)}
 
 
 def poison_values(profile: dict, attack: str) -> dict:
@@ -211,7 +211,7 @@ def robust_settings(values: Optional[dict]) -> Optional[dict]:
     """A profile's ``robust`` mapping (eps list, attacks, steps, max_images) as EvalConfig keys; None when absent."""
     if not values:
         return None
-    from par.robust import parse_eps
+    from par.eval.robust import parse_eps
 
     known = {"eps", "attacks", "steps", "max_images"}
     unknown = sorted(set(values) - known)
@@ -229,7 +229,7 @@ def robust_settings(values: Optional[dict]) -> Optional[dict]:
 def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Optional[dict] = None) -> dict:
     """Robust zero-shot accuracy of ``checkpoint`` on the world's test split: ``{eps label: accuracy}``
     (records kept beside the checkpoint, keyed by the settings)."""
-    from par.robust import eps_label
+    from par.eval.robust import eps_label
 
     values = {**(eval_values or {}), **robust}
     results = Path(checkpoint).parent / f"robust-{digest(values)}.jsonl"

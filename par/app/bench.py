@@ -15,43 +15,26 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from par import pipeline, triggers
+from par.attacks import TRIGGERS, get_trigger
+from par.app import pipeline
 from par.config import load_yaml, merge
-from par.defenses import DEFENSES, MultiStageDefense
+from par.defenses import DEFENSES
 from par.errors import ParError
 from par.gallery import trigger_gallery
-from par.robust import eps_label
+from par.eval.robust import eps_label
 from par.utils import digest
 
-FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "cleaned_ca",
-          "cleaned_asr", "cleaned_asr_top5", "clean_seconds", "status", "error"]
+FIELDS = ["attack", "defense", "setting", "seed", "poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "ca", "asr",
+          "asr_top5", "train_seconds", "status", "error"]  # ca/asr/...: the row's model (cleaned, or never poisoned)
 
 
-DETECTION_FIELDS = ["detection_victim", "detection_victim_found", "detection_auroc", "detection_tpr_at_5pct_fpr",
-                    "detection_rate", "detection_false_positive_rate"]
-
-
-def _fields(robust: Optional[dict], detection: bool = False) -> List[str]:
-    """``FIELDS`` plus, with robust evaluation, ``poisoned_robust@<eps>`` and ``cleaned_robust@<eps>``, and
-    with a detecting defense, what it found (``DETECTION_FIELDS``)."""
+def _fields(robust: Optional[dict], defenses: List[str]) -> List[str]:
+    """``FIELDS`` plus, with robust evaluation, ``poisoned_robust@<eps>`` and ``robust@<eps>``, and the
+    columns the defenses report about themselves (``Defense.report_fields``)."""
     labels = [eps_label(e) for e in (robust or {}).get("robust_eps", [])]
-    extra = [f"{which}_robust@{e}" for which in ("poisoned", "cleaned") for e in labels]
-    return FIELDS[:-2] + extra + (DETECTION_FIELDS if detection else []) + FIELDS[-2:]
-
-
-def _detection_columns(run_dir: Path, label: str) -> Dict:
-    """What a detecting defense reported in ``defense-report.json`` (nothing for the others)."""
-    import json
-
-    report = run_dir / "defense-report.json"
-    if not report.exists():
-        return {}
-    found = json.loads(report.read_text())["detection"]
-    metrics = found.get("metrics") or {}
-    return {"detection_victim": found["victim"], "detection_victim_found": found["victim"] == label,
-            "detection_auroc": metrics.get("auroc"), "detection_tpr_at_5pct_fpr": metrics.get("tpr_at_5pct_fpr"),
-            "detection_rate": metrics.get("detection_rate"),
-            "detection_false_positive_rate": metrics.get("false_positive_rate")}
+    extra = [f"poisoned_robust@{e}" for e in labels] + [f"robust@{e}" for e in labels]
+    reported = list(dict.fromkeys(f for d in defenses for f in DEFENSES.get(d).report_fields))
+    return FIELDS[:-2] + extra + reported + FIELDS[-2:]
 
 
 def _defense_settings(profile: dict, name: str) -> dict:
@@ -63,13 +46,13 @@ def _defense_settings(profile: dict, name: str) -> dict:
     return merge(base, specific)
 
 
-def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict):
+def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
+           synthetic: List[str]):
     """(attack, defense, setting, seed, overrides, cleaning data) for every cell.
 
     Sweeps run on ``sweep_attacks`` (default: every attack): a trade-off curve per attack
     multiplies the benchmark's cost by the sweep's length.
     """
-    synthetic = (profile.get("synthetic_cleaning") or {}).get("defenses") or []
     swept = profile.get("sweep_attacks")
     for attack in attacks:
         for defense in defenses:
@@ -94,20 +77,24 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     if quick:
         profile = {**profile, **(profile.get("quick") or {})}
     label = profile.get("label", "banana")
-    attacks = [triggers.TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or triggers.TRIGGERS.in_order())]
+    attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or TRIGGERS.in_order())]
     every = [d for d in DEFENSES.in_order() if not DEFENSES.get(d).needs_labels]  # the world's pairs have no labels
+    chosen = defenses
     defenses = [DEFENSES.canonical(d) for d in (defenses or profile.get("defenses") or every)]
+    # the synthetic-data column cleans with the profile's synthetic defenses; a --defenses choice narrows it
+    synthetic_defenses = [DEFENSES.canonical(d) for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []
+                          if not chosen or DEFENSES.canonical(d) in defenses]
     seeds = list(profile.get("seeds") or [0])
     sweeps = profile.get("sweeps") or {}
     if profile.get("sweep_attacks") is not None:
-        profile = {**profile, "sweep_attacks": [triggers.TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
+        profile = {**profile, "sweep_attacks": [TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
     robust = pipeline.robust_settings(profile.get("robust"))
-    fields = _fields(robust, any(isinstance(DEFENSES.get(d), MultiStageDefense) for d in defenses))
+    fields = _fields(robust, defenses + synthetic_defenses)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
     synthetic_csv, synthetic_key = None, None
-    if (profile.get("synthetic_cleaning") or {}).get("defenses"):
+    if synthetic_defenses:
         # a second world of another style, used only as cleaning data; its folder and the cells
         # cleaned with it are keyed by its settings, so changing them never reuses stale cells
         style = {**profile, "world": profile["synthetic_cleaning"].get("world", {})}
@@ -116,7 +103,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
-    for attack, defense, setting, seed, override, data in _cells(profile, attacks, defenses, seeds, sweeps):
+    for attack, defense, setting, seed, override, data in _cells(profile, attacks, defenses, seeds, sweeps, synthetic_defenses):
         label_name = defense + ("-synthetic" if data == "synthetic" else "")
         row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
         try:
@@ -137,14 +124,15 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
             started = time.time()
             cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_csv=train_csv)
             cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))
+            seconds = DEFENSES.get(defense).train_seconds(run_dir)
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
-                       poisoned_asr_top5=poisoned["asr_top5"], cleaned_ca=cleaned["clean_top1"],
-                       cleaned_asr=cleaned["asr_top1"], cleaned_asr_top5=cleaned["asr_top5"],
-                       clean_seconds=_seconds(run_dir, started),
+                       poisoned_asr_top5=poisoned["asr_top5"], ca=cleaned["clean_top1"],
+                       asr=cleaned["asr_top1"], asr_top5=cleaned["asr_top5"],
+                       train_seconds=round(time.time() - started, 1) if seconds is None else seconds,
                        **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")})
             if robust and setting == "default" and seed == seeds[0]:  # one seed: APGD costs more than the cleaning
-                row.update(_robust_columns("cleaned", world, cleaned_ckpt, robust, profile))
-            row.update(_detection_columns(run_dir, label))
+                row.update(_robust_columns("", world, cleaned_ckpt, robust, profile))
+            row.update(DEFENSES.get(defense).report(run_dir, label))
         except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
             row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
             if progress:
@@ -157,7 +145,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
         _write_results(out / f"{report}.csv", rows, fields)
     columns = ["never-poisoned"] if reference else []
     columns += list(defenses)
-    columns += [DEFENSES.canonical(d) + "-synthetic" for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []]
+    columns += [d + "-synthetic" for d in synthetic_defenses]
     _write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
     sample = world.path / "images" / "test" / "000001.png"
@@ -169,7 +157,8 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
 
 def _robust_columns(which: str, world, checkpoint, robust: dict, profile: dict) -> Dict[str, float]:
     accuracy = pipeline.robust_stage(world, checkpoint, robust, profile.get("eval"))
-    return {f"{which}_robust@{eps}": value for eps, value in accuracy.items()}
+    prefix = f"{which}_" if which else ""
+    return {f"{prefix}robust@{eps}": value for eps, value in accuracy.items()}
 
 
 def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_cache: dict,
@@ -181,28 +170,17 @@ def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_c
     model's ASR is read against it rather than against zero.
     """
     checkpoint, _ = pipeline.foundation_stage(profile, out, world)
-    robust_columns = _robust_columns("cleaned", world, checkpoint, robust, profile) if robust else {}
+    robust_columns = _robust_columns("", world, checkpoint, robust, profile) if robust else {}
     rows = []
     for attack, (_, params, poisoned, _) in poisoned_cache.items():
         metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
         rows.append({"attack": attack, "defense": "never-poisoned", "setting": "default", "seed": 0,
                      "poisoned_ca": poisoned["clean_top1"], "poisoned_asr": poisoned["asr_top1"],
-                     "poisoned_asr_top5": poisoned["asr_top5"], "cleaned_ca": metrics["clean_top1"],
-                     "cleaned_asr": metrics["asr_top1"], "cleaned_asr_top5": metrics["asr_top5"], "clean_seconds": "",
+                     "poisoned_asr_top5": poisoned["asr_top5"], "ca": metrics["clean_top1"],
+                     "asr": metrics["asr_top1"], "asr_top5": metrics["asr_top5"], "train_seconds": "",
                      "status": "ok", "error": "", **robust_columns,
                      **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")}})
     return rows
-
-
-def _seconds(run_dir: Path, started: float) -> float:
-    import json
-
-    log = run_dir / "metrics.jsonl"
-    if log.exists():  # the cell's own training time, also when it was reused from an earlier run
-        lines = log.read_text().splitlines()
-        if lines:
-            return round(json.loads(lines[-1])["elapsed_s"], 1)
-    return round(time.time() - started, 1)
 
 
 def _write_results(path: Path, rows: List[Dict], fields: List[str] = FIELDS) -> None:
@@ -220,10 +198,10 @@ def _mean_std(values: List[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def _asr(rows: List[Dict], which: str) -> str:
+def _asr(rows: List[Dict], prefix: str = "") -> str:
     """``top-1 mean ± std (top-5 mean)``: top-5 shows the residue a top-1 ASR hides."""
-    top1 = _mean_std([r[f"{which}_asr"] for r in rows])
-    top5 = [r[f"{which}_asr_top5"] for r in rows if r.get(f"{which}_asr_top5") not in (None, "")]
+    top1 = _mean_std([r[f"{prefix}asr"] for r in rows])
+    top5 = [r[f"{prefix}asr_top5"] for r in rows if r.get(f"{prefix}asr_top5") not in (None, "")]
     return top1 if not top5 or top1 == "failed" else f"{top1} ({100 * statistics.mean(top5):.1f})"
 
 
@@ -238,16 +216,20 @@ def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: 
     for attack in attacks:
         cells = [r for r in default if r["attack"] == attack]
         ok = [r for r in cells if r["status"] == "ok"]
-        line = [f"{triggers.get_trigger(attack).paper_name} (`{attack}`)", _mean_std([r["poisoned_ca"] for r in ok][:1]),
-                _asr(ok[:1], "poisoned")]
+        line = [f"{get_trigger(attack).paper_name} (`{attack}`)", _mean_std([r["poisoned_ca"] for r in ok][:1]),
+                _asr(ok[:1], "poisoned_")]
         for defense in defenses:
             mine = [r for r in ok if r["defense"] == defense]
-            line += [_mean_std([r["cleaned_ca"] for r in mine]), _asr(mine, "cleaned")]
+            line += [_mean_std([r["ca"] for r in mine]), _asr(mine)]
         lines.append("| " + " | ".join(line) + " |")
     if robust:
         lines += [""] + _robust_table(default, attacks, defenses, robust)
-    if any(r.get("detection_victim") not in (None, "") for r in default):
-        lines += [""] + _detection_table(default, attacks, label)
+    for defense in dict.fromkeys(_registered(d) for d in defenses):  # what each defense reports about itself
+        if defense is None:
+            continue
+        extra = DEFENSES.get(defense).tables([r for r in default if _registered(r["defense"]) == defense], attacks, label)
+        if extra:
+            lines += [""] + extra
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed cells:"] + [f"- {r['attack']} / {r['defense']} ({r['setting']}, seed {r['seed']}): "
@@ -260,7 +242,7 @@ def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], rob
     labels = [eps_label(e) for e in robust["robust_eps"]]
     attacks_used = ", ".join(robust.get("robust_attacks", ["apgd-ce", "apgd-t"]))
     cell = lambda row, which: " / ".join(  # noqa: E731
-        "–" if row.get(f"{which}_robust@{e}") in (None, "") else f"{100 * float(row[f'{which}_robust@{e}']):.1f}"
+        "–" if row.get(f"{which}robust@{e}") in (None, "") else f"{100 * float(row[f'{which}robust@{e}']):.1f}"
         for e in labels)
     lines = [f"Robust zero-shot accuracy in % at eps {' / '.join(labels)} (L-inf; {attacks_used}; "
              f"{robust.get('robust_steps', 100)} steps; first {robust.get('robust_max_images', 1000)} test images; "
@@ -270,33 +252,18 @@ def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], rob
         mine = [r for r in rows if r["attack"] == attack and r["status"] == "ok"]
         if not mine:
             continue
-        line = [f"`{attack}`", cell(mine[0], "poisoned")]
+        line = [f"`{attack}`", cell(mine[0], "poisoned_")]
         for defense in defenses:
             found = [r for r in mine if r["defense"] == defense]
-            line.append(cell(found[0], "cleaned") if found else "–")
+            line.append(cell(found[0], "") if found else "–")
         lines.append("| " + " | ".join(line) + " |")
     return lines
 
 
-def _detection_table(rows: List[Dict], attacks: List[str], label: str) -> List[str]:
-    """Per attack and detecting defense: the victim label found, and poisoned-row detection (mean over seeds)."""
-    def mean(found, key, scale=100, digits=1):
-        values = [float(r[key]) for r in found if r.get(key) not in (None, "")]
-        return f"{scale * statistics.mean(values):.{digits}f}" if values else "–"
-
-    lines = [f"Detection of poisoned training pairs (target '{label}'): victim label found (seeds agreeing), "
-             "AUROC, and in % the TPR at 5 % FPR and the flagged share of poisoned / clean rows.", "",
-             "| attack | defense | victim found | AUROC | TPR @ 5 % FPR | detection rate | false positives |",
-             "|---|---|---|---|---|---|---|"]
-    for attack in attacks:
-        for defense in sorted({r["defense"] for r in rows if r["attack"] == attack and r.get("detection_victim")}):
-            found = [r for r in rows if r["attack"] == attack and r["defense"] == defense and r.get("detection_victim")]
-            victims = sorted({str(r["detection_victim"]) for r in found})
-            agree = sum(str(r["detection_victim_found"]) == "True" for r in found)
-            lines.append(f"| `{attack}` | {defense} | {'/'.join(victims)} ({agree}/{len(found)}) | "
-                         f"{mean(found, 'detection_auroc', 1, 3)} | {mean(found, 'detection_tpr_at_5pct_fpr')} | "
-                         f"{mean(found, 'detection_rate')} | {mean(found, 'detection_false_positive_rate')} |")
-    return lines
+def _registered(column: str) -> Optional[str]:
+    """The registered defense behind a results column (``par-synthetic`` is ``par``); None for the floor."""
+    name = column[: -len("-synthetic")] if column.endswith("-synthetic") else column
+    return DEFENSES.canonical(name) if name in DEFENSES else None
 
 
 def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
@@ -312,10 +279,10 @@ def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
     ok = [r for r in ok if r["attack"] in swept] or ok  # the curves; every attack when nothing was swept
     floors = [r for r in ok if r["defense"] == "never-poisoned"]
     ok = [r for r in ok if r["defense"] != "never-poisoned"]
-    markers = {"par": "o", "cleanclip": "s", "ft": "^"}
+    markers = dict(zip(sorted({r["defense"] for r in ok}), "o^sDvP<>*hX"))
     for defense in sorted({r["defense"] for r in ok}):
         for attack in sorted({r["attack"] for r in ok}):
-            points = sorted((r["cleaned_ca"], r["cleaned_asr"], r["setting"]) for r in ok
+            points = sorted((r["ca"], r["asr"], r["setting"]) for r in ok
                             if r["defense"] == defense and r["attack"] == attack)
             if points:
                 ax.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker=markers.get(defense, "x"),
@@ -324,7 +291,7 @@ def _plot_tradeoff(path: Path, rows: List[Dict]) -> None:
     for attack, (ca, asr) in poisoned.items():
         ax.scatter([100 * ca], [100 * asr], color="black", marker="*", zorder=5)
     if floors:
-        ax.scatter([100 * r["cleaned_ca"] for r in floors], [100 * r["cleaned_asr"] for r in floors], color="gray",
+        ax.scatter([100 * r["ca"] for r in floors], [100 * r["asr"] for r in floors], color="gray",
                    marker="P", zorder=5, label="never poisoned")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("attack success rate (%)")

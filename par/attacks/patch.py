@@ -1,0 +1,62 @@
+"""Patch attacks: BadNet and BadNet-Stripes (a square patch, ``alpha = 1``, at a random location)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from par.errors import ParError
+
+from par.attacks.base import TRIGGERS, Trigger, pattern_generator, random_stripes, default_patch_size, place_patches
+
+
+@dataclass
+class _PatchTrigger(Trigger):
+    """A square patch (``alpha = 1``) at a uniformly random location."""
+
+    patch_size: Optional[int] = None  # None: default_patch_size(image side)
+    fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
+    pattern_seed: int = 0
+
+    def _patch_pattern(self, n: int, size: int, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, images, generator):
+        b, _, h, w = images.shape
+        size = self.patch_size or default_patch_size(min(h, w))
+        if size > min(h, w):
+            raise ParError(f"{self.name}: patch of {size} px does not fit in {h}x{w} images")
+        n = 1 if self.fixed_pattern else b
+        patch = self._patch_pattern(n, size, images, pattern_generator(self, generator)).expand(b, 3, size, size)
+        top = torch.randint(0, h - size + 1, (b,), generator=generator)
+        left = torch.randint(0, w - size + 1, (b,), generator=generator)
+        mask, pattern = place_patches(patch, top, left, h, w)
+        return mask, pattern, 1.0
+
+
+@TRIGGERS.register("random", "badnet")
+@dataclass
+class BadNet(_PatchTrigger):
+    """BadNet: a patch of the image's per-channel mean plus N(0, 1) noise."""
+
+    name = "random"
+    paper_name = "BadNet"
+
+    def _patch_pattern(self, n, size, images, generator):
+        means = images.mean(dim=(2, 3), keepdim=True).cpu().float()
+        if n == 1:
+            means = means.mean(dim=0, keepdim=True)
+        return means + torch.randn(n, 3, size, size, generator=generator)
+
+
+@TRIGGERS.register("badnet_rs", "badnet-stripes")
+@dataclass
+class BadNetStripes(_PatchTrigger):
+    """BadNet-Stripes: a patch of 1-px vertical stripes with random 0/1 colour channels."""
+
+    name = "badnet_rs"
+    paper_name = "BadNet-Stripes"
+
+    def _patch_pattern(self, n, size, images, generator):
+        return random_stripes(n, size, size, generator)

@@ -1,0 +1,63 @@
+"""``FineTune``: a defense that is one objective run through the shared training loop, and ``defense``,
+the one decorator that registers a new defense (an objective and its fine-tuning defense, or a
+multi-stage defense)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from par import train as loop
+from par.defenses.base import DEFENSES, OBJECTIVES, CleaningJob, Defense, Objective
+
+
+class FineTune(Defense):
+    """Fine-tune the poisoned checkpoint with one objective; everything else is the job's settings."""
+
+    def __init__(self, objective: str):
+        self.objective = objective
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether it trains on class labels (the synthetic world's cleaning pairs carry none)."""
+        return OBJECTIVES.get(self.objective).needs_labels
+
+    def config(self, job: CleaningJob) -> loop.TrainConfig:
+        values = dict(job.settings)
+        written_for = values.pop("objective", None)
+        if written_for is not None and OBJECTIVES.canonical(written_for) != OBJECTIVES.canonical(self.objective):
+            values.pop("objective_params", None)  # settings of another objective: not this one's
+        values.update(objective=self.objective, model=job.model, train_csv=job.train_csv,
+                      init_checkpoint=job.checkpoint, out=job.out)
+        if job.image_root:
+            values["image_root"] = job.image_root
+        return loop.train_config(values, f"settings of defense {self.objective!r}")
+
+    def clean(self, job: CleaningJob) -> Path:
+        return loop.train(self.config(job), reuse=job.reuse, resume=job.resume)
+
+    def check(self, job: CleaningJob) -> None:
+        loop.validate(self.config(job))
+
+
+def defense(name: str, *aliases: str, objective: Optional[str] = None):
+    """Class decorator registering a defense under ``name`` (and ``aliases``).
+
+    On an ``Objective`` subclass it registers the objective (as ``objective``, default ``name``) and
+    the defense ``FineTune(objective)``; on a ``Defense`` subclass, an instance of it. Registering a
+    name twice is an error.
+    """
+
+    def add(cls):
+        if isinstance(cls, type) and issubclass(cls, Objective):
+            task = objective or name
+            OBJECTIVES.add(task, cls, *[a for a in (name, *aliases) if a != task])
+            DEFENSES.add(name, FineTune(task), *[a for a in (task, *aliases) if a != name])
+        elif isinstance(cls, type) and issubclass(cls, Defense):
+            instance = cls()
+            instance.name = name
+            DEFENSES.add(name, instance, *aliases)
+        else:
+            raise TypeError(f"@defense({name!r}) decorates an Objective or a Defense subclass, not {cls!r}")
+        return cls
+
+    return add
