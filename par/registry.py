@@ -60,6 +60,12 @@ class Registry(Generic[T]):
         """
         self.add(name, _Lazy(target), *aliases)
 
+    def remove(self, name: str) -> None:
+        """Drops ``name`` and its aliases: for a registration scoped to a test or an experiment."""
+        key = self.canonical(name)
+        del self._items[key]
+        self._aliases = {alias: target for alias, target in self._aliases.items() if target != key}
+
     def canonical(self, name: str) -> str:
         """The registered name for ``name``; user plugins are imported before giving up."""
         self._load_builtins()

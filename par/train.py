@@ -1,23 +1,27 @@
 """One training loop for pre-training a CLIP from scratch and for cleaning a checkpoint.
 
-The objective (``par.objectives``: ``clip``/``ft``, ``par``, ``cleanclip``, or a plugin's) is the
+The objective (``par.defenses``: ``clip``/``ft``, ``par``, ``cleanclip``, or a plugin's) is the
 only thing that differs between pre-training, plain fine-tuning, PAR and CleanCLIP, and the
 loop knows nothing about any of them. It runs single-process (CPU or one GPU) or distributed
 under ``torchrun`` / SLURM (``torch.distributed``, set up by open_clip_train's helper): the
 trainable model is wrapped in DDP and every forward goes through the wrapper, the contrastive
 loss gathers the global batch, a ``DistributedSampler`` reshuffles every epoch, and only rank 0
-logs and writes. Read ``train`` top to bottom: setup, model and objective, data, optimiser,
-resume, loop, checkpoint.
+logs and writes. Read ``train`` top to bottom: setup, the step, data, resume, loop, checkpoint.
+Everything one optimiser step does is one ``Step`` object (``make_step``), the one
+``scripts/train_throughput.py`` times; what a resumable state holds is written and read back by
+``save_resumable`` / ``restore_resumable``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -28,17 +32,19 @@ from par.data import PairLoader, caption_dataset, preload, to_float
 from par.distributed import Dist, replica_drift, setup_distributed
 from par.errors import ParError
 from par.eval.zeroshot import LiveEval
-from par.defenses.base import OBJECTIVES, Batch, TaskContext, make_objective, objective_params
+from par.defenses.base import OBJECTIVES, Batch, Objective, TaskContext, make_objective, objective_params
 from par.plots import plot_training
 from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
 from par.utils import PRECISIONS, autocast
 
-COSMETIC = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
+# settings that do not change what a run computes (where it runs, how it reports): left out of its fingerprint
+NOT_FINGERPRINTED = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
             "eval_every", "eval_csv", "eval_classnames", "eval_templates", "eval_image_root", "eval_attack",
             "eval_label", "eval_attack_params", "eval_max_images", "tensorboard", "compile")
 MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.train_logit_scale",
          "cleanclip_lambda": "objective_params.unimodal_weight"}  # keys that belong to an objective now
+INPUTS = ("train_csv", "init_checkpoint")  # files known by their digest in a run's fingerprint
 
 
 @dataclass
@@ -94,19 +100,34 @@ def train_config(values: dict, source: str = "train config") -> TrainConfig:
     return build(TrainConfig, values, source)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def validate(cfg: TrainConfig) -> None:
-    models.canonical_model_name(cfg.model)
-    AUGMENTATIONS.get(cfg.augment)
-    objective_params(cfg.objective, cfg.objective_params)  # unknown or mistyped objective settings fail here
-    if OBJECTIVES.get(cfg.objective).needs_frozen and not cfg.init_checkpoint:
-        raise ParError(f"objective {cfg.objective!r} cleans a checkpoint: set init_checkpoint")
-    for name in ("steps", "batch_size", "accum_steps"):
-        if getattr(cfg, name) < 1:
-            raise ParError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    """Every setting checked in one place, before any work (``train`` calls it before a folder is made,
+    defenses' ``check`` before a benchmark starts): each problem is one ParError naming the key and value."""
+    for name, least in (("steps", 1), ("batch_size", 1), ("accum_steps", 1), ("log_every", 1),
+                        ("eval_max_images", 1), ("warmup", 0), ("workers", 0), ("threads", 0), ("save_every", 0),
+                        ("eval_every", 0)):
+        if getattr(cfg, name) < least:
+            raise ParError(f"{name} must be at least {least}, got {getattr(cfg, name)}")
+    for name, positive in (("lr", True), ("eps", True), ("weight_decay", False)):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ParError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ParError(f"betas must be a pair of numbers in [0, 1), got {cfg.betas}")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ParError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.warmup >= cfg.steps:
         raise ParError(f"warmup ({cfg.warmup}) must be shorter than steps ({cfg.steps})")
     if cfg.precision not in PRECISIONS:
         raise ParError(f"unknown precision {cfg.precision!r}; known: {', '.join(PRECISIONS)}")
+    models.canonical_model_name(cfg.model)
+    AUGMENTATIONS.get(cfg.augment)
+    objective_params(cfg.objective, cfg.objective_params)  # unknown, mistyped or senseless objective settings
+    if OBJECTIVES.get(cfg.objective).needs_frozen and not cfg.init_checkpoint:
+        raise ParError(f"objective {cfg.objective!r} cleans a checkpoint: set init_checkpoint")
     if cfg.eval_every and not (cfg.eval_csv and cfg.eval_classnames):
         raise ParError("eval_every needs eval_csv and eval_classnames")
     if is_shard_pattern(cfg.train_csv):
@@ -185,86 +206,64 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
 
-    # ---- setup: validation, processes, run folder
+    # ---- setup: settings, processes, run folder
     validate(cfg)
     dist, device = setup_distributed(cfg.device)
     if cfg.batch_size % (dist.world_size * cfg.accum_steps):
         raise ParError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size} "
                        f"x accum_steps {cfg.accum_steps}")
-    run = RunFolder(cfg.out, fingerprint(cfg, COSMETIC, ("train_csv", "init_checkpoint")), dist, reuse, resume, cfg)
+    run = RunFolder(cfg.out, fingerprint(cfg, NOT_FINGERPRINTED, INPUTS), dist, reuse, resume, cfg)
     if run.status == "finished":
         print(f"reusing {run.found} (same settings and inputs)")
         return run.found
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + dist.rank)
 
-    # ---- model and objective, data, optimiser
-    model, wrapped, objective, tokenizer = build_model(cfg, dist, device)
-    mean, std, size = objective.context.mean, objective.context.std, models.image_size(model)
-    augment = AUGMENTATIONS.get(cfg.augment)
-    data = build_data(cfg, dist, device, tokenizer, size)
-    generators = {"augment": torch.Generator(device).manual_seed(cfg.seed + 1 + dist.rank)}  # draws on the device
+    # ---- the step (model, objective, optimiser, augmentation), data, schedule, live evaluation
+    one_step = make_step(cfg, dist, device)
+    model, ctx, size = one_step.model, one_step.objective.context, models.image_size(one_step.model)
+    data = build_data(cfg, dist, device, ctx.tokenizer, size)
     evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
-    optimizer = make_optimizer(cfg, model, device)
-    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
+    schedule = cosine_lr(one_step.optimizer, cfg.lr, cfg.warmup, cfg.steps)
 
-    # ---- resume: weights, optimiser, scaler, data position and random streams
+    # ---- resume: weights, optimiser, loss scale, data position and random streams
     step, epoch, skip = 0, 0, 0
     if run.status == "resume":
-        state = load_state(run.found, dist.world_size)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, skip = state["step"], state["epoch"], state["batches_done"]
-        set_rng_state(state["rng"][dist.rank], generators, objective)
+        step, epoch, skip = restore_resumable(run.found, one_step, dist)
         if dist.main:
             print(f"resuming {run.out} at step {step}")
 
     # ---- loop
-    finite = FiniteWatch(device)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({cfg.objective})", unit="step",
                disable=not (cfg.progress and dist.main))
     start, seen, first_step = time.time(), 0, step
-    with MetricsLog(run.metrics, dist.main, from_step=step if run.status == "resume" else 0,
-                    tensorboard=cfg.tensorboard) as log:
+    with MetricsLog(run.metrics, dist.main, from_step=step, history=run.history, tensorboard=cfg.tensorboard) as log:
         while step < cfg.steps:
-            objective.on_epoch_start(epoch)
+            one_step.objective.on_epoch_start(epoch)
             batches_done = skip
-            for raw_images, tokens, captions, labels in data.epoch(epoch, skip):
+            for batch in epoch_batches(data, epoch, skip):
                 lr = schedule(step)
-                batch = device_batch(raw_images, tokens, captions, labels, device, augment, mean, std,
-                                     generators["augment"])
-                totals = train_step(wrapped, objective, batch, cfg.accum_steps, cfg.precision, device, optimizer,
-                                    scaler, dist.world_size > 1)
-                objective.after_step(model)
-                finite.watch(totals["loss"], step)
+                terms = one_step(batch, step)
                 step, batches_done, seen = step + 1, batches_done + 1, seen + cfg.batch_size
                 bar.update(1)
 
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    finite.check(cfg.lr, run.state, dist)  # a saved state is always a good one
-                    rng = dist.gather_to_main(rng_state(generators, objective))  # every rank's streams, one file
-                    if dist.main:
-                        save_state(run.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                               "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                                               "batches_done": batches_done, "rng": rng})
                 if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                    finite.check(cfg.lr, run.state, dist)
+                    one_step.finite.check(run.state, dist)
                     record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
-                              **{k: dist.mean(v).item() for k, v in totals.items()}}
+                              **{k: dist.mean(v).item() for k, v in terms.items()}}
                     if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                        record.update(evaluator(model, tokenizer, mean, std))
+                        record.update(evaluator(model, ctx.tokenizer, ctx.mean, ctx.std))
                     record.update(samples_per_s=seen / (time.time() - start), elapsed_s=time.time() - start)
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # after evaluating (it draws)
+                    save_resumable(run, one_step, {"step": step, "epoch": epoch, "batches_done": batches_done}, dist)
                 if step >= cfg.steps:
                     break
             epoch, skip = epoch + 1, 0
     bar.close()
-    finite.check(cfg.lr, run.state, dist)
-    return finish(cfg, run, dist, model, objective, step, time.time() - start, step - first_step)
+    one_step.finite.check(run.state, dist)
+    return finish(cfg, run, dist, model, one_step.objective, step, time.time() - start, step - first_step)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -273,44 +272,121 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
                              fused=device.type == "cuda")
 
 
-def device_batch(raw_images, tokens, captions, labels, device: torch.device, augment, mean, std,
-                 generator) -> Batch:
-    """A loader's batch on the device, its images augmented and normalised there."""
-    raw_images = raw_images.to(device, non_blocking=True)
-    images = augment(to_float(raw_images), mean, std, generator=generator)
-    labels = None if labels is None else labels.to(device, non_blocking=True)
-    return Batch(images, tokens.to(device, non_blocking=True), raw_images, captions, labels)
+@dataclass(eq=False)
+class Step:
+    """One optimiser step on one loader batch, all of it: the batch onto the device and augmented there,
+    the objective's forward and backward over ``accum_steps`` micro-batches, the optimiser and loss-scaler
+    step, the objective's ``after_step`` hook and the watch for a non-finite loss. ``make_step`` builds it
+    from the config for the training loop and for ``scripts/train_throughput.py``, so what is timed is what
+    trains. A call returns the objective's terms averaged over the micro-batches, as device tensors:
+    nothing in it waits for the GPU."""
+
+    model: torch.nn.Module  # the CLIP model: what is saved, evaluated and clamped
+    wrapped: torch.nn.Module  # what the objective calls: its step_module of the model, in DDP / compile wrappers
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: Callable
+    generator: torch.Generator  # the augmentation's draws, made on the device
+    precision: str
+    accum_steps: int
+    device: torch.device
+    ddp: bool
+    finite: FiniteWatch
+
+    def on_device(self, loader_batch) -> Batch:
+        """A loader's ``(uint8 images, token ids, captions, labels or None)`` on the device, its images
+        augmented and normalised there."""
+        raw_images, tokens, captions, labels = loader_batch
+        ctx = self.objective.context
+        raw_images = raw_images.to(self.device, non_blocking=True)
+        images = self.augment(to_float(raw_images), ctx.mean, ctx.std, generator=self.generator)
+        labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        return Batch(images, tokens.to(self.device, non_blocking=True), raw_images, captions, labels)
+
+    def __call__(self, loader_batch, step: int) -> dict:
+        batch = self.on_device(loader_batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro, totals = len(batch.images) // self.accum_steps, {}
+        for k in range(self.accum_steps):  # DDP syncs gradients on the last micro-batch only
+            part = slice(k * micro, (k + 1) * micro)
+            piece = Batch(batch.images[part], batch.tokens[part], batch.raw_images[part],
+                          None if batch.captions is None else batch.captions[part],
+                          None if batch.labels is None else batch.labels[part])
+            sync = k == self.accum_steps - 1 or not self.ddp
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), autocast(self.precision, self.device):
+                terms = self.objective(self.wrapped, piece)
+            self.scaler.scale(terms["loss"] / self.accum_steps).backward()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / self.accum_steps
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.objective.after_step(self.model)
+        self.finite.watch(totals["loss"], step)
+        return totals
 
 
-def train_step(wrapped, objective, batch: Batch, accum_steps: int, precision: str, device: torch.device,
-               optimizer, scaler, ddp: bool) -> dict:
-    """One optimiser step over ``accum_steps`` micro-batches of ``batch``; returns the objective's terms
-    averaged over them (device tensors: nothing here waits for the GPU). The training loop's step, and
-    the one ``scripts/train_throughput.py`` times."""
-    optimizer.zero_grad(set_to_none=True)
-    micro, totals = len(batch.images) // accum_steps, {}
-    for k in range(accum_steps):  # DDP syncs gradients on the last micro-batch only
-        part = slice(k * micro, (k + 1) * micro)
-        piece = Batch(batch.images[part], batch.tokens[part], batch.raw_images[part],
-                      None if batch.captions is None else batch.captions[part],
-                      None if batch.labels is None else batch.labels[part])
-        sync = k == accum_steps - 1 or not ddp
-        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(precision, device):
-            terms = objective(wrapped, piece)
-        scaler.scale(terms["loss"] / accum_steps).backward()
-        for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value.detach().float() / accum_steps
-    scaler.step(optimizer)
-    scaler.update()
-    return totals
+def make_step(cfg: TrainConfig, dist: Dist, device: torch.device) -> Step:
+    """The training step ``cfg`` describes, on this process: seeds torch's global stream (the model's
+    initialisation, the objective's own draws), builds model and objective (``build_model``), the
+    optimiser, the loss scaler and the augmentation with its generator on the device."""
+    torch.manual_seed(cfg.seed + dist.rank)
+    model, wrapped, objective, _ = build_model(cfg, dist, device)
+    return Step(model, wrapped, objective, make_optimizer(cfg, model, device),
+                torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp"), AUGMENTATIONS.get(cfg.augment),
+                torch.Generator(device).manual_seed(cfg.seed + 1 + dist.rank), cfg.precision, cfg.accum_steps,
+                device, dist.world_size > 1, FiniteWatch(device, cfg.lr))
+
+
+def epoch_batches(data, epoch: int, skip: int):
+    """``data.epoch(epoch, skip)``, drawing from torch's global random stream as an unbroken run does.
+    A DataLoader draws its workers' base seed from that stream when a pass starts. A pass that continues
+    an epoch (``skip`` > 0: resuming) must not draw it again, as the run that saved the state drew it
+    before saving: the extra draw would shift every later draw from that stream (torchvision's AutoAugment
+    and v2 transforms, CleanCLIP's and RoCLIP's views). Decoding draws nothing, so that seed is moot."""
+    if not skip:
+        yield from data.epoch(epoch, skip)
+        return
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(data.epoch(epoch, skip))
+        first = next(batches, None)  # the pass, and its seed draw, start here
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def save_resumable(run: RunFolder, step: Step, progress: dict, dist: Dist) -> None:
+    """Writes ``run.state`` (one file, atomically): weights, optimiser, loss scale, the data position
+    ``progress`` (step, epoch, batches done in it), every rank's random streams and the run's fingerprint,
+    so that only the same run resumes it. The loss is checked first: a saved state is always a good one."""
+    step.finite.check(run.state, dist)
+    rng = dist.gather_to_main(rng_state({"augment": step.generator}, step.objective))
+    if dist.main:
+        save_state(run.state, {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+                               "scaler": step.scaler.state_dict(), **progress, "rng": rng,
+                               "fingerprint": run.fingerprint})
+
+
+def restore_resumable(path: Path, step: Step, dist: Dist) -> Tuple[int, int, int]:
+    """The inverse of ``save_resumable`` (the run folder has checked the state belongs to this run):
+    restores ``step``'s weights, optimiser, loss scale and this rank's random streams; returns the data
+    position (step, epoch, batches done in it)."""
+    state = load_state(path)
+    step.model.load_state_dict(state["model"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    step.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][dist.rank], {"augment": step.generator}, step.objective)
+    return state["step"], state["epoch"], state["batches_done"]
 
 
 class FiniteWatch:
     """Remembers the first step whose loss was not finite, on the device: checking every step would make
     the CPU wait for the GPU at every step. ``check`` (before logging, saving a state, and the checkpoint)
-    raises, so no state or checkpoint is written from a diverged model."""
+    raises, so no state or checkpoint is written from a diverged model; ``lr`` is the configured one, for
+    the message."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, lr: float):
+        self.lr = lr
         self.step = torch.full((), -1, dtype=torch.long, device=device)
         self.value = torch.zeros((), device=device)
 
@@ -319,7 +395,7 @@ class FiniteWatch:
         self.step = torch.where(first, step, self.step)
         self.value = torch.where(first, loss.float(), self.value)
 
-    def check(self, lr: float, state: Path, dist: Optional[Dist] = None) -> None:
+    def check(self, state: Path, dist: Optional[Dist] = None) -> None:
         """Raises on every process if any process saw a non-finite loss (so none waits on the others)."""
         step = self.step.clone()
         if dist is not None and dist.world_size > 1:
@@ -331,12 +407,13 @@ class FiniteWatch:
         if first >= 0:
             value = self.value.item() if int(self.step) == first else "not finite on another process"
             where = f"; the last good state is {state}" if state.exists() else ""
-            raise ParError(f"loss became {value} at step {first}; lower lr (now {lr}) or check the data{where}")
+            raise ParError(f"loss became {value} at step {first}; lower lr (now {self.lr}) or check the data{where}")
 
 
 def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step: int, seconds: float,
            steps_run: int) -> Path:
-    """Checks that replicas agree, then writes the checkpoint and the training plot (rank 0)."""
+    """Checks that replicas agree, then writes the checkpoint and the training plot and records the run
+    as finished (rank 0)."""
     if dist.world_size > 1:
         drift = replica_drift(model)
         if dist.main:
@@ -348,6 +425,7 @@ def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step:
         models.save_checkpoint(model, run.checkpoint, {"step": step, "objective": cfg.objective,
                                                        "config": dataclasses.asdict(cfg)})
         plot_training(run.metrics, run.out / "training.png", **objective.plot_guides())
+        run.mark_finished(step)  # last: a run stopped before this is not a finished one
         print(f"wrote {run.checkpoint} ({steps_run} steps in {seconds:.0f} s)")
     if dist.world_size > 1:
         dist.barrier()

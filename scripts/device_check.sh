@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 10's GPU checks as one prepared command for the device tool (/work/.library/device/README.md):
+# Every GPU check of the project as one command, in stages, under a time budget:
 #
-#   run: bash scripts/device_check.sh [STAGE ...]      carry: [".whl"]      timeout_s: 590
+#   OUT=runs/device-check bash scripts/device_check.sh [STAGE ...]
 #
 # Stages, in order of what they settle (default: all): env throughput tests compile loader memory encoders.
 #   env         nvidia-smi, torch, CUDA, the carried packages
@@ -12,13 +12,13 @@
 #   memory      ViT-L-14-336 PAR at batch 512, amp_bf16 + gradient checkpointing: peak memory
 #   encoders    RN50 and ViT-L-14-336 PAR steps, amp_bf16
 # Stages that would start with under 30 s of DEVICE_CHECK_BUDGET_S (default 540 s) left are skipped and
-# named in summary.md, so one call returns inside the tool's 10 minutes with what it measured; run the
-# skipped stages in a second call. Everything lands in $OUT (at most 8 files come back): device_check.log,
+# named in summary.md, so a time-limited run returns with what it measured; run the skipped stages in a
+# second call. Everything lands in $OUT (default runs/device-check; seven files): device_check.log,
 # env.txt, cuda_tests.log, train_throughput.jsonl, loader_throughput.jsonl, profile.txt, summary.md.
 #
-# The device image has torch and torchvision but not open_clip_torch, webdataset, braceexpand, ftfy,
-# wcwidth or torchattacks: scripts/device_wheels.sh downloads them into .whl here, and this script
-# installs them into /tmp/site there. DEVICE_CHECK_DRY=1 runs every stage on the CPU with a micro model
+# On a GPU machine without network access whose Python has torch and torchvision only: wheels of the
+# other dependencies downloaded beforehand into .whl (scripts/device_wheels.sh) are installed from there
+# into /tmp/site. DEVICE_CHECK_DRY=1 runs every stage on the CPU with a micro model
 # and tiny sizes (tests/test_scripts.py does), to check this script without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."

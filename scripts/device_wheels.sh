@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Downloads, here, the wheels the GPU machine's image lacks into .whl/ (git-ignored through
-# .git/info/exclude), for `run` with carry [".whl"] and scripts/device_check.sh, which installs them.
-# The image has torch, torchvision, timm, huggingface_hub, regex, safetensors, pandas, scipy, pyyaml,
-# pillow, matplotlib and pytest (/work/.library/device/KINDS.md); the versions pinned are the ones
-# this project's tests pass with here. Pure-Python wheels: one set serves the device's Python 3.12.
+# Downloads into .whl/ (git-ignored through .git/info/exclude) the pure-Python wheels that a GPU machine
+# without network access needs beside torch, torchvision, timm, huggingface_hub, regex, safetensors,
+# pandas, scipy, pyyaml, pillow, matplotlib and pytest; scripts/device_check.sh installs them from
+# there. The versions pinned are the ones the test suite passes with; one set serves any Python 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

@@ -5,7 +5,7 @@
 "Fresh" is a new output folder: the world and the clean foundation come from the profile's shared
 ``cache`` (trained once, ~15 min on 2 cores, by the first demo or benchmark; the summary says whether
 this run found it). Writes <out>/measurement.json and prints a summary; exits 1 if a bar is missed.
-Bars (issues 2 and 11): poisoned ASR >= 90 %, poisoned CA >= 50 %, PAR ASR <= 5 %, PAR CA within
+Aims: poisoned ASR >= 90 %, poisoned CA >= 50 %, PAR ASR <= 5 %, PAR CA within
 3 points of the poisoned model, fresh run <= 480 s, reusing run <= 120 s.
 """
 import argparse

@@ -5,16 +5,18 @@ and (optionally) the real loader.
     python scripts/train_throughput.py --model ViT-L-14-336 --batch 512 --precision amp_bf16 --grad-checkpointing
     python scripts/train_throughput.py --model ViT-B-32 --data 'shards/{00000..00099}.tar' --workers 12
 
-The step timed is ``par.train.train_step`` on the model, objective (default ``par``: a forward and
-backward of the trainable model, a forward of the frozen copy), fused AdamW and GradScaler that
-``par.train`` builds, after the objective's augmentation drawn on the device: what ``python -m par
-train`` runs per step, less logging. FLOPs per sample are counted by torch's FlopCounterMode over one
-real forward + backward of that step (without gradient checkpointing's recomputation, so MFU counts
-useful work only); MFU = achieved FLOP/s over the device's peak (``--peak-tflops``; known for
-H100/H200). With ``--data`` (a CSV or a shard pattern) the same step is fed by the loop's own loader
-(``PairLoader`` or ``ShardLoader``), so the cost of decoding shows up as the gap to the synthetic
-figure. ``--profile FILE`` writes torch.profiler's table of a few steps of the last setting. Writes
-a JSON record per setting to ``--out`` and prints a table.
+The step timed is ``par.train.Step``, built by ``par.train.make_step`` (the factory the training loop
+uses, with its seeds) from a training config for the model, objective (default ``par``: a forward and
+backward of the trainable model, a forward of the frozen copy), augmentation and precision: the batch
+onto the device and augmented there, forward and backward, fused AdamW and GradScaler step, the
+objective's ``after_step`` hook and the finiteness watch: what ``python -m par train`` runs per step,
+less logging. FLOPs per sample are counted by torch's FlopCounterMode over one real forward + backward
+of that step (without gradient checkpointing's recomputation, so MFU counts useful work only); MFU =
+achieved FLOP/s over the device's peak (``--peak-tflops``; known for H100/H200). With ``--data`` (a CSV
+or a shard pattern) the same step is fed by the loop's own loader (``PairLoader`` or ``ShardLoader``),
+so the cost of decoding shows up as the gap to the synthetic figure. ``--profile FILE`` writes
+torch.profiler's table of a few steps of the last setting. Writes a JSON record per setting to
+``--out`` and prints a table.
 """
 import argparse
 import json
@@ -45,38 +47,28 @@ def step_flops(objective, model, batch) -> int:
 
 
 class Setup:
-    """The loop's pieces for one precision: model, objective, optimiser, scaler, augmentation."""
+    """The loop's own step for one precision (``make_step``), and a counter for its step index."""
 
     def __init__(self, args, precision, device):
-        from par.augment import AUGMENTATIONS
         from par.distributed import Dist
-        from par.train import build_model, make_optimizer, train_config
+        from par.train import make_step, train_config
 
         self.cfg = train_config({"model": args.model, "train_csv": "unused.csv", "out": "unused",
                                  "objective": args.objective, "augment": args.augment, "precision": precision,
                                  "grad_checkpointing": args.grad_checkpointing, "compile": args.compile,
                                  "device": str(device), "batch_size": args.batch, "lr": 1e-6, "progress": False})
-        torch.manual_seed(0)
-        self.model, self.wrapped, self.objective, self.tokenizer = build_model(self.cfg, Dist(), device)
-        self.optimizer = make_optimizer(self.cfg, self.model, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
-        self.augment = AUGMENTATIONS.get(args.augment)
-        self.generator = torch.Generator(device).manual_seed(1)
-        self.device, self.precision = device, precision
+        self.one_step = make_step(self.cfg, Dist(), device)
+        self.model, self.objective = self.one_step.model, self.one_step.objective
+        self.tokenizer = self.objective.context.tokenizer
+        self.device, self.precision, self.done = device, precision, 0
 
     def batch(self, raw, tokens, captions):
-        from par.train import device_batch
-
-        ctx = self.objective.context
-        return device_batch(raw, tokens, captions, None, self.device, self.augment, ctx.mean, ctx.std, self.generator)
+        return self.one_step.on_device((raw, tokens, captions, None))
 
     def step(self, raw, tokens, captions):
-        from par.train import train_step
-
-        totals = train_step(self.wrapped, self.objective, self.batch(raw, tokens, captions), 1, self.precision,
-                            self.device, self.optimizer, self.scaler, False)
-        self.objective.after_step(self.model)
-        return totals
+        terms = self.one_step((raw, tokens, captions, None), self.done)
+        self.done += 1
+        return terms
 
 
 def synchronize(device):

@@ -1,4 +1,4 @@
-"""The CUDA paths, run for real on a GPU: ``pytest -m cuda`` on a machine with one (issue 10).
+"""The CUDA paths, run for real on a GPU: ``pytest -m cuda`` on a machine with one.
 
 Skipped where there is no GPU, so CI stays green. ``PAR_CUDA_TESTS_DEVICE=cpu`` runs the same tests on
 the CPU (fp16 autocast and the bf16-vs-fp32 comparison are then skipped) to check the tests themselves.

@@ -9,7 +9,7 @@ from par import models
 from par.data import ResumableSampler
 from par.distributed import Dist
 from par.errors import ParError
-from par.runs import MetricsLog, RunFolder, fingerprint
+from par.runs import MetricsLog, RunFolder, fingerprint, save_state
 from par.train import param_groups
 from par.utils import file_digest
 
@@ -72,22 +72,35 @@ def test_fingerprint_holds_settings_and_input_digests_not_cosmetics(tmp_path):
     assert fingerprint(_Cfg(str(csv), "o1"), ("out",), ("train_csv",))["train_csv_digest"] != before
 
 
+def _state(fp):
+    return {"model": {}, "optimizer": {}, "scaler": {}, "step": 3, "epoch": 0, "batches_done": 3, "rng": [{}],
+            "fingerprint": fp}
+
+
 def test_run_folder_states(tmp_path):
     fp = {"lr": 0.1}
     run = RunFolder(tmp_path / "run", fp, Dist())
     assert run.status == "new" and json.loads((tmp_path / "run" / "fingerprint.json").read_text()) == fp
     with pytest.raises(ParError, match="no state to resume from"):
         RunFolder(tmp_path / "run", fp, Dist(), resume="latest")
-    run.state.write_bytes(b"")
+    save_state(run.state, _state(fp))
     with pytest.raises(ParError, match="holds an unfinished run"):
         RunFolder(tmp_path / "run", fp, Dist())
     assert RunFolder(tmp_path / "run", fp, Dist(), resume="latest").status == "resume"
     with pytest.raises(ParError, match=r"other settings \(differs in \['lr'\]\)"):
         RunFolder(tmp_path / "run", {"lr": 0.2}, Dist(), resume="latest")
-    run.checkpoint.write_bytes(b"")
+    run.checkpoint.write_bytes(b"weights")
+    with pytest.raises(ParError, match="holds a checkpoint.pt no finished run wrote there"):  # not recorded yet
+        RunFolder(tmp_path / "run", fp, Dist(), reuse=True)
+    run.mark_finished(step=3)
     assert RunFolder(tmp_path / "run", fp, Dist(), reuse=True).status == "finished"
     with pytest.raises(ParError, match="already holds a finished run"):
         RunFolder(tmp_path / "run", fp, Dist())
+    with pytest.raises(ParError, match="already holds a finished run; nothing to resume"):
+        RunFolder(tmp_path / "run", fp, Dist(), resume="latest")
+    run.checkpoint.write_bytes(b"other weights")
+    with pytest.raises(ParError, match="is not the checkpoint the run in .* finished with"):
+        RunFolder(tmp_path / "run", fp, Dist(), reuse=True)
 
 
 def test_metrics_log_keeps_earlier_steps_on_resume_and_closes_on_errors(tmp_path):

@@ -1,4 +1,5 @@
 """The training loop's logging, live evaluation, plot, guards and objective interface (single process, micro model)."""
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from par.errors import ParError
 from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
 from par.defenses.base import OBJECTIVES, ObjectiveParams
 from par.defenses.clip import ClipObjective
+from par import train as loop
 from par.train import FiniteWatch, train, train_config
 
 
@@ -56,14 +58,14 @@ def test_non_finite_loss_stops_with_a_clear_message(micro_world, tmp_path):
 
 
 def test_finite_watch_reports_the_first_bad_step_when_checked(tmp_path):
-    watch = FiniteWatch(torch.device("cpu"))
+    watch = FiniteWatch(torch.device("cpu"), lr=1e-3)
     watch.watch(torch.tensor(1.5), 0)
-    watch.check(1e-3, tmp_path / "state.pt")  # all finite so far: no error
+    watch.check(tmp_path / "state.pt")  # all finite so far: no error
     watch.watch(torch.tensor(float("nan")), 3)
     watch.watch(torch.tensor(float("inf")), 5)
     (tmp_path / "state.pt").write_bytes(b"")
     with pytest.raises(ParError, match=r"loss became nan at step 3; lower lr \(now 0.001\).*last good state is"):
-        watch.check(1e-3, tmp_path / "state.pt")
+        watch.check(tmp_path / "state.pt")
 
 
 def test_too_few_rows_for_a_batch(micro_world, tmp_path):
@@ -108,11 +110,16 @@ class WeightedClip(ClipObjective):
         self.steps_done = state["steps_done"]
 
 
+def _stopped(*args):
+    raise KeyboardInterrupt  # as a run stopped after its last state, before its checkpoint
+
+
 if "weighted_clip_test" not in OBJECTIVES:
     OBJECTIVES.add("weighted_clip_test", WeightedClip)
 
 
-def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_resume_state(micro_world, tmp_path):
+def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_resume_state(micro_world, tmp_path,
+                                                                                          monkeypatch):
     out = tmp_path / "run"
     cfg = _cfg(micro_world, out, objective="weighted_clip_test", objective_params={"weight": 0.5},
                batch_size=32, steps=6, save_every=4)  # 96 rows: 3 steps per epoch
@@ -126,12 +133,16 @@ def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_re
     assert saved["objective"] == "weighted_clip_test" and saved["objective_params"] == {"weight": 0.5}
     full = models.load_checkpoint(out / "checkpoint.pt")
 
-    (out / "checkpoint.pt").unlink()  # as if killed after the state of step 4
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    with monkeypatch.context() as m:  # stopped after the state of step 4, before the checkpoint
+        m.setattr(loop, "finish", _stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut)
     EVENTS.clear()
-    train(cfg, resume="latest")
+    train(cut, resume="latest")
     assert EVENTS == [("loaded", 4), ("epoch", 1), ("step", 5), ("step", 6)]
-    resumed = models.load_checkpoint(out / "checkpoint.pt")
-    assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+    resumed = models.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
     with pytest.raises(ParError, match=r"objective_params of 'weighted_clip_test'.*\['tau'\]"):
         train(_cfg(micro_world, tmp_path / "other", objective="weighted_clip_test", objective_params={"tau": 1.0}))
 

@@ -1,5 +1,6 @@
 """Small pieces checked against values worked out by hand: the erase augmentation, the registry, config coercion."""
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import pytest
@@ -197,13 +198,20 @@ def test_run_folder_reuses_runs_recorded_before_an_unset_setting_existed(tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"")
-    (out / "fingerprint.json").write_text(json.dumps({"lr": 0.001, "image_root": None}))
+    (out / "fingerprint.json").write_text(json.dumps({"lr": 0.001, "image_root": None, **_finished(out)}))
     found = RunFolder(out, {"lr": 0.001, "image_root": None, "train_classnames": None}, Dist(), reuse=True)
     assert found.status == "finished"  # a setting added later, unset, does not change what the run was
     with pytest.raises(ParError, match=r"differs in \['train_classnames'\]"):
         RunFolder(out, {"lr": 0.001, "image_root": None, "train_classnames": "imagenet"}, Dist(), reuse=True)
     with pytest.raises(ParError, match=r"differs in \['lr'\]"):
         RunFolder(out, {"lr": 0.002, "image_root": None}, Dist(), reuse=True)
+
+
+def _finished(out):
+    """The record a finished run leaves in its fingerprint (the checkpoint it finished with)."""
+    from par.utils import file_digest
+
+    return {"finished": {"step": 1, "checkpoint_digest": file_digest(out / "checkpoint.pt")}}
 
 
 def test_run_folder_knows_an_input_by_its_digest_not_its_path_spelling(tmp_path):
@@ -215,8 +223,9 @@ def test_run_folder_knows_an_input_by_its_digest_not_its_path_spelling(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"")
-    (out / "fingerprint.json").write_text(json.dumps({"train_csv": "runs/x/train.csv", "train_csv_digest": "abc"}))
-    same = {"train_csv": "/work/main/runs/x/train.csv", "train_csv_digest": "abc"}
+    (out / "fingerprint.json").write_text(json.dumps({"train_csv": "runs/x/train.csv", "train_csv_digest": "abc",
+                                                            **_finished(out)}))
+    same = {"train_csv": str(Path.cwd() / "runs/x/train.csv"), "train_csv_digest": "abc"}  # another spelling
     assert RunFolder(out, same, Dist(), reuse=True).status == "finished"
     with pytest.raises(ParError, match=r"differs in \['train_csv', 'train_csv_digest'\]"):
         RunFolder(out, {**same, "train_csv_digest": "def"}, Dist(), reuse=True)

@@ -2,6 +2,7 @@
 self-supervision (each image against its AutoAugment view, each caption against its EDA rewrite)."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from par.augment import normalize
 from par.data import to_float
 from par.defenses.base import Objective, ObjectiveParams, _as_tuple
 from par.defenses.finetune import defense
+from par.errors import ParError
 from par.text_augment import eda_batch
 
 
@@ -18,6 +20,11 @@ from par.text_augment import eda_batch
 class CleanCLIPParams(ObjectiveParams):
     unimodal_weight: float = 1.0  # lambda: weight of the image-image and text-text terms
     train_logit_scale: bool = False
+
+    def __post_init__(self):
+        if not (math.isfinite(self.unimodal_weight) and self.unimodal_weight >= 0):  # < 0 pushes views apart
+            raise ParError(f"cleanclip: objective_params.unimodal_weight must be a finite number >= 0, "
+                           f"got {self.unimodal_weight}")
 
 
 @defense("cleanclip")

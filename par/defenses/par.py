@@ -14,6 +14,7 @@ so a batch's noise is neither drawn by the CPU nor copied to the GPU at every st
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from par.augment import AUGMENTATIONS, normalize
 from par.defenses.base import Objective, ObjectiveParams
 from par.defenses.finetune import defense
+from par.errors import ParError
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, loss_fn=None) -> torch.Tensor:
@@ -139,6 +141,10 @@ def par_augment(images: torch.Tensor, mean, std, generator=None) -> torch.Tensor
 class PARParams(ObjectiveParams):
     tau: float = 2.15  # threshold on the batch-mean squared embedding distance to the frozen model
     train_logit_scale: bool = False  # PAR treats the temperature as a constant
+
+    def __post_init__(self):
+        if not (math.isfinite(self.tau) and self.tau > 0):  # at <= 0 no distance is ever kept: plain fine-tuning
+            raise ParError(f"par: objective_params.tau must be a finite number > 0, got {self.tau}")
 
 
 @defense("par")

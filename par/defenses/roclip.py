@@ -11,6 +11,7 @@ from par.augment import normalize
 from par.data import to_float
 from par.defenses.base import Objective, ObjectiveParams, _as_tuple
 from par.defenses.finetune import defense
+from par.errors import ParError
 from par.models import image_size
 from par.text_augment import eda_batch
 
@@ -21,6 +22,11 @@ class RoCLIPParams(ObjectiveParams):
     match_every: int = 2  # every match_every-th epoch contrasts images with their nearest pool captions
     augment: bool = True  # RoCLIP's image augmentations (crop, flip, colour jitter, greyscale) and EDA captions
     train_logit_scale: bool = False
+
+    def __post_init__(self):
+        for name in ("pool_size", "match_every"):
+            if getattr(self, name) < 1:
+                raise ParError(f"roclip: objective_params.{name} must be at least 1, got {getattr(self, name)}")
 
 
 def nearest_captions(images: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
@@ -43,8 +49,6 @@ class RoCLIPObjective(Objective):
         from torchvision.transforms import v2
 
         super().__init__(model, params, context)
-        if params.pool_size < 1 or params.match_every < 1:
-            raise ValueError("roclip: pool_size and match_every must be at least 1")
         self.pool: Optional[torch.Tensor] = None
         self.matching = False
         self.rng = random.Random(context.seed)  # EDA's choices
