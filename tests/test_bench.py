@@ -103,17 +103,17 @@ def test_unknown_attack_or_defense_lists_known(tmp_path):
 
 
 def test_sweeps_run_only_on_sweep_attacks():
-    profile = {"sweep_attacks": ["blended"], "synthetic_cleaning": {"defenses": ["par"]}}
+    profile = {"sweep_attacks": ["blended"]}
     cells = [(a, d, s, data) for a, d, s, _, _, data in
              _cells(profile, ["badnet_rs", "blended"], ["par", "ft"], [0],
-                    {"par": {"objective_params.tau": [0.5, 1.0]}})]
+                    {"par": {"objective_params.tau": [0.5, 1.0]}}, ["par"])]
     assert cells == [
         ("badnet_rs", "par", "default", "world"), ("badnet_rs", "ft", "default", "world"),
         ("badnet_rs", "par", "default", "synthetic"),
         ("blended", "par", "default", "world"), ("blended", "par", "tau=0.5", "world"),
         ("blended", "par", "tau=1.0", "world"), ("blended", "ft", "default", "world"),
         ("blended", "par", "default", "synthetic")]
-    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}})]
+    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}}, [])]
     assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
                      ("blended", "par", "default"), ("blended", "par", "tau=0.5")]
 

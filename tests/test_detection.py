@@ -227,7 +227,7 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
     data, checkpoint = poisoned_setup
     settings = {"steps": 2, "batch_size": 16, "warmup": 1, "lr": 1e-4, "threads": 1, "progress": False,
                 "objective_params": {"train_logit_scale": False},
-                "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}  # a micro oracle knows little: a long list
+                "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}  # a micro oracle knows little: a long list
     job = CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit", train_csv=str(micro_world / "clean.csv"),
                       out=str(tmp_path / "eft"), settings=settings, poisoned_data=str(data),
                       classnames=str(micro_world / "classnames.txt"), templates=str(micro_world / "templates.txt"))
@@ -243,7 +243,7 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
     assert list(ORACLES) == ["torchvision-detector", "world-classifier"]
     assert (tmp_path / "oracles").is_dir()  # oracles are kept beside the run folder, shared by a benchmark's cells
     # a barely trained oracle (1 epoch, BatchNorm statistics left lagging) contradicts every pair
-    everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1, "precise_bn": False}, "tau": 1, "theta": 0.01}}
+    everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1, "precise_bn": False}, "object_list_size": 1, "theta": 0.01}}
     with pytest.raises(ParError, match="flagged all 96 pairs: nothing is left"):
         DEFENSES.get("eftclip").clean(CleaningJob(**{**vars(job), "settings": everything, "out": str(tmp_path / "e3")}))
     with pytest.raises(ParError, match="screens the data the model was poisoned with"):
@@ -260,7 +260,7 @@ def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
     config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
     config["quick"].update(defenses=["eftclip"], synthetic_cleaning={})
     config["defense_settings"] = {"eftclip": {"objective_params": {"train_logit_scale": False},
-                                              "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}}
+                                              "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     run_bench(str(path), str(tmp_path / "out"), quick=True, progress=False)

@@ -112,7 +112,7 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
 
     config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
     config["defense_settings"]["eftclip"] = {"objective_params": {"train_logit_scale": False},
-                                             "eftclip": {"oracle_params": {"epochs": 1}, "tau": 9}}
+                                             "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "bench"
     stdout = _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),
@@ -147,7 +147,7 @@ def test_loader_throughput_measures_csv_and_shards(tmp_path):
 
 
 def test_device_check_runs_its_stages_and_reports_them(tmp_path):
-    """scripts/device_check.sh, the GPU issue's one prepared command, dry-run on the CPU (micro model)."""
+    """scripts/device_check.sh, every GPU check in one command, dry-run on the CPU (micro model)."""
     env = {**os.environ, "DEVICE_CHECK_DRY": "1", "PY": sys.executable, "OUT": str(tmp_path / "out")}
     run = subprocess.run(["bash", "scripts/device_check.sh", "env", "throughput", "tests"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -158,7 +158,7 @@ def test_device_check_runs_its_stages_and_reports_them(tmp_path):
     assert "| cpu | par-micro-vit | par | 8 | amp_bf16 | no | no | synthetic |" in summary
     assert "tests collected" in (out / "cuda_tests.log").read_text()
     assert "torch" in (out / "env.txt").read_text() and (out / "profile.txt").is_file()
-    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
+    assert len(list(out.iterdir())) <= 8  # the documented output files, nothing else
 
     late = subprocess.run(["bash", "scripts/device_check.sh", "memory"], cwd=REPO, capture_output=True, text=True,
                           env={**env, "OUT": str(tmp_path / "late"), "DEVICE_CHECK_BUDGET_S": "0"}, timeout=120)
