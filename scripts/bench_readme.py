@@ -15,13 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from par import triggers  # noqa: E402
-from par.app.bench import _write_markdown  # noqa: E402
+from par.app.bench import write_markdown  # noqa: E402
+from par.defenses import DEFENSES  # noqa: E402
 from par.config import load_yaml  # noqa: E402
 from par.app.pipeline import robust_settings  # noqa: E402
 
-ORDER = ["never-poisoned", "ft", "par", "cleanclip", "roclip", "fare", "eftclip", "par-synthetic"]
 NUMBERS = ("poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "ca", "asr", "asr_top5")
-# docs/PAR-NOTES.md section 8: RN50, ImageNet ASR after cleaning (PAR / CleanCLIP / RoCLIP)
+# docs/PAR-NOTES.md section 8: RN50, ImageNet ASR after cleaning, per defense the paper reports
+PAPER_DEFENSES = ("par", "cleanclip", "roclip")
 PAPER = {"random": (6.3, 14.5, 75.1), "badnet_rs": (42.4, 62.3, 82.0), "blended": (0.0, 19.5, 1.5),
          "blended_rs": (0.1, 61.8, 7.0), "tri_patt": (10.3, 48.7, 37.1), "water_patt": (18.1, 42.4, 59.1),
          "warped": (0.0, 0.0, 2.0), "badclip": (30.4, 40.1, None)}
@@ -44,10 +45,11 @@ def beside_the_paper(rows: list, attacks: list) -> str:
                   and r["setting"] == "default" and r["status"] == "ok"]
         return f"{100 * statistics.mean(values):.1f}" if values else "—"
 
-    lines = ["| attack | ours: par | ours: cleanclip | ours: roclip | ours: ft | paper RN50: PAR | paper: CleanCLIP | "
-             "paper: RoCLIP |", "|---|---|---|---|---|---|---|---|"]
+    mine = [*PAPER_DEFENSES, "ft"]  # the paper's defenses, and plain fine-tuning beside them
+    lines = ["| attack | " + " | ".join(f"ours: {d}" for d in mine) + " | "
+             + " | ".join(f"paper RN50: {d}" for d in PAPER_DEFENSES) + " |", "|---" * (1 + len(mine) + len(PAPER_DEFENSES)) + "|"]
     for attack in attacks:
-        ours = " | ".join(mean(attack, d) for d in ("par", "cleanclip", "roclip", "ft"))
+        ours = " | ".join(mean(attack, d) for d in mine)
         paper = " | ".join("—" if x is None else f"{x}" for x in PAPER[attack])
         lines.append(f"| {triggers.get_trigger(attack).paper_name} | {ours} | {paper} |")
     return "\n".join(lines)
@@ -61,12 +63,13 @@ def main() -> int:
     args = parser.parse_args()
     rows = read_rows(Path(args.results))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    defenses = [d for d in ORDER if any(r["defense"] == d for r in rows)]
-    defenses += sorted({r["defense"] for r in rows} - set(ORDER))
+    order = ["never-poisoned", *DEFENSES.in_order(), *(f"{d}-synthetic" for d in DEFENSES.in_order())]
+    defenses = [d for d in order if any(r["defense"] == d for r in rows)]
+    defenses += sorted({r["defense"] for r in rows} - set(order))
     has_robust = any(k.startswith("robust@") and v for r in rows for k, v in r.items())
     robust = robust_settings(load_yaml(args.config).get("robust")) if has_robust else None
     with tempfile.TemporaryDirectory() as tmp:
-        _write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, "banana", robust)
+        write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, "banana", robust)
         table = (Path(tmp) / "table.md").read_text().strip()
     block = (table + "\n\nASR top-1 (%) after cleaning, ours (mean of the seeds above) beside the paper's RN50 on "
              "ImageNet:\n\n" + beside_the_paper(rows, attacks))

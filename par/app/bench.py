@@ -146,7 +146,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     columns = ["never-poisoned"] if reference else []
     columns += list(defenses)
     columns += [d + "-synthetic" for d in synthetic_defenses]
-    _write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
+    write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
     sample = world.path / "images" / "test" / "000001.png"
     gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}
@@ -205,7 +205,7 @@ def _asr(rows: List[Dict], prefix: str = "") -> str:
     return top1 if not top5 or top1 == "failed" else f"{top1} ({100 * statistics.mean(top5):.1f})"
 
 
-def _write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str,
+def write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: List[str], label: str,
                     robust: Optional[dict] = None) -> None:
 
     default = [r for r in rows if r["setting"] == "default"]

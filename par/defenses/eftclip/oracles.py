@@ -249,23 +249,6 @@ class TorchvisionDetector(Oracle):
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    def _precise_bn(self, images: torch.Tensor) -> None:
-        """BatchNorm's running statistics lag behind weights that moved fast in a short training (the
-        oracle scored 56 % in eval mode against 86 % with batch statistics): recompute them as plain
-        averages over one pass of the final model on the training images."""
-        from par.data import to_float
-
-        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average
-        self.model.train()
-        for start in range(0, len(images), self.params.batch_size):
-            self.model(to_float(images[start:start + self.params.batch_size]).to(self.device))
-        for norm in norms:
-            norm.momentum = 0.1
-
-    @torch.no_grad()
     def confidences(self, images: torch.Tensor) -> torch.Tensor:
         from par.data import to_float
 
