@@ -39,6 +39,8 @@ fi
 : "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
 : "${TRAIN_CSV:?set TRAIN_CSV (trainData) to a clean image,caption CSV}"
 OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
+# the backdoor and the validation inputs are checked before the (long) cleaning, not after it
+bash trigger_validate.sh --check "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
 "$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" \
     --checkpoint "$CHECKPOINT" --train-csv "$TRAIN_CSV" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
 bash trigger_validate.sh "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"

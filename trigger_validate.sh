@@ -3,6 +3,9 @@
 # retrieval, each clean and triggered (the reference's four evaluations).
 #
 #   bash trigger_validate.sh CHECKPOINT ATTACK ENCODER TARGET_LABEL
+#   bash trigger_validate.sh --check CHECKPOINT ATTACK ENCODER TARGET_LABEL
+#       checks every input (data, class names, label, trigger, results file) and stops; the
+#       checkpoint need not exist yet (trigger.sh runs this before cleaning)
 #
 # Data, from the environment or from a YAML file named by VALIDATE_CONFIG (same keys, lower case):
 #   EVAL_DATA         classification: image,label CSV or class-folder tree (ImageNet val, CIFAR, ...)
@@ -21,22 +24,22 @@
 # With no data configured, classification runs on the demo world's test split (runs/demo/world).
 set -euo pipefail
 cd "$(dirname "$0")"
+check=()
+if [ "${1:-}" = "--check" ]; then check=(--dry-run); shift; fi
 if [ $# -ne 4 ]; then
-    echo "usage: bash trigger_validate.sh CHECKPOINT ATTACK ENCODER TARGET_LABEL" >&2
+    echo "usage: bash trigger_validate.sh [--check] CHECKPOINT ATTACK ENCODER TARGET_LABEL" >&2
     exit 2
 fi
 CHECKPOINT=$1 ATTACK=$2 ENCODER=$3 LABEL=$4
 source scripts/setup.sh
+say() { [ ${#check[@]} -gt 0 ] || echo "$@"; }
 
 if [ -n "${VALIDATE_CONFIG:-}" ]; then
-    # export the config's keys as upper-case variables, without overriding ones already set
-    eval "$("$PY" -c '
-import shlex, sys, yaml
-for k, v in (yaml.safe_load(open(sys.argv[1])) or {}).items():
-    k = k.upper()
-    v = " ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else str(v)
-    print(f": \"${{{k}:={shlex.quote(v)}}}\"")
-' "$VALIDATE_CONFIG")"
+    # the config's keys as upper-case variables, without overriding ones already set (par reads and checks it)
+    keys=EVAL_DATA,EVAL_CSV,EVAL_CLASSNAMES,EVAL_TEMPLATES,EVAL_IMAGE_ROOT,RETRIEVAL_JSON,RETRIEVAL_ROOT,ATTACK_PARAMS
+    keys+=,OUT_DIR,EVAL_OUT,ROBUST_EPS,ROBUST_MAX_IMAGES,ROBUST_STEPS
+    settings="$("$PY" -m par shell-env "$VALIDATE_CONFIG" --keys "$keys")" || exit 2
+    eval "$settings"
 fi
 EVAL_DATA="${EVAL_DATA:-${EVAL_CSV:-}}"
 if [ -z "$EVAL_DATA" ] && [ -z "${RETRIEVAL_JSON:-}" ]; then
@@ -57,19 +60,19 @@ if [ -n "$EVAL_DATA" ]; then
     fi
     args+=(--data "$EVAL_DATA" --classnames "$EVAL_CLASSNAMES" --templates "$EVAL_TEMPLATES")
     [ -n "${EVAL_IMAGE_ROOT:-}" ] && args+=(--image-root "$EVAL_IMAGE_ROOT")
-    echo "classification: $EVAL_DATA (classes $EVAL_CLASSNAMES, templates $EVAL_TEMPLATES)"
+    say "classification: $EVAL_DATA (classes $EVAL_CLASSNAMES, templates $EVAL_TEMPLATES)"
 fi
 if [ -n "${RETRIEVAL_JSON:-}" ]; then
     args+=(--retrieval-json "$RETRIEVAL_JSON" --retrieval-root "${RETRIEVAL_ROOT:?set RETRIEVAL_ROOT for $RETRIEVAL_JSON}")
-    echo "retrieval: $RETRIEVAL_JSON"
+    say "retrieval: $RETRIEVAL_JSON"
 fi
 for p in ${ATTACK_PARAMS:-}; do args+=(--attack-param "$p"); done
 if [ -n "${ROBUST_EPS:-}" ]; then
     args+=(--robust-eps "$ROBUST_EPS" --robust-max-images "${ROBUST_MAX_IMAGES:-1000}" --robust-steps "${ROBUST_STEPS:-100}")
-    echo "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"
+    say "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"
 fi
 EVAL_OUT="${EVAL_OUT:-${OUT_DIR:-$(dirname "$CHECKPOINT")}/results.jsonl}"
 
-echo "validating $CHECKPOINT ($ENCODER), attack $ATTACK -> $LABEL"
+say "validating $CHECKPOINT ($ENCODER), attack $ATTACK -> $LABEL"
 exec "$PY" -m par eval --checkpoint "$CHECKPOINT" --model "$ENCODER" --attack "$ATTACK" --label "$LABEL" \
-    "${args[@]}" --out "$EVAL_OUT"
+    "${args[@]}" --out "$EVAL_OUT" ${check[@]+"${check[@]}"}

@@ -29,6 +29,8 @@ def read_csv(path: str | os.PathLike, columns: Sequence[str]):
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        raise ParError(f"{path} is a folder, not a CSV file")
     if not path.is_file():
         raise ParError(f"CSV not found: {path}")
     try:
@@ -43,11 +45,50 @@ def read_csv(path: str | os.PathLike, columns: Sequence[str]):
     return frame
 
 
+def integer_labels(frame, csv_path, num_classes: Optional[int] = None) -> List[int]:
+    """Column ``label`` as class indices: whole numbers (``0.5`` is no class, not class 0) from 0, and
+    below ``num_classes`` when that is known."""
+    import numpy as np
+    import pandas as pd
+
+    raw = frame["label"]
+    values = pd.to_numeric(raw.astype(str).str.strip(), errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values) | (np.mod(values, 1) != 0) | (values < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ParError(f"{csv_path}: column 'label' must hold class indices (whole numbers from 0); "
+                       f"line {i + 2} holds {str(raw.iloc[i])!r} ({int(bad.sum())} such rows)")
+    labels = values.astype(np.int64)
+    if num_classes is not None:
+        over = np.flatnonzero(labels >= num_classes)
+        if over.size:
+            raise ParError(
+                f"{csv_path}: {over.size} label(s) outside [0, {num_classes - 1}] (first at line {over[0] + 2}: "
+                f"{labels[over[0]]}); the class-names file lists {num_classes} classes"
+            )
+    return labels.tolist()
+
+
+def caption_column(frame, csv_path) -> List[str]:
+    """Column ``caption`` as text; an empty caption is refused (a pair with nothing to learn from)."""
+    captions = frame["caption"].astype(str).tolist()
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise ParError(f"{csv_path}: line {empty[0] + 2} has an empty caption ({len(empty)} such rows)")
+    return captions
+
+
 def read_lines(path: str | os.PathLike, what: str) -> List[str]:
     path = Path(path)
+    if path.is_dir():
+        raise ParError(f"{what} file {path} is a folder, not a file")
     if not path.is_file():
         raise ParError(f"{what} file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ParError(f"{what} file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ParError(f"{what} file {path} is empty")
     return lines
@@ -76,14 +117,90 @@ def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | o
     return [root / p for p in frame["image"].astype(str)]
 
 
-def open_image(path: Path) -> Image.Image:
+MAX_PIXELS_ENV = "PAR_MAX_IMAGE_PIXELS"  # raises PIL's decompression-bomb limit for genuinely huge images
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """``img`` as 8-bit RGB, whatever its mode: PIL's own ``convert("RGB")`` clips 16-bit grey
+    (``I;16``, ``I``) at 255, so a 16-bit PNG turns white; here samples are scaled to 8 bits instead.
+
+    * ``I;16*`` and ``I``: 16-bit samples, scaled by 255/65535 (``I`` outside [0, 65535] is refused);
+    * ``F``: floats in [0, 1] are scaled by 255, floats in [0, 255] kept as 8-bit levels (anything else,
+      or a NaN, is refused);
+    * transparency (``RGBA``, ``LA``, ``PA``, palettes with a transparent colour): composited on white,
+      as a viewer shows it (the colour stored under a transparent pixel is arbitrary, often black);
+    * everything else (palette, CMYK, YCbCr, LAB, 1-bit, ...) by PIL's conversion.
+    """
+    import numpy as np
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ParError(f"cannot decode {name}: {mode} samples outside the 16-bit range [0, 65535] "
+                           f"(min {values.min()}, max {values.max()}); convert it to an 8- or 16-bit image")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise ParError(f"cannot decode {name}: its float samples hold NaN or inf")
+        top = values.max() if values.size else 0.0
+        if values.size and (values.min() < 0 or top > 255):
+            raise ParError(f"cannot decode {name}: float samples in [{values.min():.4g}, {top:.4g}], "
+                           "neither [0, 1] nor [0, 255]")
+        scale = 255.0 if top <= 1 else 1.0
+        return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L").convert("RGB")
+    if mode == "La":
+        img, mode = img.convert("LA"), "LA"
+    if mode in ("RGBA", "RGBa", "LA", "PA") or (mode == "P" and "transparency" in img.info) or (
+            mode in ("RGB", "L") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def _pixel_limit() -> Optional[int]:
+    """PIL's decompression-bomb limit (pixels), set from ``$PAR_MAX_IMAGE_PIXELS`` when that is given
+    (0 or ``none``: no limit); DataLoader workers inherit the variable, so they read it too."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if value:
+        try:
+            limit = int(float(value)) if value.lower() != "none" else 0
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise ParError(f"${MAX_PIXELS_ENV} must be a number of pixels (0: no limit), got {value!r}")
+        Image.MAX_IMAGE_PIXELS = limit or None
+    return Image.MAX_IMAGE_PIXELS
+
+
+def open_image(path, name: Optional[str] = None) -> Image.Image:
+    """The one way par reads an image: a file path or a binary file object (a shard member), as
+    8-bit RGB (``to_rgb``); any problem is a ``ParError`` naming ``name`` (default: the path)."""
+    import warnings
+
+    name = str(name or path)
+    limit = _pixel_limit()
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # under twice the limit: decoded
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img, name)
     except FileNotFoundError:
-        raise ParError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ParError(f"cannot decode image {path}: {e}") from None
+        raise ParError(f"image not found: {name}") from None
+    except IsADirectoryError:
+        raise ParError(f"image {name} is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = found.group(1) if found else "<pixels>"
+        raise ParError(f"image {name} is too large to decode safely ({pixels} pixels, over PIL's decompression-bomb "
+                       f"limit of {2 * limit}); if it is genuine, raise the limit: {MAX_PIXELS_ENV}={pixels} "
+                       "(0: no limit)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ParError(f"cannot decode image {name}: {e}") from None
 
 
 def eval_transform(size: int):
@@ -106,13 +223,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, csv_path, tokenizer, size: int, image_root=None):
         frame = read_csv(csv_path, ["image", "caption"])
         self.paths = image_paths(frame, csv_path, image_root)
-        self.captions = frame["caption"].astype(str).tolist()
-        self.labels = None
-        if "label" in frame.columns:
-            try:
-                self.labels = torch.tensor(frame["label"].astype(int).tolist())
-            except (TypeError, ValueError):
-                raise ParError(f"{csv_path}: column 'label' must hold integer class indices") from None
+        self.captions = caption_column(frame, csv_path)
+        self.labels = torch.tensor(integer_labels(frame, csv_path)) if "label" in frame.columns else None
         self.tokens = tokenizer(self.captions)  # tokenised once: cheap, and spares the workers
         self.transform = eval_transform(size)
 
@@ -128,18 +240,9 @@ class LabelledImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, csv_path, num_classes: int, size: int, image_root=None):
         frame = read_csv(csv_path, ["image", "label"])
-        try:
-            labels = frame["label"].astype(int)
-        except (TypeError, ValueError):
-            raise ParError(f"{csv_path}: column 'label' must hold integer class indices") from None
-        bad = frame.index[(labels < 0) | (labels >= num_classes)].tolist()
-        if bad:
-            raise ParError(
-                f"{csv_path}: {len(bad)} label(s) outside [0, {num_classes - 1}] (first at row {bad[0]}: "
-                f"{labels[bad[0]]}); the class-names file lists {num_classes} classes"
-            )
+        labels = integer_labels(frame, csv_path, num_classes)
         self.paths = image_paths(frame, csv_path, image_root)
-        self.labels = torch.tensor(labels.tolist())
+        self.labels = torch.tensor(labels)
         self.transform = eval_transform(size)
 
     def __len__(self):
@@ -158,7 +261,17 @@ def load_classnames(spec: str) -> List[str]:
         from open_clip import IMAGENET_CLASSNAMES
 
         return list(IMAGENET_CLASSNAMES)
-    return read_lines(spec, "class names")
+    names = read_lines(spec, "class names")
+    seen = {}
+    for i, name in enumerate(names):
+        key = " ".join(name.lower().split())  # CLIP's tokenizer lowercases: "Banana" and "banana" are one class
+        if key in seen:
+            first = names[seen[key]]
+            same = f"{first!r} twice" if first == name else f"{first!r} and {name!r}, one class to CLIP,"
+            raise ParError(f"class names file {spec} lists {same} (names {seen[key] + 1} and {i + 1}): every class "
+                           "needs its own name")
+        seen[key] = i
+    return names
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

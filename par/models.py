@@ -113,12 +113,33 @@ def _read_checkpoint_file(path: Path):
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ParError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    import pickle
+    import warnings
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ParError(f"refusing or unable to load checkpoint {path} safely: {first}") from None
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something other than tensors and plain data
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"an object of type {found.group(1)}" if found else "pickled Python objects"
+        raise ParError(f"{path} is not a safe checkpoint: it holds {what}, not only tensors and plain values, and "
+                       "par never unpickles code from a checkpoint (it is untrusted input); save the weights as a "
+                       "state dict of tensors or as .safetensors") from None
+    except Exception as e:  # RuntimeError/EOFError/KeyError...: not a torch file, or a truncated one
+        first = re.split(r"(?<=\.)\s", str(e).strip(), maxsplit=1)[0] if str(e).strip() else ""
+        detail = f" ({type(e).__name__}: {first})" if first and "weights_only" not in first else f" ({type(e).__name__})"
+        raise ParError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or a truncated or corrupt one"
+                       f"{detail}") from None
+
+
+def _checkpoint_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ParError(f"checkpoint {path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise ParError(f"checkpoint not found: {path}")
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
@@ -127,9 +148,7 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     Accepts bare state dicts, ``{"state_dict": ...}`` (with or without DDP's ``module.``
     prefix, plus any other entries such as ``epoch`` or ``optimizer``) and ``.safetensors``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ParError(f"checkpoint not found: {path}")
+    path = _checkpoint_path(path)
     obj = _read_checkpoint_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -145,14 +164,15 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The plain entries saved beside the weights (``model``, ``step``, ...); ``{}`` when there are none."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParError(f"checkpoint not found: {path}")
+    path = _checkpoint_path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ParError(f"cannot read safetensors checkpoint {path}: {e}") from None
     obj = _read_checkpoint_file(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         return {}
@@ -163,6 +183,18 @@ def _describe(keys, limit=6) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def check_finite(state: Dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuses weights holding NaN or inf (a diverged run): such a model still ranks classes, so its
+    accuracy would look like a number; the error names the first such tensor."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise ParError(f"checkpoint {path} holds non-finite weights (NaN or inf): first in {key} "
+                               f"({bad} of {tensor.numel()} values); a diverged or damaged run, refused")
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
@@ -186,6 +218,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mo
     if problems:
         name = getattr(model, "par_model_name", type(model).__name__)
         raise ParError(f"checkpoint {path} does not match encoder {name}: " + "; ".join(problems))
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -2,8 +2,9 @@
 
 A shard is a tar of samples whose members share a key: ``KEY.jpg`` (the image), ``KEY.txt`` (the
 caption) and, when the pairs are labelled, ``KEY.cls`` (the class index). A ``sizes.json`` beside
-the shards maps each shard's file name to its sample count, as open_clip's ``--train-data`` expects.
-Training names them with a brace pattern, ``shards/{00000..00099}.tar``.
+the shards maps each shard's file name to its sample count, as open_clip's ``--train-data`` expects;
+it is written last, so a set without it (a run that failed or was interrupted) is refused, never
+trained on in part. Training names the whole set with a brace pattern, ``shards/{00000..00099}.tar``.
 
 At CC3M scale a CSV of image files means millions of small reads; shards turn them into a few large
 sequential ones and need no index in memory. Reading is a stream: each epoch the rank's shards are
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import numbers
 import os
 import random
 from pathlib import Path
@@ -33,8 +35,48 @@ def is_shard_pattern(spec: str | os.PathLike) -> bool:
     return str(spec).endswith(".tar")
 
 
+def read_index(folder: Path) -> dict:
+    """``folder/sizes.json``: shard file name -> sample count. ``write_shards`` writes it last, so a
+    folder without one holds an incomplete set (a run that failed or was interrupted)."""
+    path = folder / SIZES
+    if not path.is_file():
+        raise ParError(f"{folder} has no {SIZES}: an incomplete shard set (python -m par shards writes that index "
+                       "last, so a run that failed or was interrupted leaves none); write the shards again")
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ParError(f"cannot parse shard index {path}: {e}") from None
+    if not isinstance(sizes, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in sizes.items()):
+        raise ParError(f"shard index {path} must map each shard's file name to its (positive) sample count")
+    return sizes
+
+
+def check_tar(path: Path) -> None:
+    """Refuses a file that is not a whole tar: a bad first header, or no end-of-archive marker (two
+    zero blocks) at the end, as a copy or write cut short leaves. Reads 2 KiB, not the shard."""
+    import tarfile
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(max(0, size - 1024))
+        tail = f.read(1024)
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        raise ParError(f"shard {path} is an empty tar: it holds no samples") from None
+    except tarfile.HeaderError:
+        raise ParError(f"shard {path} is not a tar file (shards are uncompressed tars, as python -m par shards "
+                       "writes them)") from None
+    if size % 512 or size < 1536 or tail.strip(b"\0"):
+        raise ParError(f"shard {path} is truncated (its end-of-archive marker is missing); write or copy it again")
+
+
 def expand(pattern: str) -> List[Path]:
-    """The shard files a brace pattern names; every one must exist."""
+    """The shard files a brace pattern names. The set must be complete: every file there and a whole
+    tar, and the ``sizes.json`` index beside them listing exactly the shards named (an index that
+    lists more means the pattern leaves some out)."""
     import braceexpand
 
     names = [Path(p) for p in braceexpand.braceexpand(str(pattern))]
@@ -43,12 +85,24 @@ def expand(pattern: str) -> List[Path]:
         raise ParError(f"shard pattern {pattern} matches no file (e.g. {names[0]} does not exist)")
     if missing:
         raise ParError(f"shard pattern {pattern}: {len(missing)} of {len(names)} shards missing, e.g. {missing[0]}")
+    for p in names:
+        check_tar(p)
+    for folder in sorted({p.parent for p in names}):
+        listed = set(read_index(folder))
+        named = {p.name for p in names if p.parent == folder}
+        unlisted, left_out = sorted(named - listed), sorted(listed - named)
+        if unlisted:
+            raise ParError(f"{folder / SIZES} does not list {len(unlisted)} of the shards {pattern} names "
+                           f"(e.g. {unlisted[0]}): not one complete shard set")
+        if left_out:
+            raise ParError(f"{pattern} names {len(named)} of the {len(listed)} shards {folder / SIZES} lists; the "
+                           f"others (e.g. {left_out[0]}) are left out: name the whole set")
     return names
 
 
 def count_samples(shards: List[Path]) -> int:
-    """Samples in ``shards``: from the ``sizes.json`` beside them when it lists every shard, else by
-    reading the tar headers (exact, and fast: member data is skipped, not read)."""
+    """Samples in ``shards`` (``expand`` has checked the set): from the ``sizes.json`` beside them, else
+    by reading the tar headers (exact, and fast: member data is skipped, not read)."""
     import tarfile
 
     total = 0
@@ -68,42 +122,49 @@ def count_samples(shards: List[Path]) -> int:
 def write_shards(csv_path, out, image_root=None, shard_size: int = 10000, progress: bool = True) -> List[Path]:
     """Writes the pairs of an ``image,caption[,label]`` CSV as shards ``out/00000.tar``, ... and
     ``out/sizes.json``. JPEG files are stored as they are; other images are encoded as JPEG (quality
-    95), since ``jpg`` is the member open_clip's loaders read. Refuses a non-empty ``out``."""
+    95), since ``jpg`` is the member open_clip's loaders read; every image is decoded first, so a bad one
+    fails here and not in training. Refuses a non-empty ``out``; a failed run removes what it wrote, and
+    the index goes last (atomically), so an interrupted one never looks complete."""
     import webdataset as wds
     from tqdm import tqdm
 
-    from par.data import image_paths, open_image, read_csv
+    from par.data import caption_column, image_paths, integer_labels, open_image, read_csv
+    from par.utils import atomic_write_text, check_output_dir
 
-    if shard_size < 1:
-        raise ParError(f"shard_size must be at least 1, got {shard_size}")
-    frame = read_csv(csv_path, ["image", "caption"])
-    out = Path(out)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, numbers.Integral) or shard_size < 1:
+        raise ParError(f"shard_size must be a whole number of at least 1, got {shard_size!r}")
+    out = check_output_dir(out, "shard folder")
     if out.exists() and any(out.iterdir()):
         raise ParError(f"{out} is not empty; shards are written to a new folder (nothing overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    frame = read_csv(csv_path, ["image", "caption"])
     paths = image_paths(frame, csv_path, image_root)
-    captions = frame["caption"].astype(str).tolist()
-    labels = frame["label"].astype(int).tolist() if "label" in frame.columns else None
-    empty = [i for i, c in enumerate(captions) if not c.strip()]
-    if empty:
-        raise ParError(f"{csv_path}: row {empty[0]} has an empty caption ({len(empty)} such rows)")
+    captions = caption_column(frame, csv_path)
+    labels = integer_labels(frame, csv_path) if "label" in frame.columns else None
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     sizes: dict = {}
-    with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for i in tqdm(range(len(paths)), desc="write shards", unit="pair", disable=not progress):
-            data = paths[i].read_bytes() if paths[i].is_file() else None
-            if data is None:
-                raise ParError(f"image not found: {paths[i]}")
-            if not data.startswith(b"\xff\xd8"):  # not a JPEG: decode, then encode as one
-                buffer = io.BytesIO()
-                open_image(paths[i]).save(buffer, format="JPEG", quality=95)
-                data = buffer.getvalue()
-            sample = {"__key__": f"{i:09d}", "jpg": data, "txt": captions[i]}
-            if labels is not None:
-                sample["cls"] = labels[i]
-            sink.write(sample)
-            name = f"{i // shard_size:05d}.tar"
-            sizes[name] = sizes.get(name, 0) + 1
-    (out / SIZES).write_text(json.dumps(sizes, indent=1) + "\n")
+    try:
+        with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+            for i in tqdm(range(len(paths)), desc="write shards", unit="pair", disable=not progress):
+                image = open_image(paths[i])  # every image decodes, JPEG or not, before it is stored
+                data = paths[i].read_bytes()
+                if not data.startswith(b"\xff\xd8"):  # not a JPEG: encode the decoded image as one
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=95)
+                    data = buffer.getvalue()
+                sample = {"__key__": f"{i:09d}", "jpg": data, "txt": captions[i]}
+                if labels is not None:
+                    sample["cls"] = labels[i]
+                sink.write(sample)
+                name = f"{i // shard_size:05d}.tar"
+                sizes[name] = sizes.get(name, 0) + 1
+    except BaseException:  # a bad image or an interrupt: leave no partial set behind (the folder was new or empty)
+        for tar in out.glob("*.tar"):
+            tar.unlink()
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    atomic_write_text(out / SIZES, json.dumps(sizes, indent=1) + "\n")  # last: its presence means complete
     return [out / name for name in sizes]
 
 
@@ -138,7 +199,7 @@ class ShardPairs(torch.utils.data.IterableDataset):
             yield from ({"url": url} for url in order)
 
     def _decode(self, sample: dict):
-        from PIL import Image, UnidentifiedImageError
+        from par.data import open_image
 
         where = f"{sample.get('__url__', self.pattern)}: sample {sample.get('__key__')}"
         if "txt" not in sample:
@@ -147,13 +208,15 @@ class ShardPairs(torch.utils.data.IterableDataset):
             raise ParError(f"{where} has no image (.jpg member)")
         if self.needs_labels and "cls" not in sample:
             raise ParError(f"{where} has no class label (.cls member), which this objective trains on")
+        image = self.transform(open_image(io.BytesIO(sample["jpg"]), name=f"{where} (.jpg)"))
         try:
-            with Image.open(io.BytesIO(sample["jpg"])) as img:
-                image = self.transform(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ParError(f"{where}: cannot decode its image: {e}") from None
-        caption = sample["txt"].decode("utf-8")
-        label = int(sample["cls"]) if "cls" in sample else -1
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParError(f"{where}: its caption (.txt) is not UTF-8 text") from None
+        try:
+            label = int(sample["cls"]) if "cls" in sample else -1
+        except ValueError:
+            raise ParError(f"{where}: its class label (.cls) is not a whole number: {sample['cls'][:20]!r}") from None
         return image, self.tokenizer([caption])[0], caption, label
 
     def __iter__(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from par.errors import ParError
-from par.utils import atomic_write_text, digest
+from par.utils import atomic_write_text, check_output_dir, digest
 
 WORLD_VERSION = 1
 SPLITS = ("train", "clean", "test")
@@ -304,6 +305,28 @@ class WorldConfig:
     style: str = "photo"  # photo | sketch | cartoon (another renderer, palette and caption wording)
     version: int = field(default=WORLD_VERSION)
 
+    def __post_init__(self):
+        """Nonsense settings are refused here, the one place every caller (CLI, profiles) goes through."""
+        def whole(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ParError(f"world {name} must be a whole number of at least {low}, got {value!r}")
+
+        for name, low in (("seed", 0), ("image_size", 16), ("train", 0), ("clean", 0), ("test", 0), ("workers", 0)):
+            whole(name, low)
+        if not any(self.counts().values()):
+            raise ParError("a world needs some images: train, clean and test are all 0")
+        for name in ("typical_colour_prob", "distractor_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ParError(f"world {name} is a probability, in [0, 1]; got {value!r}")
+        for name in ("max_noise", "max_slant"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+                raise ParError(f"world {name} must be a finite number of at least 0, got {value!r}")
+        if self.style not in STYLES:
+            raise ParError(f"unknown world style {self.style!r}; known: {', '.join(STYLES)}")
+
     def counts(self) -> Dict[str, int]:
         return {"train": self.train, "clean": self.clean, "test": self.test}
 
@@ -417,7 +440,7 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
     """
     from tqdm import tqdm
 
-    out = Path(out)
+    out = check_output_dir(out, "world folder")
     manifest_path = out / "world.json"
     fingerprint = config_fingerprint(cfg)
     if manifest_path.exists():
@@ -428,11 +451,6 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
             f"{out} already holds a world (fingerprint {old.get('fingerprint')}, this one {fingerprint}); "
             "choose another --out" + ("" if reuse else " or pass --reuse to keep an identical one")
         )
-    if cfg.image_size < 16:
-        raise ParError(f"image_size must be at least 16, got {cfg.image_size}")
-    if cfg.style not in STYLES:
-        raise ParError(f"unknown world style {cfg.style!r}; known: {', '.join(STYLES)}")
-
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
 

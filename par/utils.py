@@ -111,3 +111,63 @@ def to_pil(image: torch.Tensor):
     if image.is_floating_point():
         image = (image.detach().float().clamp(0, 1) * 255).round().byte()
     return Image.fromarray(image.cpu().permute(1, 2, 0).numpy())
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists (what ``mkdir(parents=True)`` would build on)."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _check_parent(path: Path, what: str) -> None:
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise ParError(f"cannot write {what} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ParError(f"cannot write {what} {path}: folder {base} is not writable")
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuses an output file that could not be written, before any work is done: a folder in its
+    place, a file where a parent folder must go, an unwritable folder. Creates nothing."""
+    path = Path(path)
+    if not str(path).strip():
+        raise ParError(f"{what}: empty path")
+    if path.is_dir():
+        raise ParError(f"{what} {path} is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise ParError(f"{what} {path} exists and is not a regular file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ParError(f"{what} {path} is not writable")
+    _check_parent(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Refuses an output folder that could not be made or written, before any work is done: a file in
+    its place, a file where a parent folder must go, an unwritable folder. Creates nothing."""
+    path = Path(path)
+    if not str(path).strip():
+        raise ParError(f"{what}: empty path")
+    if path.exists() and not path.is_dir():
+        raise ParError(f"{what} {path} is a file, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ParError(f"{what} {path} is not writable")
+        return path
+    _check_parent(path, what)
+    return path
+
+
+def check_device(name: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, refused early with the choices rather than deep in torch
+    (an ordinal beyond the visible GPUs too); whether CUDA is there at all is ``pick_device``'s to say."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name.strip()):
+        raise ParError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda:") and torch.cuda.is_available() and int(name[5:]) >= torch.cuda.device_count():
+        raise ParError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return name.strip()

@@ -14,15 +14,15 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from par import attacks
+from par.app import pipeline
+from par.app.profile import Profile
 
 
 def main() -> int:
-    from par import attacks
-    from par.app import pipeline
-    from par.config import load_yaml
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench.yaml")
@@ -32,9 +32,9 @@ def main() -> int:
     parser.add_argument("--start", type=float, help="the rate to try first (default: the middle one)")
     parser.add_argument("--target", type=float, default=0.9, help="ASR top-1 that counts as backdoored")
     args = parser.parse_args()
-    profile = load_yaml(args.config)
-    label = profile.get("label", "banana")
-    names = args.attacks.split(",") if args.attacks else profile.get("attacks") or attacks.TRIGGERS.in_order()
+    profile = Profile.load(args.config)
+    label = profile.label
+    names = args.attacks.split(",") if args.attacks else profile.attacks or attacks.TRIGGERS.in_order()
     out = Path(args.out)
     world = pipeline.make_world_stage(profile, out)
     results, tried = {}, []
@@ -42,12 +42,11 @@ def main() -> int:
 
     def measure(attack: str, rate=None) -> dict:
         started = time.time()
-        given = dict((profile.get("attack_params") or {}).get(attack, {}))
+        given = dict(profile.attack_params.get(attack) or {})
         params = pipeline.prepare_attack_stage(profile, out, world, attack, label, given)
-        run = profile if rate is None else {**profile, "poison_rates": {**(profile.get("poison_rates") or {}),
-                                                                         attack: rate}}
+        run = profile if rate is None else replace(profile, poison_rates={**profile.poison_rates, attack: rate})
         checkpoint = pipeline.poisoned_model_stage(run, out, world, attack, label, params).checkpoint
-        metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
+        metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.eval)
         used = pipeline.poison_values(run, attack)
         row = {"attack": attack, "rate": used.get("rate"), "num": used.get("num"), "params": given,
                "checkpoint": str(checkpoint), **metrics, "seconds": round(time.time() - started, 1)}
@@ -72,7 +71,7 @@ def main() -> int:
                 i += 1
         results[attack] = best or {**done[max(done)], "missed": True}
         (out / "backdoors.json").write_text(json.dumps({"lowest": results, "tried": tried}, indent=2) + "\n")
-    lines = [f"Poisoned tiny CLIPs on the synthetic world ({pipeline.poisoning_mode(profile)}, target '{label}'"
+    lines = [f"Poisoned tiny CLIPs on the synthetic world ({profile.poisoning_mode()}, target '{label}'"
              + (f"; lowest rate of {args.rates} reaching ASR >= {100 * args.target:.0f} %" if rates else "") + "):",
              "", "| attack | rate | CA top-1 | ASR top-1 | ASR top-5 |", "|---|---|---|---|---|"]
     for attack, r in results.items():

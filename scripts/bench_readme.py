@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))
 from par import triggers  # noqa: E402
 from par.app.bench import write_markdown  # noqa: E402
 from par.defenses import DEFENSES  # noqa: E402
-from par.config import load_yaml  # noqa: E402
 from par.app.pipeline import robust_settings  # noqa: E402
+from par.app.profile import Profile  # noqa: E402
 
 NUMBERS = ("poisoned_ca", "poisoned_asr", "poisoned_asr_top5", "ca", "asr", "asr_top5")
 # docs/PAR-NOTES.md section 8: RN50, ImageNet ASR after cleaning, per defense the paper reports
@@ -67,7 +67,7 @@ def main() -> int:
     defenses = [d for d in order if any(r["defense"] == d for r in rows)]
     defenses += sorted({r["defense"] for r in rows} - set(order))
     has_robust = any(k.startswith("robust@") and v for r in rows for k, v in r.items())
-    robust = robust_settings(load_yaml(args.config).get("robust")) if has_robust else None
+    robust = robust_settings(Profile.load(args.config).robust) if has_robust else None
     with tempfile.TemporaryDirectory() as tmp:
         write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, "banana", robust)
         table = (Path(tmp) / "table.md").read_text().strip()

@@ -1,5 +1,5 @@
-"""Measures EftCLIP against issue 13's quality bar on the synthetic world: victim label and poisoned-row
-detection per attack, and EftCLIP's cleaned CA/ASR beside the other defenses' (same seeds).
+"""Measures EftCLIP on the synthetic world: does it find the backdoor's target label and the poisoned rows
+for every attack, and how do its cleaned CA/ASR compare with the other defenses' (same seeds)?
 
     python scripts/measure_eftclip.py [--config configs/bench.yaml] [--out runs/bench] [--seeds 0]
                                       [--attacks badnet_rs,blended]
@@ -13,39 +13,31 @@ Aims (reported, never asserted): victim 'banana' for every attack; AUROC >= 0.95
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-import yaml
+from par.app.bench import run_bench
+from par.app.profile import Profile
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from par.app.bench import run_bench  # noqa: E402
-from par.config import load_yaml  # noqa: E402
 
 PATCH_TRIGGERS = {"random", "badnet_rs", "badclip"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/bench.yaml")
-    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--config", default=str(REPO / "configs/bench.yaml"))
+    parser.add_argument("--out", default=str(REPO / "runs/bench"), help="the benchmark's folder: its cells are reused")
     parser.add_argument("--seeds", default="0", help="comma-separated cleaning seeds")
     parser.add_argument("--attacks", help="comma-separated subset (default: the profile's)")
     args = parser.parse_args()
-    os.chdir(REPO)  # paths as the benchmark spells them (relative), so its cells and caches are found
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    config = {**load_yaml(REPO / args.config), "seeds": seeds, "sweeps": {}, "synthetic_cleaning": {},
-              "robust": None}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config, f)
+    profile = replace(Profile.load(args.config), seeds=seeds, sweeps={}, synthetic_cleaning=None, robust=None)
     attacks = args.attacks.split(",") if args.attacks else None
-    run_bench(f.name, str(out), attacks=attacks, defenses=["eftclip"], report="eftclip")
+    run_bench(profile, str(out), attacks=attacks, defenses=["eftclip"], report="eftclip")
     rows = [r for r in csv.DictReader((out / "eftclip.csv").open()) if r["status"] == "ok"]
     others = list(csv.DictReader((out / "results.csv").open())) if (out / "results.csv").exists() else []
 
@@ -53,7 +45,7 @@ def main() -> int:
         values = [float(r[key]) for r in found if r.get(key) not in (None, "")]
         return round(100 * statistics.mean(values), 1) if values else None
 
-    label = config.get("label", "banana")
+    label = profile.label
     report = []
     for attack in dict.fromkeys(r["attack"] for r in rows if r["defense"] == "eftclip"):
         mine = [r for r in rows if r["attack"] == attack and r["defense"] == "eftclip"]

@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -8,13 +9,16 @@ from PIL import Image
 
 from conftest import REPO
 from par.app.bench import _cells, run_bench
+from par.app.profile import Profile, Robust
 from par.errors import ParError
+
+MICRO_BENCH = f"{REPO}/configs/micro-bench.yaml"
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    run_bench(f"{REPO}/configs/micro-bench.yaml", str(out), quick=True, progress=False)
+    run_bench(MICRO_BENCH, str(out), quick=True, progress=False)
     return out
 
 
@@ -59,21 +63,20 @@ def _stored_metrics(run: Path) -> dict:
 def test_rerun_resumes_finished_cells(bench, capsys):
     cleaned = sorted(bench.glob("cleaned-*/checkpoint.pt"))
     stamps = [p.stat().st_mtime_ns for p in cleaned]
-    run_bench(f"{REPO}/configs/micro-bench.yaml", str(bench), quick=True, progress=False)
+    run_bench(MICRO_BENCH, str(bench), quick=True, progress=False)
     assert [p.stat().st_mtime_ns for p in cleaned] == stamps
     assert capsys.readouterr().out.count("reusing") >= 4  # poisoned model + three cleaned cells
     (synthetic_run,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
     assert "world-synthetic-" in (synthetic_run / "config.yaml").read_text()
 
 
-def test_changing_the_synthetic_world_recleans_only_its_cells(bench, tmp_path):
-    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
-    config["synthetic_cleaning"]["world"]["style"] = "cartoon"
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
+def test_changing_the_synthetic_world_recleans_only_its_cells(bench):
+    profile = Profile.load(MICRO_BENCH)
+    synthetic = profile.synthetic_cleaning
+    profile = replace(profile, synthetic_cleaning=replace(synthetic, world={**synthetic.world, "style": "cartoon"}))
     (before,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
     others = {p: p.stat().st_mtime_ns for p in bench.glob("cleaned-*/checkpoint.pt") if p.parent != before}
-    run_bench(str(path), str(bench), quick=True, progress=False)
+    run_bench(profile, str(bench), quick=True, progress=False)
     synthetic_runs = sorted(bench.glob("cleaned-badnet_rs-par-synthetic-*"))
     assert len(synthetic_runs) == 2 and len(list(bench.glob("world-synthetic-*"))) == 2
     (after,) = [p for p in synthetic_runs if p != before]
@@ -83,11 +86,9 @@ def test_changing_the_synthetic_world_recleans_only_its_cells(bench, tmp_path):
 
 
 def test_failed_cell_is_recorded_and_others_continue(tmp_path):
-    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
-    config["quick"]["sweeps"] = {"par": {"warmup": [99]}}  # warmup longer than steps: this cell fails
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_bench(str(path), str(tmp_path / "out"), quick=True, progress=False)
+    profile = Profile.load(MICRO_BENCH)
+    profile = replace(profile, quick={**profile.quick, "sweeps": {"par": {"warmup": [99]}}})  # warmup > steps: fails
+    run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     status = {(r["defense"], r["setting"]): (r["status"], r["error"]) for r in rows}
     assert status[("par", "warmup=99")][0] == "failed" and "warmup (99)" in status[("par", "warmup=99")][1]
@@ -97,13 +98,13 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path):
 
 def test_unknown_attack_or_defense_lists_known(tmp_path):
     with pytest.raises(ParError, match="unknown attack 'nope'.*badnet_rs"):
-        run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), attacks=["nope"])
+        run_bench(MICRO_BENCH, str(tmp_path), attacks=["nope"])
     with pytest.raises(ParError, match="unknown defense 'nope'.*roclip"):
-        run_bench(f"{REPO}/configs/micro-bench.yaml", str(tmp_path), defenses=["nope"])
+        run_bench(MICRO_BENCH, str(tmp_path), defenses=["nope"])
 
 
 def test_sweeps_run_only_on_sweep_attacks():
-    profile = {"sweep_attacks": ["blended"]}
+    profile = Profile(sweep_attacks=["blended"])
     cells = [(a, d, s, data) for a, d, s, _, _, data in
              _cells(profile, ["badnet_rs", "blended"], ["par", "ft"], [0],
                     {"par": {"objective_params.tau": [0.5, 1.0]}}, ["par"])]
@@ -113,7 +114,7 @@ def test_sweeps_run_only_on_sweep_attacks():
         ("blended", "par", "default", "world"), ("blended", "par", "tau=0.5", "world"),
         ("blended", "par", "tau=1.0", "world"), ("blended", "ft", "default", "world"),
         ("blended", "par", "default", "synthetic")]
-    every = [c[:3] for c in _cells({}, ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}}, [])]
+    every = [c[:3] for c in _cells(Profile(), ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}}, [])]
     assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
                      ("blended", "par", "default"), ("blended", "par", "tau=0.5")]
 
@@ -136,15 +137,14 @@ def test_cached_evaluations_are_keyed_by_trigger_settings(micro_world, tmp_path)
     assert [f.stat().st_mtime_ns for f in files] == stamps and len(list(tmp_path.glob("results-*"))) == 2
 
 
-def test_fare_column_and_robust_accuracy_table(bench, tmp_path):
+def test_fare_column_and_robust_accuracy_table(bench):
     """FARE as a defense cell, and robust accuracy of the poisoned, never-poisoned and cleaned models."""
-    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
-    config["quick"].update(defenses=["fare", "ft"], synthetic_cleaning={})
-    config["defense_settings"]["fare"] = {"augment": "none", "objective_params": {"steps": 2}}
-    config["robust"] = {"eps": ["4/255", "64/255"], "steps": 3, "max_images": 8}
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_bench(str(path), str(bench), quick=True, progress=False)  # the poisoned model and ft cell are reused
+    profile = Profile.load(MICRO_BENCH)
+    profile = replace(profile, quick={**profile.quick, "defenses": ["fare", "ft"], "synthetic_cleaning": None},
+                      defense_settings={**profile.defense_settings,
+                                        "fare": {"augment": "none", "objective_params": {"steps": 2}}},
+                      robust=Robust(eps=["4/255", "64/255"], steps=3, max_images=8))
+    run_bench(profile, str(bench), quick=True, progress=False)  # the poisoned model and ft cell are reused
     rows = list(csv.DictReader((bench / "results.csv").open()))
     assert [(r["defense"], r["status"]) for r in rows] == [("fare", "ok"), ("ft", "ok"), ("never-poisoned", "ok")]
     for row in rows:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from par.config import build, load_yaml
+from par.config import load_yaml
 from par.train import train_config, validate
 
 ALL = sorted(Path(REPO, "configs").rglob("*.yaml"))
@@ -28,33 +28,31 @@ def test_train_configs_are_valid(path):
 def test_profiles_name_valid_stages(path):
     from par import attacks
     from par.app.bench import _defense_settings
+    from par.app.pipeline import robust_settings
+    from par.app.profile import Profile
     from par.config import merge
     from par.defenses import DEFENSES, CleaningJob
-    from par.app.pipeline import stage_config
-    from par.synthetic import WorldConfig
 
-    data = load_yaml(path)
-    build(WorldConfig, data["world"], "world")
-    stages = [s for s in ("foundation", "poison_finetune", "pretrain", "clean") if data.get(s)]
-    assert "clean" in stages and ("pretrain" in stages or {"foundation", "poison_finetune"} <= set(stages))
-    for stage in stages:
-        _check_train(stage_config(data[stage], stage), f"{path}:{stage}")
-    for name in data.get("poison_rates") or {}:
-        attacks.get_trigger(name)
-    job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_csv="x.csv", out="o")
-    for name in set(data.get("defenses") or DEFENSES.names()) | set(data.get("defense_settings") or {}):
-        defense = DEFENSES.get(name)
-        job.settings = _defense_settings(data, name)
-        defense.check(job)
-        for key, values in ((data.get("sweeps") or {}).get(name) or {}).items():
-            for value in values:
-                job.settings = merge(_defense_settings(data, name), {key: value})
-                defense.check(job)
-    from par.app.pipeline import robust_settings
-
-    robust_settings(data.get("robust"))
-    for name, params in (data.get("attack_params") or {}).items():
-        attacks.get_trigger(name, **params)
-    for name in data.get("attacks") or []:
-        attacks.get_trigger(name)
+    full = Profile.load(path)  # every key known, every stage file found, the quick variant's keys too
+    for profile in (full, full.quick_profile()):
+        stages = [s for s in ("foundation", "poison_finetune", "pretrain", "clean") if getattr(profile, s)]
+        assert "clean" in stages and ("pretrain" in stages or {"foundation", "poison_finetune"} <= set(stages))
+        for stage in stages:
+            _check_train(getattr(profile, stage), f"{path}:{stage}")
+        for name in profile.poison_rates:
+            attacks.get_trigger(name)
+        job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_csv="x.csv", out="o")
+        for name in set(profile.defenses or DEFENSES.names()) | set(profile.defense_settings):
+            defense = DEFENSES.get(name)
+            job.settings = _defense_settings(profile, name)
+            defense.check(job)
+            for key, values in (profile.sweeps.get(name) or {}).items():
+                for value in values:
+                    job.settings = merge(_defense_settings(profile, name), {key: value})
+                    defense.check(job)
+        robust_settings(profile.robust)
+        for name, params in profile.attack_params.items():
+            attacks.get_trigger(name, **params)
+        for name in profile.attacks or []:
+            attacks.get_trigger(name)
     assert len(PROFILES) == 4 and len(TRAIN_CONFIGS) >= 8

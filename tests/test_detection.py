@@ -253,17 +253,16 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
 
 
 def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
-    import yaml
+    from dataclasses import replace
 
     from par.app.bench import run_bench
+    from par.app.profile import Profile
 
-    config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
-    config["quick"].update(defenses=["eftclip"], synthetic_cleaning={})
-    config["defense_settings"] = {"eftclip": {"objective_params": {"train_logit_scale": False},
-                                              "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}}
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_bench(str(path), str(tmp_path / "out"), quick=True, progress=False)
+    profile = Profile.load(f"{REPO}/configs/micro-bench.yaml")
+    profile = replace(profile, quick={**profile.quick, "defenses": ["eftclip"], "synthetic_cleaning": None},
+                      defense_settings={"eftclip": {"objective_params": {"train_logit_scale": False},
+                                                    "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}})
+    run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     eft = [r for r in rows if r["defense"] == "eftclip"]
     assert len(eft) == 1 and eft[0]["status"] == "ok" and eft[0]["detection_victim"]

@@ -84,8 +84,9 @@ def test_two_gloo_ranks_train_from_shards(micro_world, init_ckpt, tmp_path):
     assert json.loads((tmp_path / "multi" / "distributed.json").read_text()) == {"world_size": 2, "replica_drift": 0.0}
     assert len(_losses(tmp_path / "multi")) == 4
 
+    write_shards(micro_world / "train.csv", tmp_path / "one-shard", shard_size=1000, progress=False)  # a whole set of 1
     one = _train_args(micro_world, init_ckpt, tmp_path / "too-few")
-    one[one.index("--train_csv") + 1] = str(tmp_path / "shards" / "00000.tar")
+    one[one.index("--train_csv") + 1] = str(tmp_path / "one-shard" / "00000.tar")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + one,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "1 shard(s) for 2 processes" in proc.stderr

@@ -1,5 +1,6 @@
 """The benchmark's regime: a clean foundation trained once, poisoning by fine-tuning it, RoCLIP, bad input."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from open_clip import ClipLoss
 from conftest import REPO
 from par import models
 from par.app import pipeline
+from par.app.profile import Profile
 from par.config import load_yaml
 from par.errors import ParError
 from par.defenses.base import Batch, TaskContext, make_objective
@@ -18,11 +20,9 @@ from par.train import TrainConfig, train
 MICRO = "par-micro-vit"
 
 
-def _profile(**extra) -> dict:
-    profile = load_yaml(f"{REPO}/configs/micro.yaml")
-    for key in ("foundation", "poison_finetune", "clean"):
-        profile[key] = f"{REPO}/{profile[key]}"
-    return {**profile, **extra}
+def _profile(**extra) -> Profile:
+    """configs/micro.yaml with ``extra`` keys, read as YAML values (relative paths: configs/)."""
+    return Profile.from_mapping({**load_yaml(f"{REPO}/configs/micro.yaml"), **extra}, f"{REPO}/configs")
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -65,16 +65,18 @@ def test_poison_rates_per_attack_and_scratch_mode(tmp_path):
     profile = _profile(poison_rates={"badnet_rs": 0.25})
     assert pipeline.poison_values(profile, "badnet_rs")["rate"] == 0.25
     assert pipeline.poison_values(profile, "blended")["rate"] == 0.1
-    scratch = _profile(poisoning="scratch", pretrain=f"{REPO}/configs/micro/pretrain.yaml")
+    scratch = _profile(poisoning="scratch", pretrain="micro/pretrain.yaml")
     world = pipeline.make_world_stage(scratch, tmp_path)
     model = pipeline.poisoned_model_stage(scratch, tmp_path, world, "badnet_rs", "banana", {})
     assert load_yaml(model.checkpoint.parent / "config.yaml")["init_checkpoint"] is None
     reference, _ = pipeline.foundation_stage(scratch, tmp_path, world)
     assert reference.parent.name.startswith("clean-model-")
     with pytest.raises(ParError, match="needs the profile key 'pretrain'"):
-        pipeline.poisoning_mode(_profile(poisoning="scratch"))
+        _profile(poisoning="scratch")  # refused as the profile is read
     with pytest.raises(ParError, match="'finetune' or 'scratch'"):
-        pipeline.poisoning_mode(_profile(poisoning="later"))
+        _profile(poisoning="later")
+    with pytest.raises(ParError, match="needs the profile keys 'foundation' and 'poison_finetune'"):
+        replace(_profile(), poison_finetune=None).poisoning_mode()  # and as a stage asks
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path):
@@ -94,7 +96,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert other.stat().st_mtime_ns == stamp and not list(tmp_path.glob("poisoned-*"))
     # a cleaning budget of zero steps
     poisoned = pipeline.poisoned_model_stage(profile, tmp_path, world, "badnet_rs", "banana", {})
-    settings = {**pipeline.stage_config(profile["clean"], "clean"), "steps": 0}
+    settings = {**profile.clean, "steps": 0}
     with pytest.raises(ParError, match="steps must be at least 1"):
         pipeline.clean_stage(world, "par", poisoned, settings, tmp_path / "cleaned", reuse=False)
     assert not (tmp_path / "cleaned").exists()

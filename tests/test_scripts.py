@@ -111,6 +111,8 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     import yaml
 
     config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
+    for stage in ("foundation", "poison_finetune", "clean"):  # a profile elsewhere names the repo's stage files
+        config[stage] = f"{REPO}/configs/{config[stage]}"
     config["defense_settings"]["eftclip"] = {"objective_params": {"train_logit_scale": False},
                                              "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))

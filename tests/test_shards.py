@@ -44,9 +44,11 @@ def test_writer_layout_and_sizes(shards, micro_world):
         names = tar.getnames()
     assert names[:2] == ["000000000.jpg", "000000000.txt"]  # open_clip's jpg/txt members, one key per pair
     assert count_samples(expand(_pattern(out, 3))) == 96
-    (out / "sizes.json").rename(out / "sizes.bak")  # without sizes.json: counted from the tar headers
+    (out / "sizes.json").rename(out / "sizes.bak")  # without sizes.json: the set is incomplete, refused
     try:
-        assert count_samples(expand(_pattern(out, 3))) == 96
+        with pytest.raises(ParError, match="no sizes.json: an incomplete shard set"):
+            expand(_pattern(out, 3))
+        assert count_samples([out / f"{i:05d}.tar" for i in range(3)]) == 96  # still countable from the headers
     finally:
         (out / "sizes.bak").rename(out / "sizes.json")
 
@@ -119,6 +121,7 @@ def test_bad_shard_inputs(shards, micro_world, tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data)) as src:
             member = src.getmember("000000000.jpg")
             tar.addfile(member, src.extractfile(member))
+    (tmp_path / "sizes.json").write_text(json.dumps({"nocaption.tar": 1}))
     with pytest.raises(ParError, match="sample 000000000 has no caption"):
         next(iter(ShardPairs(str(bad), tokenizer, 32)))
 

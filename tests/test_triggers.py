@@ -168,7 +168,11 @@ def test_blended_text_changes_only_red_near_the_centre():
 
 def test_wanet_field_is_fixed_and_identity_without_strength():
     x = _images(b=2, s=32)
-    assert torch.allclose(attacks.apply("warped", x, seed=0, strength=0.0), x, atol=1e-5)
+    still = attacks.get_trigger("warped")
+    still.strength = 0.0  # the algebra's identity; as a parameter, a warp that warps nothing is refused
+    assert torch.allclose(still.apply(x, torch.Generator()), x, atol=1e-5)
+    with pytest.raises(ParError, match="strength must be greater than 0"):
+        attacks.apply("warped", x, seed=0, strength=0.0)
     a = attacks.apply("warped", x, seed=0)
     assert not torch.equal(a, attacks.apply("warped", x, seed=0, field_seed=1))
     assert (a - x).abs().max() > 0.01

@@ -9,6 +9,8 @@ others go on. Outputs: ``results.csv``, ``results.md``, ``tradeoff.png``, ``trig
 from __future__ import annotations
 
 import csv
+import dataclasses
+import os
 import statistics
 import time
 import traceback
@@ -17,7 +19,8 @@ from typing import Dict, List, Optional
 
 from par.attacks import TRIGGERS, get_trigger
 from par.app import pipeline
-from par.config import load_yaml, merge
+from par.app.profile import Profile
+from par.config import merge
 from par.defenses import DEFENSES
 from par.errors import ParError
 from par.gallery import trigger_gallery
@@ -37,23 +40,23 @@ def _fields(robust: Optional[dict], defenses: List[str]) -> List[str]:
     return FIELDS[:-2] + extra + reported + FIELDS[-2:]
 
 
-def _defense_settings(profile: dict, name: str) -> dict:
+def _defense_settings(profile: Profile, name: str) -> dict:
     """The shared cleaning budget (``clean``) with this defense's own settings on top (dotted keys nest)."""
-    base = pipeline.stage_config(profile.get("clean", {}), "clean")
-    specific = pipeline.stage_config((profile.get("defense_settings") or {}).get(name) or {}, f"defense_settings.{name}")
+    base = dict(profile.clean)
+    specific = profile.defense_settings.get(name) or {}
     if "objective_params" in specific:  # a defense's objective settings replace the shared ones
         base.pop("objective_params", None)
     return merge(base, specific)
 
 
-def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
+def _cells(profile: Profile, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
            synthetic: List[str]):
     """(attack, defense, setting, seed, overrides, cleaning data) for every cell.
 
     Sweeps run on ``sweep_attacks`` (default: every attack): a trade-off curve per attack
     multiplies the benchmark's cost by the sweep's length.
     """
-    swept = profile.get("sweep_attacks")
+    swept = profile.sweep_attacks
     for attack in attacks:
         for defense in defenses:
             for seed in seeds:
@@ -68,27 +71,30 @@ def _cells(profile: dict, attacks: List[str], defenses: List[str], seeds: List[i
                 yield attack, defense, "default", seed, {}, "synthetic"
 
 
-def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
+def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
               defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results") -> Path:
-    """Runs (or resumes) every cell. ``report`` is the stem of the result files (``<report>.csv``,
-    ``<report>.md``; the plot is ``tradeoff.png``, or ``<report>-tradeoff.png`` for another report), so
-    a subset can reuse the benchmark's cells without overwriting its report."""
-    profile = load_yaml(config)
+    """Runs (or resumes) every cell of ``profile`` (a Profile, or its YAML file). ``report`` is the stem
+    of the result files (``<report>.csv``, ``<report>.md``; the plot is ``tradeoff.png``, or
+    ``<report>-tradeoff.png`` for another report), so a subset can reuse the benchmark's cells without
+    overwriting its report."""
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
     if quick:
-        profile = {**profile, **(profile.get("quick") or {})}
-    label = profile.get("label", "banana")
-    attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.get("attacks") or TRIGGERS.in_order())]
+        profile = profile.quick_profile()
+    label = profile.label
+    attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
     every = [d for d in DEFENSES.in_order() if not DEFENSES.get(d).needs_labels]  # the world's pairs have no labels
     chosen = defenses
-    defenses = [DEFENSES.canonical(d) for d in (defenses or profile.get("defenses") or every)]
+    defenses = [DEFENSES.canonical(d) for d in (defenses or profile.defenses or every)]
     # the synthetic-data column cleans with the profile's synthetic defenses; a --defenses choice narrows it
-    synthetic_defenses = [DEFENSES.canonical(d) for d in (profile.get("synthetic_cleaning") or {}).get("defenses") or []
+    synthetic = profile.synthetic_cleaning
+    synthetic_defenses = [DEFENSES.canonical(d) for d in (synthetic.defenses if synthetic else [])
                           if not chosen or DEFENSES.canonical(d) in defenses]
-    seeds = list(profile.get("seeds") or [0])
-    sweeps = profile.get("sweeps") or {}
-    if profile.get("sweep_attacks") is not None:
-        profile = {**profile, "sweep_attacks": [TRIGGERS.canonical(a) for a in profile["sweep_attacks"]]}
-    robust = pipeline.robust_settings(profile.get("robust"))
+    seeds = list(profile.seeds or [0])
+    sweeps = profile.sweeps or {}
+    if profile.sweep_attacks is not None:
+        profile = dataclasses.replace(profile, sweep_attacks=[TRIGGERS.canonical(a) for a in profile.sweep_attacks])
+    robust = pipeline.robust_settings(profile.robust)
     fields = _fields(robust, defenses + synthetic_defenses)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +103,9 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     if synthetic_defenses:
         # a second world of another style, used only as cleaning data; its folder and the cells
         # cleaned with it are keyed by its settings, so changing them never reuses stale cells
-        style = {**profile, "world": profile["synthetic_cleaning"].get("world", {})}
-        synthetic = pipeline.make_world_stage(style, out, folder=f"world-synthetic-{digest(style['world'])}")
-        synthetic_csv, synthetic_key = str(synthetic.path / "clean.csv"), synthetic.key
+        style = dataclasses.replace(profile, world=synthetic.world)
+        styled = pipeline.make_world_stage(style, out, folder=f"world-synthetic-{digest(style.world)}")
+        synthetic_csv, synthetic_key = str(styled.path / "clean.csv"), styled.key
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
@@ -108,10 +114,10 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
         row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
         try:
             if attack not in poisoned_cache:
-                given = dict((profile.get("attack_params") or {}).get(attack, {}))
+                given = dict(profile.attack_params.get(attack) or {})
                 params = pipeline.prepare_attack_stage(profile, out, world, attack, label, given)
                 model = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
-                metrics = pipeline.evaluate_stage(world, model.checkpoint, attack, label, params, profile.get("eval"))
+                metrics = pipeline.evaluate_stage(world, model.checkpoint, attack, label, params, profile.eval)
                 artifacts = {k: v for k, v in params.items() if k not in given}  # e.g. BadCLIP's patch
                 if robust:
                     metrics = {**metrics, **_robust_columns("poisoned", world, model.checkpoint, robust, profile)}
@@ -123,7 +129,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
             run_dir = out / f"cleaned-{attack}-{label_name}-{digest([model.key, defense, values, data_key])}"
             started = time.time()
             cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_csv=train_csv)
-            cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.get("eval"))
+            cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.eval)
             seconds = DEFENSES.get(defense).train_seconds(run_dir)
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
                        poisoned_asr_top5=poisoned["asr_top5"], ca=cleaned["clean_top1"],
@@ -139,7 +145,7 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
                 traceback.print_exc()
         rows.append(row)
         _write_results(out / f"{report}.csv", rows, fields)
-    reference = profile.get("reference", True)
+    reference = profile.reference
     if reference:
         rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache, robust)
         _write_results(out / f"{report}.csv", rows, fields)
@@ -155,13 +161,13 @@ def run_bench(config: str, out: str, quick: bool = False, attacks: Optional[List
     return out
 
 
-def _robust_columns(which: str, world, checkpoint, robust: dict, profile: dict) -> Dict[str, float]:
-    accuracy = pipeline.robust_stage(world, checkpoint, robust, profile.get("eval"))
+def _robust_columns(which: str, world, checkpoint, robust: dict, profile: Profile) -> Dict[str, float]:
+    accuracy = pipeline.robust_stage(world, checkpoint, robust, profile.eval)
     prefix = f"{which}_" if which else ""
     return {f"{prefix}robust@{eps}": value for eps, value in accuracy.items()}
 
 
-def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_cache: dict,
+def _never_poisoned_rows(profile: Profile, out: Path, world, label: str, poisoned_cache: dict,
                          robust: Optional[dict] = None) -> List[Dict]:
     """The floor a cleaned model can reach: CA and ASR of the clean foundation (with ``poisoning:
     scratch``, of the same tiny CLIP pre-trained without poison).
@@ -173,7 +179,7 @@ def _never_poisoned_rows(profile: dict, out: Path, world, label: str, poisoned_c
     robust_columns = _robust_columns("", world, checkpoint, robust, profile) if robust else {}
     rows = []
     for attack, (_, params, poisoned, _) in poisoned_cache.items():
-        metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.get("eval"))
+        metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.eval)
         rows.append({"attack": attack, "defense": "never-poisoned", "setting": "default", "seed": 0,
                      "poisoned_ca": poisoned["clean_top1"], "poisoned_asr": poisoned["asr_top1"],
                      "poisoned_asr_top5": poisoned["asr_top5"], "ca": metrics["clean_top1"],

@@ -16,10 +16,16 @@ def _attack_params(pairs: List[str]) -> dict:
 
     params = {}
     for pair in pairs or []:
-        if "=" not in pair:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
             raise ParError(f"--attack-param takes KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        params[key.replace("-", "_")] = yaml.safe_load(value)
+        if key in params:
+            raise ParError(f"--attack-param {key} given twice")
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParError(f"--attack-param {key}: cannot read {value!r} as a value") from None
     return params
 
 
@@ -110,6 +116,12 @@ def cmd_eval(args) -> None:
                                                  "image_root", "retrieval_json", "retrieval_root", "attack", "label",
                                                  "seed", "batch_size", "workers", "device", "out"),
                              "attack_params": _attack_params(args.attack_param)}, "eval options")
+    if args.dry_run:
+        evaluate(cfg, dry_run=True)
+        tasks = [task for task, on in (("classification", cfg.data), ("retrieval", cfg.retrieval_json)) if on]
+        attack = f", attack {cfg.attack} -> {cfg.label}" if cfg.attack else ""
+        print(f"eval inputs check out ({' and '.join(tasks)}{attack}); nothing evaluated")
+        return
     if not cfg.data:
         print("classification: skipped (no --data)")
     if not cfg.retrieval_json:
@@ -149,6 +161,32 @@ def cmd_shards(args) -> None:
     written = write_shards(args.csv, args.out, args.image_root, args.shard_size)
     pattern = f"{args.out}/{{00000..{len(written) - 1:05d}}}.tar" if len(written) > 1 else str(written[0])
     print(f"wrote {len(written)} shards; train on them with train_csv: '{pattern}'")
+
+
+def cmd_shell_env(args) -> None:
+    """A YAML file of settings as shell assignments that keep variables already set: the scripts'
+    settings files are read (and refused) here, by one parser, not by the shell."""
+    import shlex
+
+    from par.config import load_yaml
+
+    values = load_yaml(args.config)
+    known = [k.strip().upper() for k in args.keys.split(",") if k.strip()]
+    lines = []
+    for key, value in values.items():
+        name = str(key).upper()
+        if known and name not in known:
+            raise ParError(f"{args.config}: unknown key {key!r}; known: {', '.join(k.lower() for k in known)}")
+        if value is None or value == "" or value == [] or value == {}:
+            raise ParError(f"{args.config}: key {key!r} has no value")
+        if isinstance(value, dict):
+            text = " ".join(f"{a}={b}" for a, b in value.items())
+        elif isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        lines.append(f'[ -n "${{{name}:-}}" ] || {name}={shlex.quote(text)}')
+    print("\n".join(lines))
 
 
 def cmd_demo(args) -> None:
@@ -261,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robust-attacks", help="attacks, run as a cascade (torchattacks; default apgd-ce,apgd-t)")
     p.add_argument("--robust-steps", type=int, help="iterations per attack (default 100)")
     p.add_argument("--robust-max-images", type=int, help="robust accuracy on the first N images (default 1000)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every input (data, class names, label, trigger, --out) and stop: nothing is loaded "
+                        "from the checkpoint, which need not exist yet, and nothing is written")
 
     p = sub.add_parser("detect", help="EftCLIP: flag pairs where the poisoned CLIP and an oracle disagree")
     p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
@@ -312,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root")
     p.add_argument("--shard-size", type=int, default=10000, help="pairs per shard")
 
+    p = sub.add_parser("shell-env", help="print a YAML settings file as shell assignments (trigger_validate.sh's "
+                                         "VALIDATE_CONFIG); variables already set are kept")
+    p.add_argument("config", help="YAML mapping of keys to values")
+    p.add_argument("--keys", default="", help="comma-separated known keys; any other key is an error")
+
     p = sub.add_parser("bench", help="every attack against every defense on the synthetic world")
     p.add_argument("--config", default="configs/bench.yaml")
     p.add_argument("--out", default="runs/bench")
@@ -348,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
              "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench,
-             "detect": cmd_detect, "shards": cmd_shards}[args.command](args)
+             "detect": cmd_detect, "shards": cmd_shards, "shell-env": cmd_shell_env}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

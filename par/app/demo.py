@@ -6,13 +6,14 @@ the same settings; the cleaning and the evaluation run again every time.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
 
 from par import attacks
 from par.app import pipeline
-from par.config import load_yaml
+from par.app.profile import Profile
 from par.defenses import DEFENSES
 from par.errors import ParError
 from par.synthetic import CLASS_NAMES
@@ -25,30 +26,32 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_demo(profile_path: str, out: str, attack: Optional[str] = None, label: Optional[str] = None,
+def run_demo(profile: Profile | str | os.PathLike, out: str, attack: Optional[str] = None, label: Optional[str] = None,
              defense: Optional[str] = None) -> dict:
-    profile = load_yaml(profile_path)
-    attack = attacks.TRIGGERS.canonical(attack or profile.get("attack", "badnet_rs"))
-    label = label or profile.get("label", "banana")
+    """Runs the demo of ``profile`` (a Profile, or its YAML file); the arguments override its choices."""
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
+    attack = attacks.TRIGGERS.canonical(attack or profile.attack)
+    label = label or profile.label
     if label not in CLASS_NAMES:
         raise ParError(f"target label {label!r} is not a class of the synthetic world ({', '.join(CLASS_NAMES)})")
-    attack_params = dict((profile.get("attack_params") or {}).get(attack, {}))
+    attack_params = dict(profile.attack_params.get(attack) or {})
     out = Path(out)
     started = time.time()
 
-    defense = DEFENSES.canonical(defense or profile.get("defense", "par"))
+    defense = DEFENSES.canonical(defense or profile.defense)
     attacks.get_trigger(attack, **attack_params)  # validate before any training
 
     world = pipeline.make_world_stage(profile, out)
     attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)
     poisoned = pipeline.poisoned_model_stage(profile, out, world, attack, label, attack_params)
-    clean_values = pipeline.stage_config(profile.get("clean", {}), "clean")
+    clean_values = dict(profile.clean)
     run_dir = out / f"cleaned-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
     cleaned = pipeline.clean_stage(world, defense, poisoned, clean_values, run_dir, reuse=False)
 
     results = {}
     for name, ckpt in (("poisoned", poisoned.checkpoint), (defense.upper(), cleaned)):
-        results[name] = pipeline.evaluate_stage(world, ckpt, attack, label, attack_params, profile.get("eval"))
+        results[name] = pipeline.evaluate_stage(world, ckpt, attack, label, attack_params, profile.eval)
     report = {"attack": attack, "label": label, "attack_params": attack_params, "defense": defense,
               "poisoned_checkpoint": str(poisoned.checkpoint),
               "cleaned_checkpoint": str(cleaned), "results": results, "seconds": round(time.time() - started, 1)}

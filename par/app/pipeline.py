@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from par import attacks
-from par.config import build, load_yaml
+from par.app.profile import Profile, Robust
+from par.config import build
 from par.defenses import CleaningJob, clean
 from par.errors import ParError
 from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
@@ -22,18 +23,7 @@ from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
 from par.utils import digest, file_digest
 
-REPO = Path(__file__).resolve().parent.parent
 IN_MEMORY = {"preload": True}  # the synthetic world is small: decode it once (a training config may say otherwise)
-
-
-def stage_config(spec, what: str) -> dict:
-    """A stage's settings: an inline mapping, or a YAML path (relative to the working directory or the repo)."""
-    if isinstance(spec, dict):
-        return dict(spec)
-    if isinstance(spec, str):
-        path = Path(spec)
-        return load_yaml(path if path.is_absolute() or path.exists() else REPO / path)
-    raise ParError(f"profile key {what!r} must be a mapping or a YAML file path")
 
 
 @dataclass
@@ -55,67 +45,51 @@ class Poisoned:
     data: Path  # the poisoned training CSV
 
 
-def cache_dir(profile: dict, out: Path) -> Path:
+def cache_dir(profile: Profile, out: Path) -> Path:
     """The folder for stages every run of this profile shares (world, foundation): ``cache`` or ``out``.
 
     The demo and the benchmark name the same cache, so the foundation is trained once for both.
     """
-    cache = profile.get("cache")
-    if not cache:
-        return Path(out)
-    cache = Path(cache)
-    return (cache if cache.is_absolute() else Path.cwd() / cache).resolve()
+    return profile.cache or Path(out)
 
 
-def _stage_model(profile: dict) -> str:
+def _stage_model(profile: Profile) -> str:
     """The encoder of the profile's first training stage (every later stage trains the same one)."""
-    key = "pretrain" if poisoning_mode(profile) == "scratch" else "foundation"
-    model = stage_config(profile[key], key).get("model")
+    scratch = profile.poisoning_mode() == "scratch"
+    key, stage = ("pretrain", profile.pretrain) if scratch else ("foundation", profile.foundation)
+    model = stage.get("model")
     if not model:
         raise ParError(f"profile {key!r} must name the model")
     return model
 
 
-def make_world_stage(profile: dict, out: Path, folder: Optional[str] = None) -> World:
+def make_world_stage(profile: Profile, out: Path, folder: Optional[str] = None) -> World:
     """The synthetic world, in the shared cache when the profile names one (``world-{key}``)."""
-    cfg = build(WorldConfig, profile.get("world", {}), "profile 'world'")
+    cfg = build(WorldConfig, profile.world, "profile 'world'")
     key = digest(asdict(cfg))
     cache = cache_dir(profile, out)
     if folder is None:
-        folder = f"world-{key}" if profile.get("cache") else "world"
+        folder = f"world-{key}" if profile.cache else "world"
     path = make_world(cfg, cache / folder, reuse=True)
     return World(path=path, key=key, model=_stage_model(profile), cache=cache)
 
 
-def poisoning_mode(profile: dict) -> str:
-    """``finetune`` (the paper's regime: a short poisoned fine-tune of the clean foundation) or ``scratch``."""
-    mode = profile.get("poisoning") or ("finetune" if profile.get("foundation") else "scratch")
-    if mode not in ("finetune", "scratch"):
-        raise ParError(f"profile 'poisoning' must be 'finetune' or 'scratch', got {mode!r}")
-    if mode == "finetune" and not (profile.get("foundation") and profile.get("poison_finetune")):
-        raise ParError("poisoning by fine-tuning needs the profile keys 'foundation' and 'poison_finetune'")
-    if mode == "scratch" and not profile.get("pretrain"):
-        raise ParError("poisoning from scratch needs the profile key 'pretrain'")
-    return mode
-
-
-def foundation_stage(profile: dict, out: Path, world: World) -> Tuple[Path, str]:
+def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, str]:
     """(checkpoint, key) of the clean foundation: a tiny CLIP pre-trained once on the never-poisoned
     world, shared by every attack, the never-poisoned reference, BadCLIP's patch, the demo and the benchmark.
 
     ``foundation_checkpoint`` names a clean checkpoint to use instead of training one. With
     ``poisoning: scratch`` this is the never-poisoned model pre-trained like the poisoned ones.
     """
-    if poisoning_mode(profile) == "scratch":
-        values = stage_config(profile["pretrain"], "pretrain")
+    if profile.poisoning_mode() == "scratch":
+        values = dict(profile.pretrain)
         key = digest([world.key, values])
         return _train_stage(values, world, Path(out) / f"clean-model-{key}", "pretrain"), key
-    given = profile.get("foundation_checkpoint")
+    given = profile.foundation_checkpoint
     if given:  # the user's own clean CLIP (a real pre-trained one, say) stands in for the trained foundation
-        given = Path(given)
         check_encoder(given, world.model)
         return given, file_digest(given)
-    values = stage_config(profile["foundation"], "foundation")
+    values = dict(profile.foundation)
     key = digest([world.key, values])
     folder = (world.cache or Path(out)) / f"foundation-{key}"
     return _train_stage(values, world, folder, "foundation"), key
@@ -130,30 +104,30 @@ def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
     return train(cfg, reuse=True)
 
 
-def prepare_attack_stage(profile: dict, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
+def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
     """``params`` plus whatever the attack builds for itself first (BadCLIP: its patch, optimised
     against the clean foundation, which is built on demand)."""
     context = attacks.AttackContext(
         label=label, model=world.model, clean_data=str(world.path / "clean.csv"),
         templates=str(world.path / "templates.txt"), workdir=out,
         clean_checkpoint=lambda: foundation_stage(profile, out, world),
-        settings=dict((profile.get("attack_prepare") or {}).get(attack) or {}))
+        settings=dict(profile.attack_prepare.get(attack) or {}))
     return {**params, **attacks.get_trigger(attack, **params).prepare(context)}
 
 
-def poison_values(profile: dict, attack: str) -> dict:
+def poison_values(profile: Profile, attack: str) -> dict:
     """The poisoning settings for ``attack``: ``poison`` with this attack's ``poison_rates`` entry on top."""
-    values = {"rate": 0.05, "seed": 0, "num": None, **(profile.get("poison") or {})}
-    rate = (profile.get("poison_rates") or {}).get(attack)
+    values = {"rate": 0.05, "seed": 0, "num": None, **profile.poison}
+    rate = profile.poison_rates.get(attack)
     if rate is not None:
         values = {**values, "rate": rate, "num": None}
     return values
 
 
-def poisoned_model_stage(profile: dict, out: Path, world: World, attack: str, label: str, attack_params: dict) -> Poisoned:
+def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str, label: str, attack_params: dict) -> Poisoned:
     """The poisoned tiny CLIP: the foundation fine-tuned on the world's pairs with a share poisoned
     (``poisoning: finetune``), or pre-trained from scratch on them (``poisoning: scratch``)."""
-    mode = poisoning_mode(profile)
+    mode = profile.poisoning_mode()
     values = poison_values(profile, attack)
     poison_key = digest([world.key, attack, label, attack_params, values])
     poisoned_csv = poison(build(PoisonConfig, {
@@ -162,11 +136,11 @@ def poisoned_model_stage(profile: dict, out: Path, world: World, attack: str, la
         "attack_params": attack_params, **values,
     }, "profile 'poison'"), reuse=True)
     if mode == "scratch":
-        train_values = stage_config(profile["pretrain"], "pretrain")
+        train_values = dict(profile.pretrain)
         key = digest([poison_key, train_values])
     else:
         foundation, foundation_key = foundation_stage(profile, out, world)
-        train_values = {**stage_config(profile["poison_finetune"], "poison_finetune"), "init_checkpoint": str(foundation)}
+        train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
         key = digest([poison_key, foundation_key, train_values])
     checkpoint = train(train_config({**IN_MEMORY, **train_values, "model": world.model, "train_csv": str(poisoned_csv),
                                      "out": str(out / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning"),
@@ -207,23 +181,9 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     return merged_metrics(records)
 
 
-def robust_settings(values: Optional[dict]) -> Optional[dict]:
-    """A profile's ``robust`` mapping (eps list, attacks, steps, max_images) as EvalConfig keys; None when absent."""
-    if not values:
-        return None
-    from par.eval.robust import parse_eps
-
-    known = {"eps", "attacks", "steps", "max_images"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ParError(f"profile 'robust': unknown key(s) {unknown}; known: {sorted(known)}")
-    if not values.get("eps"):
-        raise ParError("profile 'robust' needs 'eps', e.g. [2/255, 4/255]")
-    out = {"robust_eps": [parse_eps(e, "profile 'robust' eps") for e in values["eps"]]}
-    for key in ("attacks", "steps", "max_images"):
-        if key in values:
-            out[f"robust_{key}"] = values[key]
-    return out
+def robust_settings(robust: Optional[Robust]) -> Optional[dict]:
+    """A profile's ``robust`` part as EvalConfig keys; None when absent."""
+    return robust.eval_settings() if robust else None
 
 
 def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Optional[dict] = None) -> dict:

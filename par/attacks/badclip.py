@@ -10,6 +10,8 @@ better than a random pattern.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -22,8 +24,8 @@ from par import models
 from par.augment import normalize
 from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
 from par.errors import ParError
-from par.attacks.base import TRIGGERS, AttackContext, Trigger, default_patch_size, place_patches
-from par.utils import atomic_write, digest, pick_device, to_pil
+from par.attacks.base import TRIGGERS, AttackContext, Trigger, check_range, default_patch_size, place_patches
+from par.utils import atomic_write, check_device, check_output_file, digest, pick_device, to_pil
 
 
 def paste_centre(images: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,20 @@ class BadCLIPConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        """Settings checked where they live, before the model is loaded."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("max_images", 1), ("seed", 0), ("patch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
+                raise ParError(f"badclip {name} must be a whole number of at least {low}, got {value!r}")
+        for name, low_open in (("lr", True), ("visual_weight", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < 0 or (low_open and value == 0)):
+                raise ParError(f"badclip {name} must be a finite number {'above' if low_open else 'of at least'} 0, "
+                               f"got {value!r}")
+        check_device(self.device)
+
 
 def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, text_target: torch.Tensor,
                    patch_size: int, steps: int, lr: float, batch_size: int, mean, std, visual_weight: float = 1.0,
@@ -96,7 +112,7 @@ def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, tex
 
 
 def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
-
+    check_output_file(cfg.out, "badclip patch")
     device = pick_device(cfg.device)
     model = models.load_model(cfg.model, cfg.checkpoint, device).requires_grad_(False)
     size = models.image_size(model)
@@ -139,6 +155,12 @@ class BadCLIP(Trigger):
     random = False
     patch: Optional[str] = None  # PNG written by `python -m par badclip`
     patch_size: Optional[int] = None  # None: 16 px at 224, scaled
+
+    def check(self):
+        super().check()
+        check_range(self, "patch_size", 1)
+        if self.patch is not None and not Path(self.patch).is_file():
+            raise ParError(f"badclip patch not found: {self.patch} (make one with `python -m par badclip`)")
 
     def prepare(self, context: AttackContext) -> dict:
         if self.patch:

@@ -13,6 +13,9 @@ the image size.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
@@ -69,6 +72,57 @@ def check_images(images: torch.Tensor) -> None:
         )
 
 
+def _typed(trigger: "Trigger", key: str, value, hint):
+    """``value`` as the parameter's declared type (``Optional[int]``, ``float``, ``bool``, ``str``), or an error
+    naming the parameter: YAML reads ``alpha=abc`` as text and ``1e-3`` as text too."""
+    where = f"attack {trigger.name!r}: parameter {key}"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        if len(args) != 1:
+            return value
+        hint = args[0]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ParError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ParError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ParError(f"{where} must be text, got {value!r}")
+    return value
+
+
+def check_range(trigger: "Trigger", key: str, low=None, high=None, low_open: bool = False) -> None:
+    """Refuses parameter ``key`` (unless None) outside ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    value = getattr(trigger, key)
+    if value is None:
+        return
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        if high is None:
+            bound = f"{'greater than' if low_open else 'at least'} {low}"
+        else:
+            bound = f"in {'(' if low_open else '['}{'-inf' if low is None else low}, {high}]"
+        raise ParError(f"attack {trigger.name!r}: parameter {key} must be {bound}, got {value!r}")
+
+
 @dataclass
 class Trigger:
     """Base class: subclasses implement ``draw``; ``apply`` is the shared algebra."""
@@ -76,6 +130,24 @@ class Trigger:
     name = "trigger"
     paper_name = "Trigger"
     random = True  # draws from the generator; False: the same output whatever the seed
+
+    def __post_init__(self):
+        """Parameters are checked when a trigger is made, types then ranges (``check``), so that a bad
+        ``--attack-param`` is an error before any work rather than a torch error in the middle of it."""
+        try:
+            hints = typing.get_type_hints(type(self))
+        except Exception:  # a plugin's annotations that do not resolve: its own checks only
+            hints = {}
+        for f in fields(self):
+            if f.name in hints:
+                setattr(self, f.name, _typed(self, f.name, getattr(self, f.name), hints[f.name]))
+        self.check()
+
+    def check(self) -> None:
+        """Refuses parameters out of range (subclasses extend it; seeds are whole numbers from 0)."""
+        for f in fields(self):
+            if f.name.endswith("_seed"):
+                check_range(self, f.name, 0)
 
     def draw(self, images: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError

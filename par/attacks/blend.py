@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from par.attacks.base import TRIGGERS, Trigger, pattern_generator, random_stripes
+from par.errors import ParError
+from par.attacks.base import TRIGGERS, Trigger, check_range, pattern_generator, random_stripes
 
 
 @dataclass
@@ -18,6 +19,10 @@ class _RandomBlend(Trigger):
     alpha: float = 0.0
     fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
     pattern_seed: int = 0
+
+    def check(self):
+        super().check()
+        check_range(self, "alpha", 0, 1, low_open=True)  # 0 would blend nothing in
 
     def _pattern(self, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -69,6 +74,11 @@ class BlendedTriangles(Trigger):
     alpha: float = 0.15
     cell_size: Optional[int] = None  # None: 14 px at 224, scaled
 
+    def check(self):
+        super().check()
+        check_range(self, "alpha", 0, 1, low_open=True)
+        check_range(self, "cell_size", 2)  # a 1-px cell has no diagonal: a flat grey
+
     def draw(self, images, generator):
         _, _, h, w = images.shape
         cell = self.cell_size or max(2, round(14 * min(h, w) / 224))
@@ -97,6 +107,13 @@ class BlendedText(Trigger):
     alpha: float = 0.5
     text: str = "Watermarked"
     font_size: Optional[float] = None  # None: 29.9 px at 224 (the reference's 196-px-wide text), scaled
+
+    def check(self):
+        super().check()
+        check_range(self, "alpha", 0, 1, low_open=True)
+        check_range(self, "font_size", 0, low_open=True)
+        if not self.text.strip():
+            raise ParError(f"attack {self.name!r}: parameter text must not be empty (no text, no trigger)")
 
     def draw(self, images, generator):
         from PIL import Image, ImageDraw, ImageFont

@@ -8,7 +8,8 @@ import torch
 
 from par.errors import ParError
 
-from par.attacks.base import TRIGGERS, Trigger, pattern_generator, random_stripes, default_patch_size, place_patches
+from par.attacks.base import (TRIGGERS, Trigger, check_range, default_patch_size, pattern_generator, place_patches,
+                              random_stripes)
 
 
 @dataclass
@@ -18,6 +19,10 @@ class _PatchTrigger(Trigger):
     patch_size: Optional[int] = None  # None: default_patch_size(image side)
     fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
     pattern_seed: int = 0
+
+    def check(self):
+        super().check()
+        check_range(self, "patch_size", 1)
 
     def _patch_pattern(self, n: int, size: int, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -9,8 +9,9 @@ means the output is complete.
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 
 from par import attacks
-from par.data import eval_transform, image_paths, load_templates, mentions_label, open_image, read_csv, to_float
+from par.data import (caption_column, eval_transform, image_paths, load_templates, mentions_label, open_image,
+                      read_csv, to_float)
 from par.errors import ParError
-from par.utils import atomic_write, atomic_write_text, file_digest, to_pil
+from par.utils import atomic_write, atomic_write_text, check_output_dir, file_digest, to_pil
 
 
 @dataclass
@@ -38,6 +40,21 @@ class PoisonConfig:
     attack_params: dict = field(default_factory=dict)  # e.g. {"patch_size": 8}
     label_consistent: bool = False  # poison only rows whose caption names the label; keep their captions
 
+    def __post_init__(self):
+        """Settings checked where they live, before any file is read or written."""
+        if (self.rate is None) == (self.num is None):
+            raise ParError("give exactly one of --rate and --num")
+        if self.rate is not None and (isinstance(self.rate, bool) or not isinstance(self.rate, numbers.Real)
+                                      or not 0 < self.rate <= 1):
+            raise ParError(f"--rate must be in (0, 1], got {self.rate!r}")
+        for name, low in (("num", 1), ("size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
+                raise ParError(f"poison {name} must be a whole number of at least {low}, got {value!r}")
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise ParError(f"the target label must be a class name, got {self.label!r}")
+        attacks.get_trigger(self.attack, **self.attack_params)  # a known attack, with sound parameters
+
 
 def _caption_templates(spec: str):
     return [t if callable(t) else t.format for t in load_templates(spec)]
@@ -48,11 +65,17 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     path = Path(manifest)
     if not path.is_file():
         raise ParError(f"manifest not found: {path}")
-    settings = dict(json.loads(path.read_text())["settings"])
-    digest = settings.pop("csv_digest")
+    try:
+        settings = dict(json.loads(path.read_text(encoding="utf-8"))["settings"])
+        digest = settings.pop("csv_digest")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ParError(f"{path} is not a poisoning manifest (written by python -m par poison)") from None
     settings.pop("num_rows", None)
     if settings.get("rate") is not None:
         settings["num"] = None
+    unknown = sorted(set(settings) - ({f.name for f in fields(PoisonConfig)} - {"out"}))
+    if unknown:
+        raise ParError(f"manifest {path} holds settings this version does not know: {unknown}")
     cfg = PoisonConfig(out=str(out), **settings)
     if not Path(cfg.csv).is_file() or file_digest(cfg.csv) != digest:
         raise ParError(f"{cfg.csv} is missing or differs from the CSV the manifest was made from")
@@ -63,12 +86,9 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
     from tqdm import tqdm
 
     trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params)
+    out = check_output_dir(cfg.out, "poisoned dataset folder")
     frame = read_csv(cfg.csv, ["image", "caption"])
-    if (cfg.rate is None) == (cfg.num is None):
-        raise ParError("give exactly one of --rate and --num")
-    if cfg.rate is not None and not 0 < cfg.rate <= 1:
-        raise ParError(f"--rate must be in (0, 1], got {cfg.rate}")
-    captions = frame["caption"].astype(str).tolist()
+    captions = caption_column(frame, cfg.csv)
     if cfg.label_consistent:
         eligible = np.array([i for i, c in enumerate(captions) if mentions_label(c, cfg.label)], dtype=np.int64)
         what = f"rows whose caption mentions {cfg.label!r}"
@@ -82,7 +102,6 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         raise ParError(f"cannot poison {num} rows: {cfg.csv} has {len(eligible)} eligible {what}")
     templates = _caption_templates(cfg.templates)
 
-    out = Path(cfg.out)
     manifest_path = out / "manifest.json"
     settings = {**asdict(cfg), "num": num, "attack": trigger.name, "csv_digest": file_digest(cfg.csv)}
     settings.pop("out")
@@ -94,6 +113,7 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         if reuse and old.get("settings") == settings:
             return out / "poisoned.csv"
         raise ParError(f"{out} already holds a poisoned dataset; choose another --out" + ("" if reuse else " or pass --reuse"))
+    made = [d for d in (out, out / "images") if not d.exists()]  # removed again if poisoning fails
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng(cfg.seed)
@@ -101,17 +121,26 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
     paths = image_paths(frame, cfg.csv, cfg.image_root)
     resize = eval_transform(cfg.size) if cfg.size else None
     images_out = [os.path.relpath(p, out) for p in paths]
-    records = []
-    for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
-        img = open_image(paths[row])
-        x = resize(img) if resize else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        triggered = trigger.apply_rows(to_float(x[None]), cfg.seed, [row])[0]
-        name = f"images/{row:07d}.png"
-        to_pil(triggered).save(out / name)
-        images_out[row] = name
-        if not cfg.label_consistent:
-            captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
-        records.append({"row": row, "seed": attacks.row_seed(cfg.seed, row), "caption": captions[row]})
+    records, written = [], []
+    try:
+        for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
+            img = open_image(paths[row])
+            x = resize(img) if resize else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            triggered = trigger.apply_rows(to_float(x[None]), cfg.seed, [row])[0]
+            name = f"images/{row:07d}.png"
+            to_pil(triggered).save(out / name)
+            written.append(out / name)
+            images_out[row] = name
+            if not cfg.label_consistent:
+                captions[row] = templates[int(rng.integers(len(templates)))](cfg.label)
+            records.append({"row": row, "seed": attacks.row_seed(cfg.seed, row), "caption": captions[row]})
+    except BaseException:  # a bad image or an interrupt: no half-poisoned folder is left to be mistaken for one
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
     poisoned = frame.copy()
     poisoned["image"] = images_out

@@ -8,7 +8,7 @@ import torch
 
 from par.errors import ParError
 
-from par.attacks.base import TRIGGERS, Trigger
+from par.attacks.base import TRIGGERS, Trigger, check_range
 
 
 @TRIGGERS.register("warped", "wanet")
@@ -27,6 +27,12 @@ class WaNet(Trigger):
     strength: float = 1.0  # s
     grid_rescale: float = 1.0
     grid_size: Optional[int] = None  # k; None: the image size
+
+    def check(self):
+        super().check()
+        check_range(self, "strength", 0, low_open=True)  # 0: no warp at all
+        check_range(self, "grid_rescale", 0, low_open=True)
+        check_range(self, "grid_size", 1)
 
     def field(self, size: int) -> torch.Tensor:
         import torch.nn.functional as F

@@ -10,6 +10,7 @@ same zero-shot classifier on the first ``robust_max_images`` clean images, per e
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from par.errors import ParError
 from par.eval.metrics import attack_success_rate, clean_accuracy
 from par.eval.retrieval import RetrievalDataset, evaluate_retrieval
 from par.eval.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
-from par.utils import pick_device
+from par.utils import check_device, check_output_file, pick_device
 
 
 def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence, device) -> torch.Tensor:
@@ -71,46 +72,73 @@ class EvalConfig:
     robust_max_images: int = 1000  # the first N images of the classification data
     progress: bool = True
 
+    def __post_init__(self):
+        """The settings' own sense, checked where they live (CLI, profiles and scripts all come here)."""
+        if not self.data and not self.retrieval_json:
+            raise ParError("nothing to evaluate: give classification data (CSV or folder) and/or retrieval annotations")
+        if self.retrieval_json and not self.retrieval_root:
+            raise ParError("retrieval annotations need the image root they are relative to")
+        for name, low in (("seed", 0), ("batch_size", 1), ("workers", 0), ("robust_steps", 1),
+                          ("robust_max_images", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ParError(f"eval {name} must be a whole number of at least {low}, got {value!r}")
+        check_device(self.device)
+        bad = [e for e in self.robust_eps if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 <= e <= 1]
+        if bad:
+            raise ParError(f"robust eps must be in [0, 1] (pixels are in [0, 1]), got {bad}")
+        if self.robust_eps:
+            if not self.data:
+                raise ParError("robust evaluation needs classification data (--data)")
+            if not self.robust_attacks:
+                raise ParError("robust evaluation needs at least one attack (robust_attacks)")
+            for name in self.robust_attacks:
+                ROBUST_ATTACKS.canonical(name)
+        if self.attack:
+            if self.label is None or not str(self.label).strip():
+                raise ParError("an attack needs the target --label")
+            attacks.get_trigger(self.attack, **self.attack_params)  # a known attack, with sound parameters
+        elif self.attack_params:
+            raise ParError(f"trigger parameters {sorted(self.attack_params)} given without an attack (--attack)")
 
-def evaluate(cfg: EvalConfig) -> List[dict]:
+
+def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
     """Clean and triggered zero-shot classification and retrieval of one checkpoint.
 
     Returns one record per evaluation (checkpoint, encoder, attack and parameters, label,
     data, metrics, seconds) and appends them to ``cfg.out``. A dataset that is not
-    configured is skipped with a message; having none is an error.
+    configured is skipped with a message; having none is an error. Every input is checked
+    before the weights are loaded; ``dry_run`` stops there (the checkpoint need not exist yet:
+    a cleaning run checks its validation inputs before it starts) and returns no records.
     """
 
-    if not cfg.data and not cfg.retrieval_json:
-        raise ParError("nothing to evaluate: give classification data (CSV or folder) and/or retrieval annotations")
-    if cfg.retrieval_json and not cfg.retrieval_root:
-        raise ParError("retrieval annotations need the image root they are relative to")
-    for what, path in (("classification data", cfg.data), ("retrieval annotations", cfg.retrieval_json)):
+    if cfg.out:
+        check_output_file(cfg.out, "results file")
+    for what, path in (("classification data", cfg.data), ("retrieval annotations", cfg.retrieval_json),
+                       ("retrieval image root", cfg.retrieval_root)):
         if path and not Path(path).exists():
             raise ParError(f"{what} not found: {path}")
-    if cfg.robust_eps:
-        if not cfg.data:
-            raise ParError("robust evaluation needs classification data (--data)")
-        if not models.has_vision_tower(cfg.model):
-            raise ParError(f"robust evaluation attacks images, but encoder {cfg.model!r} has no vision tower config")
-        bad = [e for e in cfg.robust_eps if not 0 <= e <= 1]
-        if bad:
-            raise ParError(f"robust eps must be in [0, 1] (pixels are in [0, 1]), got {bad}")
-        if cfg.robust_steps < 1 or cfg.robust_max_images < 1:
-            raise ParError("robust_steps and robust_max_images must be at least 1")
-        for name in cfg.robust_attacks:
-            ROBUST_ATTACKS.canonical(name)
-    trigger = None
-    if cfg.attack:
-        if cfg.label is None:
-            raise ParError("an attack needs the target --label")
-        trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params)
+    if cfg.robust_eps and not models.has_vision_tower(cfg.model):
+        raise ParError(f"robust evaluation attacks images, but encoder {cfg.model!r} has no vision tower config")
+    trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params) if cfg.attack else None
     classnames = load_classnames(cfg.classnames) if cfg.data else None
     if trigger is not None and classnames is not None and cfg.label not in classnames:
         raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
+    templates = load_templates(cfg.templates) if cfg.data else None
     device = pick_device(cfg.device)
-    model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any evaluation if weights fail
-    mean, std = models.image_mean_std(model)
+    model = models.create_model(cfg.model)  # random weights: the input size, before the data is read
     size = models.image_size(model)
+    dataset = labelled_dataset(cfg.data, classnames, size, cfg.image_root) if cfg.data else None
+    retrieval = RetrievalDataset(cfg.retrieval_json, cfg.retrieval_root, size) if cfg.retrieval_json else None
+    for data in (dataset, retrieval):
+        absent = next((p for p in getattr(data, "paths", []) if not Path(p).is_file()), None)
+        if absent is not None:  # a stat per image: cheap beside decoding them, and before the weights load
+            raise ParError(f"image not found: {absent}")
+    if dry_run:
+        return []
+    models.load_weights(model, cfg.checkpoint)  # raises before any evaluation if weights fail
+    model = model.to(device).eval()
+    mean, std = models.image_mean_std(model)
     tokenizer = models.get_tokenizer(cfg.model)
     base = {"checkpoint": str(cfg.checkpoint), "encoder": models.canonical_model_name(cfg.model),
             "attack": trigger.name if trigger else None, "attack_params": trigger.params() if trigger else None,
@@ -123,10 +151,9 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
 
     if cfg.data:
         started = time.time()
-        dataset = labelled_dataset(cfg.data, classnames, size, cfg.image_root)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                              pin_memory=device.type == "cuda")
-        classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
+        classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
         top, labels = predict(model, classifier, loader, mean, std, device, desc="clean", progress=cfg.progress)
         record("classification", "clean", cfg.data, {"clean_top1": clean_accuracy(top, labels, 1),
                                                     "clean_top5": clean_accuracy(top, labels, 5)},
@@ -152,7 +179,7 @@ def evaluate(cfg: EvalConfig) -> List[dict]:
                    started, num_images=int((labels != target).sum()), num_classes=len(classnames))
     if cfg.retrieval_json:
         started = time.time()
-        dataset = RetrievalDataset(cfg.retrieval_json, cfg.retrieval_root, size)
+        dataset = retrieval
         common = dict(seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)
         metrics, text_emb = evaluate_retrieval(model, tokenizer, dataset, mean, std, device, **common)
         record("retrieval", "clean", cfg.retrieval_json, metrics, started,

@@ -41,7 +41,8 @@ from par.embedding import pixels
 from par.errors import ParError
 from par.eval.metrics import detection_metrics
 from par.defenses.eftclip.oracles import ORACLES, OracleContext, make_oracle
-from par.utils import atomic_write, atomic_write_text, autocast, file_digest, inference_precision, pick_device
+from par.utils import (atomic_write, atomic_write_text, autocast, check_device, check_output_dir, file_digest,
+                       inference_precision, pick_device)
 
 VIEWS = ("clip", "caption")
 SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
@@ -74,7 +75,11 @@ class DetectConfig:
 
 def check(cfg: DetectConfig) -> List[str]:
     """Every input problem as a clear error before anything is computed; returns the class names."""
+    check_output_dir(cfg.out, "detection folder")
+    if cfg.oracle_cache:
+        check_output_dir(cfg.oracle_cache, "oracle cache")
     ORACLES.canonical(cfg.oracle)
+    check_device(cfg.device)
     if not 0 < cfg.theta <= 1 or cfg.object_list_size < 1:
         raise ParError(f"need 0 < theta <= 1 and object_list_size >= 1, got theta={cfg.theta}, "
                        f"object_list_size={cfg.object_list_size}")

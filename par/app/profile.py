@@ -1,0 +1,178 @@
+"""The demo's and the benchmark's profile, read once from its YAML into typed fields.
+
+A misspelt key is an error at load time, not a setting silently ignored; every path is resolved
+once, so the stages read settings, never files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from par.config import build, load_yaml
+from par.errors import ParError
+from par.synthetic import WorldConfig
+
+STAGES = ("foundation", "poison_finetune", "pretrain", "clean")  # inline mappings or YAML files
+PATHS = ("cache", "foundation_checkpoint")
+NESTED = ("synthetic_cleaning", "robust", "defense_settings", "quick")  # read by from_mapping, not by build
+
+
+@dataclass(frozen=True)
+class SyntheticCleaning:
+    """PAR "without real data": the cleaning pairs come from a second world of another style."""
+
+    world: dict = field(default_factory=dict)  # WorldConfig keys; its digest names the world's folder
+    defenses: List[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Robust:
+    """Robust zero-shot accuracy (L-inf APGD) of the poisoned, never-poisoned and cleaned models."""
+
+    eps: List[Union[str, float]] = field(default_factory=list)  # 4/255 as the field writes it, or a number
+    attacks: Optional[List[str]] = None
+    steps: Optional[int] = None
+    max_images: Optional[int] = None
+
+    def eval_settings(self) -> dict:
+        """These settings as EvalConfig keys (``robust_eps`` ...); only the given ones, so that the
+        digest naming the results stays the same for the same profile."""
+        from par.eval.robust import parse_eps
+
+        if not self.eps:
+            raise ParError("profile 'robust' needs 'eps', e.g. [2/255, 4/255]")
+        out = {"robust_eps": [parse_eps(e, "profile 'robust' eps") for e in self.eps]}
+        for key in ("attacks", "steps", "max_images"):
+            if getattr(self, key) is not None:
+                out[f"robust_{key}"] = getattr(self, key)
+        return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the demo (one attack, one defense) and the benchmark (every attack x every defense) run.
+
+    Paths in a profile (the stage files ``foundation``, ``poison_finetune``, ``pretrain``, ``clean`` and
+    ``defense_settings`` entries, ``cache``, ``foundation_checkpoint``) are relative to the folder of the
+    profile's own file, whatever the working directory; absolute paths stay as they are. Stage
+    settings are held as mappings, read once. An empty key means its default. Change a profile in
+    memory with ``dataclasses.replace`` and resolved values (mappings, absolute paths).
+    """
+
+    label: str = "banana"  # the backdoor's target class
+    attack: str = "badnet_rs"  # the demo's attack and defense
+    defense: str = "par"
+    attacks: Optional[List[str]] = None  # the benchmark's; None: every registered one
+    defenses: Optional[List[str]] = None
+    attack_params: Dict[str, dict] = field(default_factory=dict)  # per attack
+    world: dict = field(default_factory=dict)  # WorldConfig keys
+    cache: Optional[Path] = None  # stages shared by every run (world, foundation); None: the run's folder
+    foundation: Optional[dict] = None  # the clean foundation's training settings
+    foundation_checkpoint: Optional[Path] = None  # a clean checkpoint used instead of training the foundation
+    poisoning: Optional[str] = None  # finetune or scratch; None: finetune when there is a foundation
+    poison_finetune: Optional[dict] = None
+    pretrain: Optional[dict] = None  # poisoning: scratch
+    poison: dict = field(default_factory=dict)  # PoisonConfig keys (rate, seed, num)
+    poison_rates: Dict[str, float] = field(default_factory=dict)  # per attack, over poison's rate
+    attack_prepare: Dict[str, dict] = field(default_factory=dict)  # what an attack builds first (BadCLIP's patch)
+    clean: dict = field(default_factory=dict)  # the cleaning budget every defense shares
+    defense_settings: Dict[str, dict] = field(default_factory=dict)  # per defense, on top of clean
+    sweeps: Dict[str, dict] = field(default_factory=dict)  # per defense: {setting: [values]}
+    sweep_attacks: Optional[List[str]] = None  # None: sweep on every attack
+    synthetic_cleaning: Optional[SyntheticCleaning] = None
+    reference: bool = True  # also evaluate the never-poisoned foundation
+    seeds: List[int] = field(default_factory=lambda: [0])
+    eval: Optional[dict] = None  # EvalConfig keys
+    robust: Optional[Robust] = None
+    quick: Dict[str, Any] = field(default_factory=dict)  # --quick: these fields replaced (already read)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        return cls.from_mapping(load_yaml(path), Path(path).resolve().parent)
+
+    @classmethod
+    def from_mapping(cls, values: dict, base: str | os.PathLike) -> "Profile":
+        """A profile from YAML-like ``values``; relative paths resolve against the folder ``base``."""
+        values = {k: v for k, v in values.items() if v is not None}
+        quick = values.pop("quick", None) or {}
+        if not isinstance(quick, dict):
+            raise ParError(f"profile key 'quick' must be a mapping of profile keys, got {quick!r}")
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.name != "quick")
+        unknown = sorted(set(quick) - set(known))
+        if unknown:
+            raise ParError(f"unknown profile 'quick' key(s) {unknown}; known keys: {known}")
+        profile = cls._read(values, Path(base))
+        variant = cls._read({k: v for k, v in {**values, **quick}.items() if v is not None}, Path(base))
+        return dataclasses.replace(profile, quick={k: getattr(variant, k) for k in quick})
+
+    @classmethod
+    def _read(cls, values: dict, base: Path) -> "Profile":
+        plain = build(cls, {k: v for k, v in values.items() if k not in STAGES + PATHS + NESTED}, "profile")
+        build(WorldConfig, plain.world, "profile 'world'")
+        read: Dict[str, Any] = {key: _stage(values[key], key, base) for key in STAGES if key in values}
+        if "cache" in values:
+            read["cache"] = _path(values["cache"], "cache", base).resolve()
+        if "foundation_checkpoint" in values:
+            read["foundation_checkpoint"] = _path(values["foundation_checkpoint"], "foundation_checkpoint", base)
+            if not read["foundation_checkpoint"].is_file():
+                raise ParError(f"profile key 'foundation_checkpoint': no file {values['foundation_checkpoint']} "
+                               f"(looked for {read['foundation_checkpoint']})")
+        settings = values.get("defense_settings") or {}
+        if not isinstance(settings, dict):
+            raise ParError(f"profile key 'defense_settings' must map defenses to settings, got {settings!r}")
+        read["defense_settings"] = {name: _stage(spec or {}, f"defense_settings.{name}", base)
+                                    for name, spec in settings.items()}
+        if values.get("synthetic_cleaning"):
+            part = build(SyntheticCleaning, _mapping(values["synthetic_cleaning"], "synthetic_cleaning"),
+                         "profile 'synthetic_cleaning'")
+            build(WorldConfig, part.world, "profile 'synthetic_cleaning.world'")
+            read["synthetic_cleaning"] = part
+        if values.get("robust"):
+            read["robust"] = build(Robust, _mapping(values["robust"], "robust"), "profile 'robust'")
+            read["robust"].eval_settings()
+        profile = dataclasses.replace(plain, **read)
+        profile.poisoning_mode()
+        return profile
+
+    def quick_profile(self) -> "Profile":
+        """The ``--quick`` variant: minutes, not hours."""
+        return dataclasses.replace(self, **self.quick)
+
+    def poisoning_mode(self) -> str:
+        """``finetune`` (the paper's regime: a short poisoned fine-tune of the clean foundation) or ``scratch``."""
+        mode = self.poisoning or ("finetune" if self.foundation else "scratch")
+        if mode not in ("finetune", "scratch"):
+            raise ParError(f"profile 'poisoning' must be 'finetune' or 'scratch', got {mode!r}")
+        if mode == "finetune" and not (self.foundation and self.poison_finetune):
+            raise ParError("poisoning by fine-tuning needs the profile keys 'foundation' and 'poison_finetune'")
+        if mode == "scratch" and not self.pretrain:
+            raise ParError("poisoning from scratch needs the profile key 'pretrain'")
+        return mode
+
+
+def _mapping(value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ParError(f"profile key {key!r} must be a mapping, got {value!r}")
+    return value
+
+
+def _path(value, key: str, base: Path) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ParError(f"profile key {key!r} must be a path, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _stage(spec, key: str, base: Path) -> dict:
+    """A stage's settings: an inline mapping, or a YAML file (relative to the profile's folder)."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ParError(f"profile key {key!r} must be a mapping or a YAML file path, got {spec!r}")
+    path = _path(spec, key, base)
+    if not path.is_file():
+        raise ParError(f"profile key {key!r}: no file {spec} (looked for {path})")
+    return load_yaml(path)

@@ -1,0 +1,122 @@
+"""The benchmark/demo profile: read once, misspelt keys refused, paths relative to the profile's folder."""
+import csv
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from par.app.profile import Profile
+from par.config import load_yaml
+from par.errors import ParError
+
+MICRO = Path(REPO, "configs", "micro")
+
+
+def _write(folder: Path, **values) -> Path:
+    """A micro profile in ``folder`` with ``values`` on top; its stage files are the repo's (absolute)."""
+    profile = {**load_yaml(f"{REPO}/configs/micro-bench.yaml"), "foundation": str(MICRO / "foundation.yaml"),
+               "poison_finetune": str(MICRO / "poison.yaml"), "clean": str(MICRO / "par.yaml"), **values}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ParError) as e:
+        Profile.load(path)
+    assert "\n" not in str(e.value)  # one line
+    return str(e.value)
+
+
+def test_an_unknown_key_is_named_with_the_known_ones(tmp_path):
+    message = _error(_write(tmp_path, sweep_attack=["badnet_rs"]))
+    assert "unknown profile key(s) ['sweep_attack']" in message and "'sweep_attacks'" in message
+
+
+def test_an_unknown_key_in_quick_is_refused_as_the_profile_is_read(tmp_path):
+    message = _error(_write(tmp_path, quick={"attacks": ["badnet_rs"], "seed": [0]}))
+    assert "unknown profile 'quick' key(s) ['seed']" in message and "'seeds'" in message
+    assert "'quick'" not in message.split("known keys:")[1]  # quick holds profile keys, not itself
+    # its values are read as those keys would be: a stage file that is not there, before anything runs
+    message = _error(_write(tmp_path, quick={"clean": "nowhere/par.yaml"}))
+    assert "profile key 'clean': no file nowhere/par.yaml" in message
+
+
+def test_an_unknown_key_in_synthetic_cleaning_or_robust_is_named(tmp_path):
+    world = {"seed": 1, "style": "sketch", "image_size": 32, "train": 0, "clean": 64, "test": 0}
+    message = _error(_write(tmp_path, synthetic_cleaning={"world": world, "defense": ["par"]}))
+    assert message == ("unknown profile 'synthetic_cleaning' key(s) ['defense']; known keys: ['defenses', 'world']")
+    message = _error(_write(tmp_path, robust={"eps": ["4/255"], "step": 3}))
+    assert "unknown profile 'robust' key(s) ['step']" in message and "'steps'" in message
+    message = _error(_write(tmp_path, synthetic_cleaning={"world": {**world, "colour": "red"}}))
+    assert "unknown profile 'synthetic_cleaning.world' key(s) ['colour']" in message
+
+
+def test_a_stage_path_that_does_not_resolve_names_the_key_and_the_path(tmp_path):
+    message = _error(_write(tmp_path, foundation="micro/foundation.yaml"))  # relative to the profile, not the repo
+    assert message.startswith("profile key 'foundation': no file micro/foundation.yaml")
+    assert str(tmp_path / "micro" / "foundation.yaml") in message
+    message = _error(_write(tmp_path, defense_settings={"ft": "ft.yaml"}))
+    assert message.startswith("profile key 'defense_settings.ft': no file ft.yaml")
+    message = _error(_write(tmp_path, foundation_checkpoint="clean.pt"))
+    assert message.startswith("profile key 'foundation_checkpoint': no file clean.pt")
+
+
+def test_relative_paths_resolve_against_the_profiles_folder_from_any_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "profiles"
+    (folder / "stages").mkdir(parents=True)
+    for name in ("foundation", "poison", "par"):
+        shutil.copy(MICRO / f"{name}.yaml", folder / "stages" / f"{name}.yaml")
+    (folder / "stages" / "ft.yaml").write_text("objective_params: {train_logit_scale: false}\n")
+    path = _write(folder, foundation="stages/foundation.yaml", poison_finetune="stages/poison.yaml",
+                  clean="stages/par.yaml", defense_settings={"ft": "stages/ft.yaml"}, cache="../cache",
+                  attacks=["badnet_rs"], defenses=["ft"], synthetic_cleaning=None, sweeps={}, reference=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    profile = Profile.load(path)
+    assert profile.foundation == load_yaml(MICRO / "foundation.yaml")
+    assert profile.clean == load_yaml(MICRO / "par.yaml")
+    assert profile.defense_settings == {"ft": {"objective_params": {"train_logit_scale": False}}}
+    assert profile.cache == (tmp_path / "cache").resolve()
+
+    from par.app.bench import run_bench
+
+    run_bench(profile, str(tmp_path / "out"), progress=False)  # an in-memory Profile
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert [(r["attack"], r["defense"], r["status"]) for r in rows] == [("badnet_rs", "ft", "ok")]
+    assert len(list((tmp_path / "cache").glob("foundation-*/checkpoint.pt"))) == 1  # the cache beside the profile
+    assert not list(elsewhere.iterdir())  # nothing written where the command ran
+
+
+def test_absolute_paths_stay_as_they_are(tmp_path):
+    profile = Profile.load(_write(tmp_path / "a", cache=str(tmp_path / "shared")))
+    assert profile.cache == (tmp_path / "shared").resolve()
+    assert profile.poison_finetune == load_yaml(MICRO / "poison.yaml")
+
+
+def test_the_shipped_profiles_keep_their_stage_folders(monkeypatch, tmp_path):
+    """The benchmark's and the demo's cache is the repo's runs/cache, as it was when read from the repo's
+    root: a stage's folder name digests its settings, and the foundation's path is one of them."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("bench", "demo"):
+        profile = Profile.load(Path(REPO, "configs", f"{name}.yaml"))
+        assert profile.cache == Path(REPO, "runs", "cache").resolve()
+        assert profile.foundation == load_yaml(Path(REPO, "configs", "demo", "foundation.yaml"))
+
+
+def test_the_quick_variant_replaces_only_its_keys():
+    profile = Profile.load(f"{REPO}/configs/micro-bench.yaml")
+    quick = profile.quick_profile()
+    assert (profile.attacks, profile.sweeps) == (["badnet_rs", "blended"], {"par": {"objective_params.tau": [1.0]}})
+    assert (quick.attacks, quick.sweeps) == (["badnet_rs"], {})
+    assert replace(quick, attacks=profile.attacks, sweeps=profile.sweeps) == profile
+
+
+def test_an_empty_key_means_its_default(tmp_path):
+    profile = Profile.load(_write(tmp_path, attack_params=None, seeds=None, robust={}))
+    assert profile.attack_params == {} and profile.seeds == [0] and profile.robust is None
