@@ -8,6 +8,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cli_error(capsys, argv) -> str:
+    """Runs the CLI in process; asserts exit status 2 and exactly one 'error:' line, the last on stderr."""
+    from par.app.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars may come first
+    assert code == 2, err
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    return errors[0]
+
+
 @pytest.fixture(scope="session")
 def micro_world(tmp_path_factory):
     """A small synthetic world (32 px) shared by the tests that need real files."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, cli_error
 from par import models
 from par.app.cli import main
 from par.errors import ParError
@@ -24,14 +24,6 @@ def ckpt(tmp_path_factory):
     return models.save_checkpoint(models.create_model(MICRO), tmp_path_factory.mktemp("ckpt") / "micro.pt")
 
 
-def _error(capsys, argv) -> str:
-    """Runs the CLI in process; asserts exit status 2 and exactly one 'error:' line, the last on stderr."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()  # progress bars may come first
-    assert code == 2, err
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and err[-1] == errors[0], err
-    return errors[0]
 
 
 def _files(folder):
@@ -120,7 +112,7 @@ def test_an_image_over_the_pixel_limit_is_named_with_the_way_out(capsys, micro_w
     from par.data import open_image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32x32 world image is over twice that
-    msg = _error(capsys, _eval(micro_world, ckpt, "--out", str(tmp_path / "r.jsonl")))
+    msg = cli_error(capsys, _eval(micro_world, ckpt, "--out", str(tmp_path / "r.jsonl")))
     assert "images/test/000000.png" in msg and "decompression-bomb" in msg and "PAR_MAX_IMAGE_PIXELS=1024" in msg
     assert not (tmp_path / "r.jsonl").exists()
     monkeypatch.setenv("PAR_MAX_IMAGE_PIXELS", "0")  # the way out the message names
@@ -141,15 +133,15 @@ def test_non_finite_or_unsafe_checkpoints_are_refused(capsys, micro_world, tmp_p
     with torch.no_grad():
         model.visual.proj.fill_(float("nan"))
     nan = models.save_checkpoint(model, tmp_path / "nan.pt")
-    msg = _error(capsys, _eval(micro_world, nan, "--out", str(tmp_path / "r.jsonl")))
+    msg = cli_error(capsys, _eval(micro_world, nan, "--out", str(tmp_path / "r.jsonl")))
     assert "non-finite" in msg and "visual.proj" in msg
     assert not (tmp_path / "r.jsonl").exists()
 
     torch.save({"state_dict": model.state_dict(), "extra": collections.OrderedDict(x=Payload())}, tmp_path / "evil.pt")
-    msg = _error(capsys, _eval(micro_world, tmp_path / "evil.pt"))
+    msg = cli_error(capsys, _eval(micro_world, tmp_path / "evil.pt"))
     assert "not a safe checkpoint" in msg and "Payload" in msg and "weights_only" not in msg
     (tmp_path / "cut.pt").write_bytes(nan.read_bytes()[:5000])
-    msg = _error(capsys, _eval(micro_world, tmp_path / "cut.pt"))
+    msg = cli_error(capsys, _eval(micro_world, tmp_path / "cut.pt"))
     assert "truncated or corrupt" in msg and "weights_only" not in msg
 
 
@@ -168,7 +160,7 @@ def test_incomplete_or_broken_shard_sets_are_refused(capsys, micro_world, tmp_pa
     (out / "sizes.json").unlink()  # what an interrupted run leaves: tars, no index
     with pytest.raises(ParError, match="no sizes.json: an incomplete shard set"):
         ShardPairs(str(out / "{00000..00002}.tar"), tokenizer, 32)
-    msg = _error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(out / "00000.tar"),
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(out / "00000.tar"),
                           "--out", str(tmp_path / "run")])
     assert "incomplete shard set" in msg and not (tmp_path / "run").exists()
 
@@ -182,7 +174,7 @@ def test_incomplete_or_broken_shard_sets_are_refused(capsys, micro_world, tmp_pa
     (tmp_path / "broken.png").write_bytes(b"not a png")
     frame.loc[70, "image"] = str(tmp_path / "broken.png")
     frame.to_csv(tmp_path / "bad.csv", index=False)
-    msg = _error(capsys, ["shards", "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "half"),
+    msg = cli_error(capsys, ["shards", "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "half"),
                           "--shard-size", "20"])
     assert "broken.png" in msg and not (tmp_path / "half").exists()
 
@@ -218,7 +210,7 @@ def test_trigger_checks_attack_and_label_before_cleaning(micro_world, ckpt, tmp_
 def test_eval_dry_run_checks_without_a_checkpoint(capsys, micro_world, tmp_path):
     assert main(_eval(micro_world, tmp_path / "later.pt", "--attack", "blended", "--label", "banana", "--dry-run")) == 0
     assert "check out" in capsys.readouterr().out
-    msg = _error(capsys, _eval(micro_world, tmp_path / "later.pt", "--attack", "nope", "--label", "banana",
+    msg = cli_error(capsys, _eval(micro_world, tmp_path / "later.pt", "--attack", "nope", "--label", "banana",
                                "--dry-run"))
     assert "unknown attack 'nope'" in msg
     assert _files(tmp_path) == []
@@ -246,7 +238,7 @@ def test_unusable_outputs_are_refused_before_any_work(capsys, micro_world, ckpt,
         (["world", "--out", str(tmp_path / "file"), "--train", "2", "--clean", "2", "--test", "2"], "not a folder"),
     ]
     for argv, why in cases:
-        msg = _error(capsys, argv)
+        msg = cli_error(capsys, argv)
         assert why in msg, (argv[0], msg)
     assert _files(tmp_path) == before and (tmp_path / "file").read_text() == "keep me"
 
@@ -267,14 +259,14 @@ def test_unusable_outputs_are_refused_before_any_work(capsys, micro_world, ckpt,
     (["--attack", "badclip", "--label", "banana", "--attack-param", "patch=none.png"], "badclip patch not found"),
 ])
 def test_bad_eval_options_are_error_lines(capsys, micro_world, ckpt, tmp_path, extra, why):
-    msg = _error(capsys, _eval(micro_world, ckpt, "--out", str(tmp_path / "r.jsonl"), *extra))
+    msg = cli_error(capsys, _eval(micro_world, ckpt, "--out", str(tmp_path / "r.jsonl"), *extra))
     assert why in msg
     assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_a_tar_that_is_not_a_tar_is_an_error_line(capsys, tmp_path):
     (tmp_path / "data.tar").write_bytes(b"\x89PNG not a tar" * 100)
-    msg = _error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
                           str(tmp_path / "data.tar"), "--out", str(tmp_path / "run")])
     assert "data.tar is not a tar file" in msg and not (tmp_path / "run").exists()
 
@@ -285,22 +277,22 @@ def test_a_tar_that_is_not_a_tar_is_an_error_line(capsys, tmp_path):
 def test_nonsense_values_are_refused(capsys, micro_world, ckpt, tmp_path):
     from par.data import ImageCaptionDataset
 
-    msg = _error(capsys, ["poison", "--csv", str(micro_world / "train.csv"), "--attack", "badnet_rs", "--label",
+    msg = cli_error(capsys, ["poison", "--csv", str(micro_world / "train.csv"), "--attack", "badnet_rs", "--label",
                           "banana", "--num", "2", "--size", "0", "--out", str(tmp_path / "p")])
     assert "size must be a whole number of at least 1, got 0" in msg and not (tmp_path / "p").exists()
-    msg = _error(capsys, ["world", "--out", str(tmp_path / "w"), "--train", "-5", "--clean", "2", "--test", "2"])
+    msg = cli_error(capsys, ["world", "--out", str(tmp_path / "w"), "--train", "-5", "--clean", "2", "--test", "2"])
     assert "train must be a whole number of at least 0, got -5" in msg and not (tmp_path / "w").exists()
 
     labels = pd.read_csv(micro_world / "test.csv").head(4)
     labels["image"] = [str(micro_world / p) for p in labels["image"]]
     labels["label"] = ["0", "0.5", "1", "2"]
     labels.to_csv(tmp_path / "half.csv", index=False)
-    msg = _error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "half.csv")))
+    msg = cli_error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "half.csv")))
     assert "line 3 holds '0.5'" in msg
 
     names = (micro_world / "classnames.txt").read_text().splitlines()
     (tmp_path / "dup.txt").write_text("\n".join(names + [names[0].upper()]) + "\n")
-    msg = _error(capsys, _eval(micro_world, ckpt, "--classnames", str(tmp_path / "dup.txt"), "--attack", "blended",
+    msg = cli_error(capsys, _eval(micro_world, ckpt, "--classnames", str(tmp_path / "dup.txt"), "--attack", "blended",
                                "--label", names[0]))
     assert f"{names[0]!r} and {names[0].upper()!r}, one class to CLIP" in msg
 
@@ -310,7 +302,7 @@ def test_nonsense_values_are_refused(capsys, micro_world, ckpt, tmp_path):
     try:
         with pytest.raises(ParError, match="line 4 has an empty caption"):
             ImageCaptionDataset(micro_world / "empty-caption.csv", models.get_tokenizer(MICRO), 32)
-        msg = _error(capsys, ["poison", "--csv", str(micro_world / "empty-caption.csv"), "--attack", "badnet_rs",
+        msg = cli_error(capsys, ["poison", "--csv", str(micro_world / "empty-caption.csv"), "--attack", "badnet_rs",
                               "--label", "banana", "--num", "1", "--out", str(tmp_path / "p")])
         assert "empty caption" in msg and not (tmp_path / "p").exists()
     finally:
@@ -319,13 +311,13 @@ def test_nonsense_values_are_refused(capsys, micro_world, ckpt, tmp_path):
 
 def test_other_bad_files_are_error_lines(capsys, micro_world, ckpt, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\nbanana\n".encode("latin-1"))
-    assert "is not UTF-8 text" in _error(capsys, _eval(micro_world, ckpt, "--classnames", str(tmp_path / "latin1.txt")))
-    assert "is a folder, not a CSV file" in _error(capsys, ["poison", "--csv", str(tmp_path), "--attack", "blended",
+    assert "is not UTF-8 text" in cli_error(capsys, _eval(micro_world, ckpt, "--classnames", str(tmp_path / "latin1.txt")))
+    assert "is a folder, not a CSV file" in cli_error(capsys, ["poison", "--csv", str(tmp_path), "--attack", "blended",
                                                             "--label", "banana", "--num", "1", "--out",
                                                             str(tmp_path / "p")])
     (tmp_path / "empty.csv").write_text("image,label\n")
-    assert "has no rows" in _error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "empty.csv")))
-    assert "is a folder, not a checkpoint file" in _error(capsys, _eval(micro_world, tmp_path))
+    assert "has no rows" in cli_error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "empty.csv")))
+    assert "is a folder, not a checkpoint file" in cli_error(capsys, _eval(micro_world, tmp_path))
     (tmp_path / "settings.yaml").write_text("eval_data:\n")
-    msg = _error(capsys, ["shell-env", str(tmp_path / "settings.yaml"), "--keys", "EVAL_DATA"])
+    msg = cli_error(capsys, ["shell-env", str(tmp_path / "settings.yaml"), "--keys", "EVAL_DATA"])
     assert "'eval_data' has no value" in msg

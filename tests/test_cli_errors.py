@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_error
 from par import models
 from par.app.cli import main
 
@@ -16,13 +16,6 @@ def micro_ckpt(tmp_path_factory):
     return models.save_checkpoint(models.create_model("par-micro-vit"), path)
 
 
-def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()  # progress bars may come first
-    assert code == 2, err
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and err[-1] == errors[0], err
-    return errors[0]
 
 
 def _eval_args(world, ckpt, **over):
@@ -35,32 +28,32 @@ def _eval_args(world, ckpt, **over):
 def test_missing_csv_columns(capsys, micro_world, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("path,text\na.png,a banana\n")
-    msg = _error(capsys, ["poison", "--csv", str(bad), "--attack", "badnet_rs", "--label", "banana",
+    msg = cli_error(capsys, ["poison", "--csv", str(bad), "--attack", "badnet_rs", "--label", "banana",
                           "--out", str(tmp_path / "p"), "--num", "1"])
     assert "lacks column(s) ['image', 'caption']" in msg
 
 
 def test_unknown_attack_lists_known(capsys, micro_world, tmp_path):
-    msg = _error(capsys, ["poison", "--csv", str(micro_world / "train.csv"), "--attack", "nope", "--label", "banana",
+    msg = cli_error(capsys, ["poison", "--csv", str(micro_world / "train.csv"), "--attack", "nope", "--label", "banana",
                           "--out", str(tmp_path / "p"), "--num", "1"])
     assert "unknown attack 'nope'" in msg and "badnet_rs" in msg
     assert not (tmp_path / "p").exists()
 
 
 def test_unknown_encoder(capsys, micro_world, micro_ckpt):
-    msg = _error(capsys, _eval_args(micro_world, micro_ckpt, **{"--model": "ViT-Q-99"}))
+    msg = cli_error(capsys, _eval_args(micro_world, micro_ckpt, **{"--model": "ViT-Q-99"}))
     assert "unknown encoder 'ViT-Q-99'" in msg
 
 
 def test_checkpoint_of_another_encoder(capsys, micro_world, micro_ckpt):
-    msg = _error(capsys, _eval_args(micro_world, micro_ckpt, **{"--model": "par-tiny-vit"}))
+    msg = cli_error(capsys, _eval_args(micro_world, micro_ckpt, **{"--model": "par-tiny-vit"}))
     assert "does not match encoder par-tiny-vit" in msg
 
 
 def test_label_not_a_class_keeps_previous_results(capsys, micro_world, micro_ckpt, tmp_path):
     out = tmp_path / "eval.json"
     out.write_text("previous results\n")
-    msg = _error(capsys, _eval_args(micro_world, micro_ckpt, **{"--attack": "badnet_rs", "--label": "zebra",
+    msg = cli_error(capsys, _eval_args(micro_world, micro_ckpt, **{"--attack": "badnet_rs", "--label": "zebra",
                                                               "--out": str(out)}))
     assert "'zebra' is not a class" in msg
     assert out.read_text() == "previous results\n"
@@ -70,10 +63,10 @@ def test_missing_and_corrupt_images(capsys, micro_world, micro_ckpt, tmp_path):
     world = tmp_path / "world"
     shutil.copytree(micro_world, world)
     (world / "images" / "test" / "000003.png").write_bytes(b"not a png")
-    msg = _error(capsys, _eval_args(world, micro_ckpt))
+    msg = cli_error(capsys, _eval_args(world, micro_ckpt))
     assert "cannot decode image" in msg and "000003.png" in msg
     (world / "images" / "test" / "000003.png").unlink()
-    msg = _error(capsys, _eval_args(world, micro_ckpt))
+    msg = cli_error(capsys, _eval_args(world, micro_ckpt))
     assert "image not found" in msg and "000003.png" in msg
 
 
@@ -82,7 +75,7 @@ def test_corrupt_image_in_training_keeps_run_folder_unfinished(capsys, micro_wor
     shutil.copytree(micro_world, world)
     (world / "images" / "train" / "000001.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "run"
-    msg = _error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(world / "train.csv"),
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(world / "train.csv"),
                           "--out", str(out), "--workers", "1"])
     assert "cannot decode image" in msg and "000001.png" in msg
     assert not (out / "checkpoint.pt").exists()
@@ -94,14 +87,14 @@ def test_finished_run_is_never_overwritten(capsys, micro_world, tmp_path):
             "--out", str(out), "--steps", "2"]
     assert main(args) == 0
     before = (out / "checkpoint.pt").read_bytes()
-    assert "already holds a finished run" in _error(capsys, args)
-    assert "other settings" in _error(capsys, args + ["--reuse", "--lr", "0.5"])
+    assert "already holds a finished run" in cli_error(capsys, args)
+    assert "other settings" in cli_error(capsys, args + ["--reuse", "--lr", "0.5"])
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(args + ["--reuse"]) == 0
 
 
 def test_unknown_config_key(capsys, micro_world, tmp_path):
-    msg = _error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
                           str(micro_world / "train.csv"), "--out", str(tmp_path / "r"), "--learning_rate", "1"])
     assert "unknown train config key(s) ['learning_rate']" in msg
 
@@ -117,5 +110,5 @@ def test_world_style_from_the_command_line(capsys, tmp_path):
     args = ["world", "--seed", "1", "--image-size", "32", "--train", "0", "--clean", "6", "--test", "0", "--workers", "1"]
     assert main(args + ["--out", str(tmp_path / "cartoon"), "--style", "cartoon"]) == 0
     assert "cartoon" in (tmp_path / "cartoon" / "world.json").read_text()
-    msg = _error(capsys, args + ["--out", str(tmp_path / "oil"), "--style", "oil"])
+    msg = cli_error(capsys, args + ["--out", str(tmp_path / "oil"), "--style", "oil"])
     assert msg == "error: unknown world style 'oil'; known: photo, sketch, cartoon"
