@@ -24,8 +24,6 @@ def ckpt(tmp_path_factory):
     return models.save_checkpoint(models.create_model(MICRO), tmp_path_factory.mktemp("ckpt") / "micro.pt")
 
 
-
-
 def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 

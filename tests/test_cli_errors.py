@@ -16,8 +16,6 @@ def micro_ckpt(tmp_path_factory):
     return models.save_checkpoint(models.create_model("par-micro-vit"), path)
 
 
-
-
 def _eval_args(world, ckpt, **over):
     args = {"--checkpoint": str(ckpt), "--model": "par-micro-vit", "--data": str(world / "test.csv"),
             "--classnames": str(world / "classnames.txt"), "--templates": str(world / "templates.txt")}
