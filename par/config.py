@@ -21,8 +21,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ParError(f"config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ParError(f"cannot parse config {path}: {e}") from None
     if not isinstance(data, dict):
         raise ParError(f"config {path} must be a mapping of keys to values")

@@ -62,16 +62,24 @@ class RunFolder:
         self.state = self.out / "state-latest.pt"
         self.metrics = self.out / "metrics.jsonl"
         self.record = self.out / "fingerprint.json"
-        self.status, self.found, write = self._check(fp, reuse, resume, dist.world_size)
+        self.status, self.found, self._unclaimed = self._check(fp, reuse, resume, dist.world_size)
+        self._dist, self._config = dist, config
         # the metrics log whose lines up to the resumed step are kept (another folder's, resuming its state)
         self.history = self.found.parent / "metrics.jsonl" if self.status == "resume" else None
-        if write:
-            dist.barrier()  # every rank has checked before rank 0 writes
-            if dist.main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                if config is not None:
-                    (self.out / "config.yaml").write_text(dump(config))
-                atomic_write_text(self.record, json.dumps(fp, indent=2) + "\n")
+
+    def claim(self) -> None:
+        """Writes the folder's ``config.yaml`` and ``fingerprint.json`` (when it has none yet). Called once
+        everything the run reads (data, initial weights) has been opened and found usable, so a request
+        refused for bad input leaves no folder behind."""
+        if not self._unclaimed:
+            return
+        self._unclaimed = False
+        self._dist.barrier()  # every rank has checked before rank 0 writes
+        if self._dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self._config is not None:
+                (self.out / "config.yaml").write_text(dump(self._config))
+            atomic_write_text(self.record, json.dumps(self.fingerprint, indent=2) + "\n")
 
     def _read_record(self) -> Optional[dict]:
         if not self.record.exists():

@@ -225,6 +225,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     data = build_data(cfg, dist, device, ctx.tokenizer, size)
     evaluator = live_eval(cfg, size, device) if cfg.eval_every and dist.main else None
     schedule = cosine_lr(one_step.optimizer, cfg.lr, cfg.warmup, cfg.steps)
+    run.claim()  # the data and the initial weights are usable: the folder is this run's from here on
 
     # ---- resume: weights, optimiser, loss scale, data position and random streams
     step, epoch, skip = 0, 0, 0

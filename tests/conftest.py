@@ -28,3 +28,46 @@ def micro_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     make_world(WorldConfig(seed=3, image_size=32, train=96, clean=48, test=48, workers=1), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_cache(tmp_path_factory):
+    """One profile ``cache`` for the whole test run: a micro profile's world, foundation, poisoned models and
+    their evaluations are built once, by the first test that needs them, and reused by every other."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def micro_profile(name: str, cache, **changes):
+    """``configs/<name>`` read as a Profile with the shared ``cache`` and ``changes`` (YAML-like values)."""
+    from par.app.profile import Profile
+    from par.config import load_yaml
+
+    return Profile.from_mapping({**load_yaml(f"{REPO}/configs/{name}"), "cache": str(cache), **changes},
+                                f"{REPO}/configs")
+
+
+class Backdoored:
+    """configs/micro-backdoor.yaml built: its world, clean foundation and poisoned model (a fixed 8-px
+    BadNet-Stripes patch toward ``label``, really learnt)."""
+
+    def __init__(self, profile, out):
+        from par.app import pipeline
+
+        self.profile, self.attack, self.label = profile, profile.attack, profile.label
+        self.world = pipeline.make_world_stage(profile, out)
+        self.foundation, _ = pipeline.foundation_stage(profile, out, self.world)
+        self.attack_params = pipeline.prepare_attack_stage(profile, out, self.world, self.attack, self.label,
+                                                           dict(profile.attack_params.get(self.attack) or {}))
+        self.poisoned = pipeline.poisoned_model_stage(profile, out, self.world, self.attack, self.label,
+                                                      self.attack_params)
+
+    def evaluate(self, checkpoint) -> dict:
+        from par.app import pipeline
+
+        return pipeline.evaluate_stage(self.world, checkpoint, self.attack, self.label, self.attack_params,
+                                       self.profile.eval)
+
+
+@pytest.fixture(scope="session")
+def backdoored_micro(micro_cache, tmp_path_factory) -> Backdoored:
+    return Backdoored(micro_profile("micro-backdoor.yaml", micro_cache), tmp_path_factory.mktemp("backdoored"))

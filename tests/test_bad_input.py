@@ -15,6 +15,7 @@ from conftest import REPO, cli_error
 from par import models
 from par.app.cli import main
 from par.errors import ParError
+from par.eval.retrieval import RetrievalDataset
 
 MICRO = "par-micro-vit"
 
@@ -303,6 +304,9 @@ def test_nonsense_values_are_refused(capsys, micro_world, ckpt, tmp_path):
         msg = cli_error(capsys, ["poison", "--csv", str(micro_world / "empty-caption.csv"), "--attack", "badnet_rs",
                               "--label", "banana", "--num", "1", "--out", str(tmp_path / "p")])
         assert "empty caption" in msg and not (tmp_path / "p").exists()
+        msg = cli_error(capsys, ["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_csv",
+                                 str(micro_world / "empty-caption.csv"), "--out", str(tmp_path / "t")])
+        assert "empty caption" in msg and not (tmp_path / "t").exists()  # refused before the run folder is made
     finally:
         (micro_world / "empty-caption.csv").unlink()
 
@@ -313,6 +317,13 @@ def test_other_bad_files_are_error_lines(capsys, micro_world, ckpt, tmp_path):
     assert "is a folder, not a CSV file" in cli_error(capsys, ["poison", "--csv", str(tmp_path), "--attack", "blended",
                                                             "--label", "banana", "--num", "1", "--out",
                                                             str(tmp_path / "p")])
+    (tmp_path / "latin1.json").write_bytes('[{"image": "caf\xe9.png", "caption": "a caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(ParError, match="cannot parse .*latin1.json"):
+        RetrievalDataset(tmp_path / "latin1.json", tmp_path, 32)
+    (tmp_path / "latin1.yaml").write_bytes("lr: 0.001  # caf\xe9\n".encode("latin-1"))
+    assert "cannot parse config" in cli_error(capsys, ["train", "--config", str(tmp_path / "latin1.yaml"),
+                                                       "--train_csv", str(micro_world / "train.csv"),
+                                                       "--out", str(tmp_path / "t")])
     (tmp_path / "empty.csv").write_text("image,label\n")
     assert "has no rows" in cli_error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "empty.csv")))
     assert "is a folder, not a checkpoint file" in cli_error(capsys, _eval(micro_world, tmp_path))

@@ -80,7 +80,9 @@ def _state(fp):
 def test_run_folder_states(tmp_path):
     fp = {"lr": 0.1}
     run = RunFolder(tmp_path / "run", fp, Dist())
-    assert run.status == "new" and json.loads((tmp_path / "run" / "fingerprint.json").read_text()) == fp
+    assert run.status == "new" and not (tmp_path / "run").exists()  # nothing written before claim()
+    run.claim()
+    assert json.loads((tmp_path / "run" / "fingerprint.json").read_text()) == fp
     with pytest.raises(ParError, match="no state to resume from"):
         RunFolder(tmp_path / "run", fp, Dist(), resume="latest")
     save_state(run.state, _state(fp))

@@ -31,7 +31,7 @@ class World:
     path: Path
     key: str
     model: str  # the encoder every stage trains
-    cache: Optional[Path] = None  # where stages shared by every run (the foundation) live
+    cache: Optional[Path] = None  # where stages shared by every run (foundation, poisoned models) live
 
     @property
     def test_csv(self) -> str:
@@ -46,9 +46,11 @@ class Poisoned:
 
 
 def cache_dir(profile: Profile, out: Path) -> Path:
-    """The folder for stages every run of this profile shares (world, foundation): ``cache`` or ``out``.
+    """The folder for stages every run of this profile shares (world, foundation, poisoned data and
+    models, their evaluations): ``cache`` or ``out``.
 
-    The demo and the benchmark name the same cache, so the foundation is trained once for both.
+    The demo and the benchmark name the same cache, so each of these is built once for both; every
+    stage's folder is named by a digest of all it depends on, so runs that share a cache never collide.
     """
     return profile.cache or Path(out)
 
@@ -84,7 +86,7 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     if profile.poisoning_mode() == "scratch":
         values = dict(profile.pretrain)
         key = digest([world.key, values])
-        return _train_stage(values, world, Path(out) / f"clean-model-{key}", "pretrain"), key
+        return _train_stage(values, world, (world.cache or Path(out)) / f"clean-model-{key}", "pretrain"), key
     given = profile.foundation_checkpoint
     if given:  # the user's own clean CLIP (a real pre-trained one, say) stands in for the trained foundation
         check_encoder(given, world.model)
@@ -128,11 +130,12 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     """The poisoned tiny CLIP: the foundation fine-tuned on the world's pairs with a share poisoned
     (``poisoning: finetune``), or pre-trained from scratch on them (``poisoning: scratch``)."""
     mode = profile.poisoning_mode()
+    shared = world.cache or Path(out)
     values = poison_values(profile, attack)
     poison_key = digest([world.key, attack, label, attack_params, values])
     poisoned_csv = poison(build(PoisonConfig, {
         "csv": str(world.path / "train.csv"), "attack": attack, "label": label,
-        "out": str(out / f"poison-{attack}-{poison_key}"), "templates": str(world.path / "templates.txt"),
+        "out": str(shared / f"poison-{attack}-{poison_key}"), "templates": str(world.path / "templates.txt"),
         "attack_params": attack_params, **values,
     }, "profile 'poison'"), reuse=True)
     if mode == "scratch":
@@ -143,7 +146,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
         train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
         key = digest([poison_key, foundation_key, train_values])
     checkpoint = train(train_config({**IN_MEMORY, **train_values, "model": world.model, "train_csv": str(poisoned_csv),
-                                     "out": str(out / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning"),
+                                     "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning"),
                        reuse=True)
     return Poisoned(checkpoint, key, poisoned_csv)
 

@@ -30,8 +30,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
         if not path.is_file():
             raise ParError(f"retrieval annotations not found: {path}")
         try:
-            entries = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ParError(f"cannot parse {path}: {e}") from None
         if not isinstance(entries, list) or not entries:
             raise ParError(f"{path} must hold a non-empty JSON list of {{image, caption}} entries")
