@@ -203,3 +203,17 @@ def test_wanet_field_pinned_at_224():
     identity = torch.linspace(-1, 1, 224)
     # displacement is s * noise / S with mean |noise| = 1 before interpolation: a fraction of a pixel
     assert (field[0, :, :, 0] - identity[None, :]).abs().mean().item() < 2 / 224
+
+
+def test_a_patch_at_a_fixed_place_covers_exactly_that_square_and_must_fit():
+    from par.attacks import get_trigger
+
+    trigger = get_trigger("badnet_rs", patch_size=8, fixed_pattern=True, top=22, left=20)
+    mask, pattern, _ = trigger.draw(torch.rand(3, 3, 32, 32), torch.Generator().manual_seed(0))
+    expected = torch.zeros(32, 32)
+    expected[22:30, 20:28] = 1
+    assert torch.equal(mask[:, 0], expected.expand(3, 32, 32)) and torch.equal(pattern[0], pattern[2])
+    with pytest.raises(ParError, match="patch at top=26 does not fit in 32x32 images"):
+        get_trigger("random", patch_size=8, top=26).draw(torch.rand(1, 3, 32, 32), torch.Generator())
+    with pytest.raises(ParError, match="parameter left must be at least 0"):
+        get_trigger("random", left=-1)

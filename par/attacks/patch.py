@@ -1,4 +1,4 @@
-"""Patch attacks: BadNet and BadNet-Stripes (a square patch, ``alpha = 1``, at a random location)."""
+"""Patch attacks: BadNet and BadNet-Stripes (a square patch, ``alpha = 1``, at a random location or a fixed one)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,15 +14,20 @@ from par.attacks.base import (TRIGGERS, Trigger, check_range, default_patch_size
 
 @dataclass
 class _PatchTrigger(Trigger):
-    """A square patch (``alpha = 1``) at a uniformly random location."""
+    """A square patch (``alpha = 1``) at a uniformly random location, or at ``top``/``left`` when given
+    (the classic BadNet corner; a fixed place is also what lets a scan's inverted mask be checked)."""
 
     patch_size: Optional[int] = None  # None: default_patch_size(image side)
     fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
     pattern_seed: int = 0
+    top: Optional[int] = None  # the patch's row in pixels; None: drawn per image
+    left: Optional[int] = None
 
     def check(self):
         super().check()
         check_range(self, "patch_size", 1)
+        check_range(self, "top", 0)
+        check_range(self, "left", 0)
 
     def _patch_pattern(self, n: int, size: int, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -36,6 +41,12 @@ class _PatchTrigger(Trigger):
         patch = self._patch_pattern(n, size, images, pattern_generator(self, generator)).expand(b, 3, size, size)
         top = torch.randint(0, h - size + 1, (b,), generator=generator)
         left = torch.randint(0, w - size + 1, (b,), generator=generator)
+        for key, drawn, side in (("top", top, h), ("left", left, w)):
+            fixed = getattr(self, key)
+            if fixed is not None:
+                if fixed + size > side:
+                    raise ParError(f"{self.name}: a {size}-px patch at {key}={fixed} does not fit in {h}x{w} images")
+                drawn.fill_(fixed)  # drawn all the same, so the generator's stream does not depend on the choice
         mask, pattern = place_patches(patch, top, left, h, w)
         return mask, pattern, 1.0
 
