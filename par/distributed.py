@@ -1,6 +1,7 @@
 """Processes of a training run: one, or many under ``torchrun`` / SLURM (``torch.distributed``)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,13 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run set the process group up (and tears it down at its end)
+
+    def close(self) -> None:
+        """Tears down the process group this run set up; one set up by the caller (a program running
+        several trainings in the same processes) is left to it."""
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -46,8 +54,14 @@ def setup_distributed(device_name: str):
     device = pick_device(device_name)  # an unavailable device is an error here, never a fallback
     if not is_using_distributed():
         return Dist(), device
+    if torch.distributed.is_initialized():  # the caller's group: join it, leave it up
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local), device
     info = init_distributed_device_so(device=device.type)
-    return Dist(info["global_rank"], info["world_size"], info["local_rank"]), torch.device(info["device"])
+    return (Dist(info["global_rank"], info["world_size"], info["local_rank"], owns_group=True),
+            torch.device(info["device"]))
 
 
 def replica_drift(model: torch.nn.Module) -> float:

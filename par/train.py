@@ -430,5 +430,5 @@ def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step:
         print(f"wrote {run.checkpoint} ({steps_run} steps in {seconds:.0f} s)")
     if dist.world_size > 1:
         dist.barrier()
-        torch.distributed.destroy_process_group()
+        dist.close()
     return run.checkpoint

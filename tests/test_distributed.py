@@ -1,4 +1,7 @@
-"""Real torch.distributed (gloo, 2 CPU processes through torchrun) against a single process."""
+"""Real torch.distributed (gloo, 2 CPU processes through torchrun) against a single process.
+
+One torchrun launch runs every multi-process command of this module in sequence (tests/torchrun_many.py);
+the single-process references run in this process."""
 import json
 import os
 import subprocess
@@ -9,43 +12,56 @@ import torch
 
 from conftest import REPO
 from par import models
+from par.app.cli import main
+from par.shards import write_shards
 
-
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    return models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path_factory.mktemp("init") / "init.pt")
+# FARE: only the image tower is wrapped and trains; PGD from a fixed start, as the ranks' random streams differ
+OBJECTIVES = {"par": [], "clip": [], "fare": ["--objective_params.random_start", "false", "--objective_params.steps", "2"]}
 
 
 def _train_args(world, ckpt, out, *extra):
-    return ["-m", "par", "train", "--config", "configs/micro/par.yaml", "--model", "par-micro-vit",
+    return ["train", "--config", f"{REPO}/configs/micro/par.yaml", "--model", "par-micro-vit",
             "--init_checkpoint", str(ckpt), "--train_csv", str(world / "train.csv"), "--out", str(out),
             "--augment", "none", "--batch_size", "16", "--steps", "4", "--warmup", "1", "--lr", "1e-3",
-            "--threads", "1", "--save_every", "2", *extra]
+            "--threads", "1", "--save_every", "2", "--progress", "false", *extra]
 
 
-def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def launch(micro_world, tmp_path_factory):
+    """(folder, {command: (exit status, its output)}) of one two-rank launch of every command below."""
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    init = models.save_checkpoint(models.create_model("par-micro-vit"), root / "init.pt")
+    write_shards(micro_world / "train.csv", root / "shards", shard_size=24, progress=False)  # 4 shards
+    write_shards(micro_world / "train.csv", root / "one-shard", shard_size=1000, progress=False)  # a whole set of 1
+    commands = {f"multi-{name}": _train_args(micro_world, init, root / f"multi-{name}", "--objective", name, *extra)
+                for name, extra in OBJECTIVES.items()}
+    shards = _train_args(micro_world, init, root / "multi-shards", "--workers", "1")
+    shards[shards.index("--train_csv") + 1] = str(root / "shards" / "{00000..00003}.tar")
+    odd = _train_args(micro_world, init, root / "odd", "--batch_size", "15")
+    too_few = _train_args(micro_world, init, root / "too-few")
+    too_few[too_few.index("--train_csv") + 1] = str(root / "one-shard" / "00000.tar")
+    commands.update({"multi-shards": shards, "odd": odd, "too-few": too_few})
+    (root / "argv.json").write_text(json.dumps(list(commands.values())))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           f"{REPO}/tests/torchrun_many.py", str(root / "argv.json")], cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    ends = [line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("exit ")]
+    assert len(ends) == len(commands) and all(len(set(e)) == 1 for e in ends), proc.stdout + proc.stderr
+    return root, init, {name: int(e[0]) for name, e in zip(commands, ends)}, proc.stderr  # same on both ranks
 
 
 def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# FARE: only the image tower is wrapped and trains; PGD from a fixed start, as the ranks' random streams differ
-OBJECTIVES = {"par": [], "clip": [], "fare": ["--objective_params.random_start", "false", "--objective_params.steps", "2"]}
-
-
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_two_gloo_ranks_match_one_process(micro_world, init_ckpt, tmp_path, objective):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    extra = ["--objective", objective, *OBJECTIVES[objective]]
-    _run([sys.executable] + _train_args(micro_world, init_ckpt, single, *extra))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-         + _train_args(micro_world, init_ckpt, multi, *extra))
+def test_two_gloo_ranks_match_one_process(micro_world, launch, objective):
+    root, init_ckpt, codes, _ = launch
+    single, multi = root / f"single-{objective}", root / f"multi-{objective}"
+    assert codes[f"multi-{objective}"] == 0
+    assert main(_train_args(micro_world, init_ckpt, single, "--objective", objective, *OBJECTIVES[objective])) == 0
     # the resumable state holds the random streams of both ranks
     assert len(torch.load(multi / "state-latest.pt", weights_only=True)["rng"]) == 2
     # (a) the replicas stayed identical: gradients were all-reduced
@@ -66,27 +82,16 @@ def test_two_gloo_ranks_match_one_process(micro_world, init_ckpt, tmp_path, obje
         assert torch.allclose(x, y, atol=1e-4, rtol=1e-3), k
 
 
-def test_world_size_must_divide_batch(micro_world, init_ckpt, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + _train_args(
-        micro_world, init_ckpt, tmp_path / "odd", "--batch_size", "15")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "batch_size 15 is not divisible by world size 2" in proc.stderr
+def test_world_size_must_divide_batch(launch):
+    root, _, codes, stderr = launch
+    assert codes["odd"] == 2 and "batch_size 15 is not divisible by world size 2" in stderr
+    assert not (root / "odd").exists()
 
 
-def test_two_gloo_ranks_train_from_shards(micro_world, init_ckpt, tmp_path):
-    from par.shards import write_shards
-
-    write_shards(micro_world / "train.csv", tmp_path / "shards", shard_size=24, progress=False)  # 4 shards
-    args = _train_args(micro_world, init_ckpt, tmp_path / "multi", "--workers", "1")
-    args[args.index("--train_csv") + 1] = str(tmp_path / "shards" / "{00000..00003}.tar")
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args)
-    assert json.loads((tmp_path / "multi" / "distributed.json").read_text()) == {"world_size": 2, "replica_drift": 0.0}
-    assert len(_losses(tmp_path / "multi")) == 4
-
-    write_shards(micro_world / "train.csv", tmp_path / "one-shard", shard_size=1000, progress=False)  # a whole set of 1
-    one = _train_args(micro_world, init_ckpt, tmp_path / "too-few")
-    one[one.index("--train_csv") + 1] = str(tmp_path / "one-shard" / "00000.tar")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + one,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "1 shard(s) for 2 processes" in proc.stderr
+def test_two_gloo_ranks_train_from_shards(launch):
+    root, _, codes, stderr = launch
+    assert codes["multi-shards"] == 0
+    assert json.loads((root / "multi-shards" / "distributed.json").read_text()) == {"world_size": 2,
+                                                                                   "replica_drift": 0.0}
+    assert len(_losses(root / "multi-shards")) == 4
+    assert codes["too-few"] == 2 and "1 shard(s) for 2 processes" in stderr

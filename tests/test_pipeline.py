@@ -69,23 +69,38 @@ def test_validate_a_given_checkpoint(demo, tmp_path):
     assert "ASR top-1" in proc.stdout and "retrieval: skipped" in proc.stdout
 
 
-@pytest.mark.parametrize("defense, objective", [("par", "par"), ("ft", "clip"), ("cleanclip", "cleanclip"),
-                                                ("roclip", "roclip")])
-def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, defense, objective):
+def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
+    """The shell entry point with a non-default DEFENSE: cleaned, then validated."""
     out, _ = demo
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     clean_out = tmp_path / "cleaned"
     env = {
         "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_CSV": str(out / "world" / "clean.csv"),
         "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
-        "DEFENSE": defense,
+        "DEFENSE": "roclip",
     }
     _run(["bash", "trigger.sh", "--steps", "2"], env)
     assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
-    assert f"objective: {objective}" in (clean_out / "config.yaml").read_text()
+    assert "objective: roclip" in (clean_out / "config.yaml").read_text()
     record = json.loads((clean_out / "results.jsonl").read_text().splitlines()[0])
     assert record["encoder"] == "par-micro-vit" and record["checkpoint"] == str(clean_out / "checkpoint.pt")
     assert "steps: 2" in (clean_out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("defense, objective", [("par", "par"), ("ft", "clip"), ("cleanclip", "cleanclip")])
+def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, defense, objective):
+    """What trigger.sh runs for each defense, in process."""
+    from par.app.cli import main
+
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    clean_out = tmp_path / "cleaned"
+    assert main(["clean", "--defense", defense, "--config", f"{REPO}/configs/micro/par.yaml", "--model",
+                 "par-micro-vit", "--checkpoint", str(poisoned), "--train-csv", str(out / "world" / "clean.csv"),
+                 "--out", str(clean_out), "--steps", "2"]) == 0
+    assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
+    config = (clean_out / "config.yaml").read_text()
+    assert f"objective: {objective}" in config and "steps: 2" in config
 
 
 def test_validate_without_data_is_a_clear_error(tmp_path):
