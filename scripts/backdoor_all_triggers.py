@@ -22,7 +22,7 @@ from par.app import pipeline
 from par.app.profile import Profile
 
 
-def main() -> int:
+def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench.yaml")
@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--rates", help="comma-separated poisoning rates to search (default: the config's rate)")
     parser.add_argument("--start", type=float, help="the rate to try first (default: the middle one)")
     parser.add_argument("--target", type=float, default=0.9, help="ASR top-1 that counts as backdoored")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     profile = Profile.load(args.config)
     label = profile.label
     names = args.attacks.split(",") if args.attacks else profile.attacks or attacks.TRIGGERS.in_order()

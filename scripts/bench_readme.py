@@ -55,12 +55,12 @@ def beside_the_paper(rows: list, attacks: list) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", nargs="?", default="runs/bench/results.csv")
     parser.add_argument("--config", default="configs/bench.yaml", help="the profile the results came from")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = read_rows(Path(args.results))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     order = ["never-poisoned", *DEFENSES.in_order(), *(f"{d}-synthetic" for d in DEFENSES.in_order())]

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     from par import attacks, models
     from par.data import labelled_dataset, load_classnames, load_templates
     from par.eval.zeroshot import predict, zero_shot_classifier
@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="runs/eval_throughput.jsonl")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

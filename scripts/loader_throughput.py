@@ -83,7 +83,7 @@ def step_rate(spec: str) -> float:
     return float(spec)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="*", default=[], help="image,caption CSVs and/or shard patterns")
     parser.add_argument("--make-jpegs", type=int, default=0, metavar="N", help="also measure N generated JPEGs")
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     parser.add_argument("--step-rate", help="training samples/s: a number or a train_throughput.py JSONL")
     parser.add_argument("--out", default="runs/loader_throughput.jsonl")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     sources = list(args.data)

@@ -29,11 +29,11 @@ def run(out: Path, profile: str) -> tuple:
     return seconds, json.loads(report.read_text())
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/measure-demo")
     parser.add_argument("--profile", default="configs/demo.yaml")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = (REPO / args.out).resolve()
     if out.exists():
         shutil.rmtree(out)

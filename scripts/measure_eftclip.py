@@ -26,13 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 PATCH_TRIGGERS = {"random", "badnet_rs", "badclip"}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(REPO / "configs/bench.yaml"))
     parser.add_argument("--out", default=str(REPO / "runs/bench"), help="the benchmark's folder: its cells are reused")
     parser.add_argument("--seeds", default="0", help="comma-separated cleaning seeds")
     parser.add_argument("--attacks", help="comma-separated subset (default: the profile's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     profile = replace(Profile.load(args.config), seeds=seeds, sweeps={}, synthetic_cleaning=None, robust=None)

@@ -36,7 +36,7 @@ def bench(profile: Profile, out: Path, attack: str, report: str) -> list:
     return list(csv.DictReader((out / f"{report}.csv").open()))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(REPO / "configs/bench.yaml"))
     parser.add_argument("--out", default=str(REPO / "runs/bench"), help="the benchmark's folder: its cells are reused")
@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--eps", default="2/255,4/255")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--max-images", type=int, default=1000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     eps = [eps_label(parse_eps(e)) for e in args.eps.split(",")]
     profile = Profile.load(args.config)

@@ -46,12 +46,12 @@ def loader_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", help="train_throughput.py JSONL")
     parser.add_argument("--loader", help="loader_throughput.py JSONL")
     parser.add_argument("--out", help="also write the tables to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = []
     train, loader = records(args.train), records(args.loader)
     if train:

@@ -105,7 +105,7 @@ def profile(setup, batches, path: Path, steps: int = 5) -> None:
     print(f"wrote {path}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     from par import models
     from par.data import PairLoader, caption_dataset
     from par.shards import ShardLoader, ShardPairs, is_shard_pattern
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="write torch.profiler's table of the last setting")
     parser.add_argument("--out", default="runs/train_throughput.jsonl")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

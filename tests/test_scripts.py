@@ -1,4 +1,5 @@
 """The measurement scripts run end to end on tiny inputs (their figures are benchmarks, not tests)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,20 +8,28 @@ import sys
 from conftest import REPO
 
 
-def _run(args, tmp_path):
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+def _script(name):
+    """``scripts/<name>`` loaded as a module (the scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), f"{REPO}/scripts/{name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path):
+def _run(args, capsys):
+    """Runs ``scripts/<args[0]>`` with the other arguments in this process; its stdout."""
+    capsys.readouterr()
+    assert _script(args[0].removeprefix("scripts/")).main([str(a) for a in args[1:]]) == 0
+    return capsys.readouterr().out
+
+
+def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path, capsys):
     out = tmp_path / "train.jsonl"
     common = ["scripts/train_throughput.py", "--model", "par-micro-vit", "--batch", "8", "--steps", "2",
               "--warmup", "1", "--device", "cpu", "--peak-tflops", "1", "--out", str(out)]
     stdout = _run([*common, "--precision", "fp32", "amp", "--workers", "0", "--csv", str(micro_world / "train.csv"),
-                   "--grad-checkpointing", "--profile", str(tmp_path / "profile.txt")], tmp_path)
-    _run([*common, "--precision", "fp32", "--objective", "ft", "--augment", "none"], tmp_path)
+                   "--grad-checkpointing", "--profile", str(tmp_path / "profile.txt")], capsys)
+    _run([*common, "--precision", "fp32", "--objective", "ft", "--augment", "none"], capsys)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["source"], r["precision"], r["objective"]) for r in records] == [
         ("synthetic", "fp32", "par"), ("loader", "fp32", "par"), ("synthetic", "fp32", "ft")]
@@ -34,11 +43,11 @@ def test_train_throughput_measures_synthetic_and_loader(micro_world, tmp_path):
     assert "Optimizer.step" in (tmp_path / "profile.txt").read_text()  # the loop's own step was profiled
 
 
-def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path):
+def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path, capsys):
     out = tmp_path / "eval.jsonl"
     _run(["scripts/eval_throughput.py", "--model", "par-micro-vit", "--data", str(micro_world / "test.csv"),
           "--classnames", str(micro_world / "classnames.txt"), "--batch", "16", "--device", "cpu",
-          "--out", str(out)], tmp_path)
+          "--out", str(out)], capsys)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     (record,) = records
     assert record["images"] == 48 and record["attack"] == "badnet_rs"
@@ -48,13 +57,9 @@ def test_eval_throughput_measures_clean_and_triggered(micro_world, tmp_path):
 def test_step_flops_counts_a_known_model():
     """The FLOP count behind MFU, on a model whose count is known: 2 * m * n * k per matmul forward, and
     backward the weights' gradients alone (the inputs need none): twice the forward."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("train_throughput", f"{REPO}/scripts/train_throughput.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("train_throughput.py")
 
     class TwoLinear(torch.nn.Module):
         def __init__(self):
@@ -78,25 +83,25 @@ def test_step_flops_counts_a_known_model():
     assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients behind
 
 
-def test_backdoor_rate_search_walks_down_while_the_attack_succeeds_and_up_while_it_fails(tmp_path):
+def test_backdoor_rate_search_walks_down_while_the_attack_succeeds_and_up_while_it_fails(tmp_path, capsys):
     config = f"{REPO}/configs/micro-bench.yaml"
     args = ["scripts/backdoor_all_triggers.py", "--config", config, "--attacks", "badnet_rs",
             "--rates", "0.25,0.1,0.5", "--start", "0.25"]
-    _run([*args, "--out", str(tmp_path / "a"), "--target", "0"], tmp_path)  # every rate succeeds: walk down
+    _run([*args, "--out", str(tmp_path / "a"), "--target", "0"], capsys)  # every rate succeeds: walk down
     found = json.loads((tmp_path / "a" / "backdoors.json").read_text())
     assert [t["rate"] for t in found["tried"]] == [0.25, 0.1]
     assert found["lowest"]["badnet_rs"]["rate"] == 0.1 and "missed" not in found["lowest"]["badnet_rs"]
-    _run([*args, "--out", str(tmp_path / "b"), "--target", "1.01"], tmp_path)  # none does: walk up, then give up
+    _run([*args, "--out", str(tmp_path / "b"), "--target", "1.01"], capsys)  # none does: walk up, then give up
     missed = json.loads((tmp_path / "b" / "backdoors.json").read_text())
     assert [t["rate"] for t in missed["tried"]] == [0.25, 0.5]
     assert missed["lowest"]["badnet_rs"]["missed"] and missed["lowest"]["badnet_rs"]["rate"] == 0.5
     assert "| 0.5 (missed) |" in (tmp_path / "b" / "backdoors.md").read_text()
 
 
-def test_fare_measurement_compares_defenses_and_checks_apgd_against_pgd(tmp_path):
+def test_fare_measurement_compares_defenses_and_checks_apgd_against_pgd(tmp_path, capsys):
     out = tmp_path / "bench"
-    stdout = _run(["scripts/measure_fare.py", "--config", "configs/micro-bench.yaml", "--out", str(out),
-                   "--steps", "2", "--max-images", "8", "--eps", "4/255"], tmp_path)
+    stdout = _run(["scripts/measure_fare.py", "--config", f"{REPO}/configs/micro-bench.yaml", "--out", str(out),
+                   "--steps", "2", "--max-images", "8", "--eps", "4/255"], capsys)
     summary = json.loads((out / "fare-measurement.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["poisoned", "ft", "par", "cleanclip", "fare", "never-poisoned"]
     for m in summary["models"]:
@@ -107,7 +112,7 @@ def test_fare_measurement_compares_defenses_and_checks_apgd_against_pgd(tmp_path
     assert not (out / "results.csv").exists()  # the benchmark's own report is left alone
 
 
-def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
+def test_eftclip_measurement_reports_detection_per_attack(tmp_path, capsys):
     import yaml
 
     config = yaml.safe_load(open(f"{REPO}/configs/micro-bench.yaml"))
@@ -118,7 +123,7 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "bench"
     stdout = _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),
-                   "--attacks", "badnet_rs"], tmp_path)
+                   "--attacks", "badnet_rs"], capsys)
     summary = json.loads((out / "eftclip-measurement.json").read_text())
     (entry,) = summary["attacks"]
     assert entry["attack"] == "badnet_rs" and 0 <= entry["auroc"] <= 1 and "eftclip" in entry["cleaned"]
@@ -129,17 +134,17 @@ def test_eftclip_measurement_reports_detection_per_attack(tmp_path):
     (out / "results.csv").write_text(header + "badnet_rs,eftclip,default,0,0.123,0.456,ok\n"
                                       "badnet_rs,ft,default,0,0.5,0.25,ok\n")
     _run(["scripts/measure_eftclip.py", "--config", str(tmp_path / "bench.yaml"), "--out", str(out),
-          "--attacks", "badnet_rs"], tmp_path)
+          "--attacks", "badnet_rs"], capsys)
     (again,) = json.loads((out / "eftclip-measurement.json").read_text())["attacks"]
     assert again["cleaned"]["eftclip"] == entry["cleaned"]["eftclip"] != [12.3, 45.6]
     assert again["cleaned"]["ft"] == [50.0, 25.0]
 
 
-def test_loader_throughput_measures_csv_and_shards(tmp_path):
+def test_loader_throughput_measures_csv_and_shards(tmp_path, capsys):
     out = tmp_path / "loader.jsonl"
     stdout = _run(["scripts/loader_throughput.py", "--make-jpegs", "24", "--jpeg-size", "40", "--size", "32",
                    "--model", "par-micro-vit", "--batch", "8", "--workers", "0", "1", "--batches", "2",
-                   "--warmup", "1", "--work", str(tmp_path / "work"), "--step-rate", "50", "--out", str(out)], tmp_path)
+                   "--warmup", "1", "--work", str(tmp_path / "work"), "--step-rate", "50", "--out", str(out)], capsys)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kind"], r["workers"]) for r in records] == [("csv", 0), ("csv", 1), ("shards", 0), ("shards", 1)]
     for r in records:
