@@ -199,10 +199,12 @@ def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path):
     """The user's path: clean with FARE from the command line, then trigger_validate.sh with ROBUST_EPS."""
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
+    from par.app.cli import main
+
+    assert main(["clean", "--defense", "fare", "--config", f"{REPO}/configs/micro/fare.yaml", "--checkpoint", str(init),
+                 "--model", "par-micro-vit", "--train-csv", str(micro_world / "clean.csv"),
+                 "--out", str(tmp_path / "fare")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "par", "clean", "--defense", "fare", "--config", "configs/micro/fare.yaml",
-                    "--checkpoint", str(init), "--model", "par-micro-vit", "--train-csv", str(micro_world / "clean.csv"),
-                    "--out", str(tmp_path / "fare")], cwd=REPO, env=env, check=True, capture_output=True)
     checkpoint = tmp_path / "fare" / "checkpoint.pt"
     env.update(EVAL_DATA=str(micro_world / "test.csv"), ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8",
                ROBUST_STEPS="2", PAR_PYTHON=sys.executable)

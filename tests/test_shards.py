@@ -2,15 +2,13 @@
 shards, and the bad inputs (a pattern that matches nothing, a sample without a caption)."""
 import io
 import json
-import subprocess
-import sys
 import tarfile
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, cli_error
 from par import models
 from par.data import eval_transform, open_image
 from par.errors import ParError
@@ -126,20 +124,20 @@ def test_bad_shard_inputs(shards, micro_world, tmp_path):
         next(iter(ShardPairs(str(bad), tokenizer, 32)))
 
 
-def test_cli_writes_shards_and_trains_from_them(micro_world, tmp_path):
+def test_cli_writes_shards_and_trains_from_them(micro_world, tmp_path, capsys):
+    from par.app.cli import main
+
     out = tmp_path / "shards"
-    made = subprocess.run([sys.executable, "-m", "par", "shards", "--csv", str(micro_world / "train.csv"),
-                           "--out", str(out), "--shard-size", "50"], cwd=REPO, capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
-    assert "2 shards" in made.stdout and "{00000..00001}.tar" in made.stdout
+    assert main(["shards", "--csv", str(micro_world / "train.csv"), "--out", str(out), "--shard-size", "50"]) == 0
+    made = capsys.readouterr().out
+    assert "2 shards" in made and "{00000..00001}.tar" in made
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model(MICRO), tmp_path / "init.pt")
-    args = [sys.executable, "-m", "par", "train", "--config", "configs/micro/par.yaml", "--model", MICRO,
+    args = ["train", "--config", f"{REPO}/configs/micro/par.yaml", "--model", MICRO,
             "--init_checkpoint", str(init), "--train_csv", str(out / "{00000..00001}.tar"), "--out",
             str(tmp_path / "run"), "--batch_size", "8", "--steps", "14", "--warmup", "2", "--workers", "2",
             "--threads", "1", "--progress", "false"]
-    run = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 14 and records[-1]["epoch"] == 1  # 96 pairs // 8 = 12 batches an epoch
     before, after = models.load_checkpoint(init), models.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -148,7 +146,6 @@ def test_cli_writes_shards_and_trains_from_them(micro_world, tmp_path):
     missing = args.copy()
     missing[missing.index("--train_csv") + 1] = str(tmp_path / "nope-{00000..00009}.tar")
     missing[missing.index("--out") + 1] = str(tmp_path / "run2")
-    failed = subprocess.run(missing, cwd=REPO, capture_output=True, text=True)
-    assert failed.returncode == 2
-    assert failed.stderr.strip().startswith("error: shard pattern") and "matches no file" in failed.stderr
+    error = cli_error(capsys, missing)
+    assert error.startswith("error: shard pattern") and "matches no file" in error
     assert not (tmp_path / "run2").exists()
