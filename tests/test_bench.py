@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, micro_profile
 from par.app.bench import _cells, run_bench
 from par.app.profile import Profile, Robust
 from par.errors import ParError
@@ -85,8 +85,8 @@ def test_changing_the_synthetic_world_recleans_only_its_cells(bench):
     assert {p: p.stat().st_mtime_ns for p in others} == others
 
 
-def test_failed_cell_is_recorded_and_others_continue(tmp_path):
-    profile = Profile.load(MICRO_BENCH)
+def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache):
+    profile = micro_profile("micro-bench.yaml", micro_cache)
     profile = replace(profile, quick={**profile.quick, "sweeps": {"par": {"warmup": [99]}}})  # warmup > steps: fails
     run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
@@ -159,19 +159,19 @@ def test_fare_column_and_robust_accuracy_table(bench):
     assert table[4].startswith("| `badnet_rs` | ") and table[4].count(" / ") == 4
 
 
-def test_results_render_into_the_readme_between_markers(bench, tmp_path):
-    import subprocess
-    import sys
+def test_results_render_into_the_readme_between_markers(bench, tmp_path, capsys):
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("bench_readme", f"{REPO}/scripts/bench_readme.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     readme = tmp_path / "README.md"
     readme.write_text("# title\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
-    proc = subprocess.run([sys.executable, "scripts/bench_readme.py", str(bench / "results.csv"), "--config",
-                           "configs/micro-bench.yaml", "--readme", str(readme)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert script.main([str(bench / "results.csv"), "--config", MICRO_BENCH, "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# title\n<!-- results:start -->\nZero-shot CA / ASR") and text.endswith("<!-- results:end -->\ntail\n")
     assert "old" not in text and "| BadNet-Stripes | " in text and "| 42.4 | 62.3 | 82.0 |" in text
     readme.write_text("no markers\n")
-    proc = subprocess.run([sys.executable, "scripts/bench_readme.py", str(bench / "results.csv"), "--readme",
-                           str(readme)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "lacks the markers" in proc.stderr and readme.read_text() == "no markers\n"
+    capsys.readouterr()
+    assert script.main([str(bench / "results.csv"), "--readme", str(readme)]) == 2
+    assert "lacks the markers" in capsys.readouterr().err and readme.read_text() == "no markers\n"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import micro_profile
 from par import models
 from par.app.cli import main
 from par.defenses import DEFENSES, CleaningJob
@@ -252,13 +252,12 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
                                                   settings=settings, classnames=str(micro_world / "classnames.txt")))
 
 
-def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path):
+def test_micro_bench_with_an_eftclip_column_and_detection_table(tmp_path, micro_cache):
     from dataclasses import replace
 
     from par.app.bench import run_bench
-    from par.app.profile import Profile
 
-    profile = Profile.load(f"{REPO}/configs/micro-bench.yaml")
+    profile = micro_profile("micro-bench.yaml", micro_cache)
     profile = replace(profile, quick={**profile.quick, "defenses": ["eftclip"], "synthetic_cleaning": None},
                       defense_settings={"eftclip": {"objective_params": {"train_logit_scale": False},
                                                     "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}})

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from conftest import REPO
+from conftest import micro_profile
 from par.app.bench import run_bench
 from par.app.cli import main
 from par.defenses import DEFENSES, OBJECTIVES, Objective, defense
@@ -36,9 +36,10 @@ def test_it_is_listed_by_clean_help(halfclip, capsys):
     assert DEFENSES.get(halfclip).objective == "halfclip"
 
 
-def test_it_runs_in_the_benchmark_and_its_table(halfclip, tmp_path):
+def test_it_runs_in_the_benchmark_and_its_table(halfclip, tmp_path, micro_cache):
     out = tmp_path / "bench"
-    run_bench(f"{REPO}/configs/micro-bench.yaml", str(out), quick=True, defenses=[halfclip], progress=False)
+    run_bench(micro_profile("micro-bench.yaml", micro_cache), str(out), quick=True, defenses=[halfclip],
+              progress=False)
     rows = list(csv.DictReader((out / "results.csv").open()))
     mine = [r for r in rows if r["defense"] == halfclip]
     assert [r["status"] for r in mine] == ["ok"] and 0 <= float(mine[0]["asr"]) <= 1
