@@ -12,7 +12,7 @@
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
 #   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo)
 #   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
-#   DEFENSE                  registered defense (default par; ft, cleanclip, or a plugin's)
+#   DEFENSE                  registered defense (default par; every name `python -m par clean --help` lists)
 #   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
 #                            arguments to this script override its keys (dotted keys nest:
 #                            --objective_params.tau 1.0). Settings written for another objective
