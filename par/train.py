@@ -36,7 +36,7 @@ from par.defenses.base import OBJECTIVES, Batch, Objective, TaskContext, make_ob
 from par.plots import plot_training
 from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
-from par.utils import PRECISIONS, autocast
+from par.utils import PRECISIONS, autocast, check_output_dir
 
 # settings that do not change what a run computes (where it runs, how it reports): left out of its fingerprint
 NOT_FINGERPRINTED = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
@@ -134,6 +134,7 @@ def validate(cfg: TrainConfig) -> None:
         expand(cfg.train_csv)  # a pattern that matches nothing fails before the run folder is made
     if cfg.eval_attack and not cfg.eval_label:
         raise ParError("eval_attack needs eval_label")
+    check_output_dir(cfg.out, "run folder")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):

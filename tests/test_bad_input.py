@@ -235,6 +235,10 @@ def test_unusable_outputs_are_refused_before_any_work(capsys, micro_world, ckpt,
         (["triggers", "--image", image, "--out", str(tmp_path / "folder")], "is a folder"),
         (["triggers", "--image", image, "--out", str(tmp_path / "t.png"), "--size", "0"], "at least 1"),
         (["world", "--out", str(tmp_path / "file"), "--train", "2", "--clean", "2", "--test", "2"], "not a folder"),
+        (["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_csv", csv, "--out",
+          str(tmp_path / "file")], "run folder"),
+        (["clean", "--defense", "ft", "--checkpoint", str(ckpt), "--model", MICRO, "--train-csv", csv, "--out",
+          str(tmp_path / "file" / "run")], "is a file, not a folder"),
     ]
     for argv, why in cases:
         msg = cli_error(capsys, argv)
