@@ -35,7 +35,7 @@ def test_poison_writes_images_csv_and_manifest(micro_world, tmp_path):
     # clean rows point at the original files, relative to the poisoned CSV
     assert (tmp_path / "p" / frame.loc[clean[0], "image"]).resolve() == (micro_world / original.loc[clean[0], "image"]).resolve()
     assert manifest["trigger"] == {"name": "badnet_rs", "params": {"patch_size": None, "fixed_pattern": False,
-                                                                    "pattern_seed": 0}}
+                                                                    "pattern_seed": 0, "top": None, "left": None}}
 
 
 def test_manifest_rebuilds_bit_identical(micro_world, tmp_path):
