@@ -104,3 +104,14 @@ def test_eda_operations():
         assert swapped or deleted or inserted or replaced or out == caption, out
     assert eda(caption, random.Random(3)) == eda(caption, random.Random(3))
     assert eda("banana", random.Random(0)) == "banana"
+
+
+def test_ft_is_plain_and_ft_aug_adds_pars_augmentation(capsys):
+    from par.defenses import DEFENSES, CleaningJob
+
+    job = CleaningJob(checkpoint="poisoned.pt", model="par-micro-vit", train_csv="clean.csv", out="runs/x",
+                      settings={"augment": "par", "steps": 5, "objective": "par", "objective_params": {"tau": 1.0}})
+    ft, ft_aug = DEFENSES.get("ft").config(job), DEFENSES.get("ft-aug").config(job)
+    assert (ft.objective, ft.augment, ft.steps) == ("clip", "none", 5)  # the shared budget, not its augmentation
+    assert (ft_aug.objective, ft_aug.augment, ft_aug.steps) == ("clip", "par", 5)
+    assert ft.objective_params == {} == ft_aug.objective_params  # PAR's settings are not the CLIP loss's

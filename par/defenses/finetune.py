@@ -13,8 +13,9 @@ from par.defenses.base import DEFENSES, OBJECTIVES, CleaningJob, Defense, Object
 class FineTune(Defense):
     """Fine-tune the poisoned checkpoint with one objective; everything else is the job's settings."""
 
-    def __init__(self, objective: str):
+    def __init__(self, objective: str, settings: Optional[dict] = None):
         self.objective = objective
+        self.settings = dict(settings or {})  # what makes this defense itself (ft: no augmentation), over the job's
 
     @property
     def needs_labels(self) -> bool:
@@ -22,7 +23,7 @@ class FineTune(Defense):
         return OBJECTIVES.get(self.objective).needs_labels
 
     def config(self, job: CleaningJob) -> loop.TrainConfig:
-        values = dict(job.settings)
+        values = {**job.settings, **self.settings}
         written_for = values.pop("objective", None)
         if written_for is not None and OBJECTIVES.canonical(written_for) != OBJECTIVES.canonical(self.objective):
             values.pop("objective_params", None)  # settings of another objective: not this one's
@@ -33,25 +34,30 @@ class FineTune(Defense):
         return loop.train_config(values, f"settings of defense {self.objective!r}")
 
     def clean(self, job: CleaningJob) -> Path:
+        overridden = {k: job.settings[k] for k, v in self.settings.items() if k in job.settings and job.settings[k] != v}
+        if overridden:  # the shared budget's value is not this defense's: say so rather than drop it unseen
+            fixed = ", ".join(f"{k}: {self.settings[k]}" for k in overridden)
+            given = ", ".join(f"{k}: {v}" for k, v in overridden.items())
+            print(f"{job.out}: this defense trains with {fixed} (the settings' {given} is not its own)")
         return loop.train(self.config(job), reuse=job.reuse, resume=job.resume)
 
     def check(self, job: CleaningJob) -> None:
         loop.validate(self.config(job))
 
 
-def defense(name: str, *aliases: str, objective: Optional[str] = None):
+def defense(name: str, *aliases: str, objective: Optional[str] = None, settings: Optional[dict] = None):
     """Class decorator registering a defense under ``name`` (and ``aliases``).
 
     On an ``Objective`` subclass it registers the objective (as ``objective``, default ``name``) and
-    the defense ``FineTune(objective)``; on a ``Defense`` subclass, an instance of it. Registering a
-    name twice is an error.
+    the defense ``FineTune(objective, settings)``; on a ``Defense`` subclass, an instance of it.
+    Registering a name twice is an error.
     """
 
     def add(cls):
         if isinstance(cls, type) and issubclass(cls, Objective):
             task = objective or name
             OBJECTIVES.add(task, cls, *[a for a in (name, *aliases) if a != task])
-            DEFENSES.add(name, FineTune(task), *[a for a in (task, *aliases) if a != name])
+            DEFENSES.add(name, FineTune(task, settings), *[a for a in (task, *aliases) if a != name])
         elif isinstance(cls, type) and issubclass(cls, Defense):
             instance = cls()
             instance.name = name
