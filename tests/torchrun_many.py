@@ -16,4 +16,5 @@ if __name__ == "__main__":
         torch.distributed.all_gather_object(codes, main(argv))  # every rank ends a command before the next
         if torch.distributed.get_rank() == 0:
             print(f"exit {i} {' '.join(map(str, codes))}", flush=True)
+    torch.distributed.barrier()  # no rank tears its side of the group down while a peer still uses it
     torch.distributed.destroy_process_group()
