@@ -11,7 +11,7 @@ from typing import List, Optional
 from par.errors import ParError
 
 
-def _attack_params(pairs: List[str]) -> dict:
+def _attack_params(pairs: List[str], option: str = "--attack-param") -> dict:
     import yaml
 
     params = {}
@@ -19,13 +19,13 @@ def _attack_params(pairs: List[str]) -> dict:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ParError(f"--attack-param takes KEY=VALUE, got {pair!r}")
+            raise ParError(f"{option} takes KEY=VALUE, got {pair!r}")
         if key in params:
-            raise ParError(f"--attack-param {key} given twice")
+            raise ParError(f"{option} {key} given twice")
         try:
             params[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ParError(f"--attack-param {key}: cannot read {value!r} as a value") from None
+            raise ParError(f"{option} {key}: cannot read {value!r} as a value") from None
     return params
 
 
@@ -155,6 +155,22 @@ def cmd_detect(args) -> None:
     print(f"detections: {args.out}/detections.csv, summary: {args.out}/summary.json")
 
 
+def cmd_scan(args) -> None:
+    from par.app.scan import run_scan, summary
+    from par.config import build
+    from par.scan import ScanConfig
+
+    values = _given(args, "checkpoint", "model", "images", "scanner", "classnames", "templates", "top_k", "max_images",
+                    "threshold", "image_root", "seed", "device")
+    if args.labels is not None:
+        values["labels"] = [label.strip() for label in args.labels.split(",")]
+    values["scanner_params"] = _attack_params(args.scanner_param, "--scanner-param")
+    record, reused = run_scan(build(ScanConfig, values, "scan options"), args.out)
+    if reused:
+        print(f"reusing the finished scan in {args.out} (same checkpoint, images and settings)")
+    print("\n".join(summary(record, args.out)))
+
+
 def cmd_shards(args) -> None:
     from par.shards import write_shards
 
@@ -222,6 +238,7 @@ def cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from par.defenses import DEFENSES
     from par.defenses.eftclip.oracles import ORACLES
+    from par.scan import SCANNERS
 
     parser = argparse.ArgumentParser(prog="par", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "pairs (default 0.2; 0: rank labels against the overall flag rate)")
     p.add_argument("--device")
 
+    p = sub.add_parser("scan", help="is a checkpoint backdoored? invert triggers on a few clean images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", required=True, help="its encoder (open_clip name or OpenAI spelling)")
+    p.add_argument("--images", required=True,
+                   help="clean unlabelled images: a CSV with an 'image' column, or a folder of image files")
+    p.add_argument("--out", required=True, help="folder for scan.json, labels.csv and trigger.png")
+    p.add_argument("--scanner", help=f"registered scanner: {_names(SCANNERS)} (default label-inversion)")
+    p.add_argument("--scanner-param", action="append", metavar="KEY=VALUE",
+                   help="scanner setting, e.g. steps=60 (see the scanner's Params)")
+    p.add_argument("--classnames", help="the label space: 'imagenet' (default) or a file with one name per line")
+    p.add_argument("--templates", help="'openai' (default) or a file of '{}' templates")
+    p.add_argument("--labels", help="comma-separated candidate labels (default: every class name)")
+    p.add_argument("--top-k", type=int, help="labels inverted in full after the ranking pass (default 10)")
+    p.add_argument("--max-images", type=int, help="shadow images used (default 128; a seeded sample when more)")
+    p.add_argument("--threshold", type=float, help="flag at this statistic instead of the scanner's documented one")
+    p.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default) | cpu | cuda")
+
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", required=True)
@@ -394,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             {"world": cmd_world, "poison": cmd_poison, "eval": cmd_eval, "demo": cmd_demo,
              "badclip": cmd_badclip, "triggers": cmd_triggers, "bench": cmd_bench,
-             "detect": cmd_detect, "shards": cmd_shards, "shell-env": cmd_shell_env}[args.command](args)
+             "detect": cmd_detect, "shards": cmd_shards, "shell-env": cmd_shell_env, "scan": cmd_scan}[args.command](args)
     except ParError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

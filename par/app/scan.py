@@ -1,0 +1,139 @@
+"""``python -m par scan``: one scan of one checkpoint into its own folder.
+
+The folder gets ``scan.json`` (verdict, statistic, threshold and its source, per-label statistics,
+target, trigger family, seconds, settings), ``labels.csv`` (one row per inverted label and trigger
+family) and ``trigger.png`` (the trigger alone and stamped on some of the images). ``scan.json`` is
+written last: a folder holding it holds a finished scan. A finished scan is reused by an identical
+request (same checkpoint and image digests, same settings) and any other request for that folder is
+refused, naming what differs; nothing is overwritten.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import List, Tuple
+
+from par.errors import ParError
+from par.scan import ScanConfig, ScanResult, scan_checkpoint, scan_request
+from par.scan.base import finite_number
+from par.utils import atomic_write, atomic_write_text, check_output_dir, to_pil
+
+RECORD, LABELS, PICTURE = "scan.json", "labels.csv", "trigger.png"
+LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "success", "seconds", "reference")
+TILE = 96  # the smallest side a tile of trigger.png is drawn at (32-px images are upscaled, pixels kept sharp)
+
+
+def _plain(value):
+    """``value`` with non-finite floats as None, so that scan.json stays JSON."""
+    if isinstance(value, float):
+        return finite_number(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def record_of(result: ScanResult, request: dict) -> dict:
+    trigger = result.trigger
+    return _plain({
+        "scanner": result.scanner, "verdict": result.verdict, "statistic": result.statistic, "value": result.value,
+        "threshold": result.threshold, "flagged_when": f"{result.direction} the threshold",
+        "threshold_source": result.threshold_source, "target": result.target, "family": result.family,
+        "trigger": {"family": trigger.family, "label": trigger.label, "size": trigger.size} if trigger else None,
+        "labels": result.labels, "details": result.details, "seconds": round(result.seconds, 2),
+        "seconds_per_label": result.seconds_per_label, "config": {k: v for k, v in result.settings.items()
+                                                                 if k != "progress"},
+        "settings": request,
+    })
+
+
+def _labels_csv(rows: List[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LABEL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def draw_trigger(result: ScanResult, path: Path) -> Path:
+    """The mask, the trigger alone (its pattern where the mask is, on white) and, beside them, up to 8
+    clean images above the same images stamped with the trigger."""
+    from PIL import Image, ImageDraw
+
+    trigger, images = result.trigger, result.examples
+    side = images.shape[-1]
+    tile = max(TILE, side)
+    label_h = 16
+
+    def up(image):
+        return to_pil(image).resize((tile, tile), Image.NEAREST)
+
+    columns = 2 + images.shape[0]
+    grid = Image.new("RGB", (tile * columns, 2 * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    mask, pattern = trigger.mask.clamp(0, 1), trigger.pattern.clamp(0, 1)
+    alone = mask * pattern + (1 - mask)
+    stamped = trigger.apply(images).clamp(0, 1)
+    for col, (title, image) in enumerate([("mask", mask.expand(3, -1, -1)), ("trigger", alone)]):
+        draw.text((col * tile + 4, 2), title, fill="black")
+        grid.paste(up(image), (col * tile, label_h))
+    for i in range(images.shape[0]):
+        x = (2 + i) * tile
+        grid.paste(up(images[i]), (x, label_h))
+        grid.paste(up(stamped[i]), (x, 2 * label_h + tile))
+    draw.text((2 * tile + 4, 2), "clean images", fill="black")
+    headline = f"{result.scanner}: {result.verdict}" + (f", target {result.target}" if result.target else "")
+    draw.text((4, tile + label_h + 2), f"{headline} ({trigger.family} trigger, size {trigger.size:.3g})", fill="black")
+    return atomic_write(path, grid.save)
+
+
+def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
+    """(scan.json's record, whether it was reused) for ``cfg`` in folder ``out``."""
+    folder = check_output_dir(out, "scan folder")
+    request = json.loads(json.dumps(scan_request(cfg)))
+    record_path = folder / RECORD
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+            old = record["settings"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ParError(f"scan folder {folder} has an unreadable {RECORD} ({type(e).__name__}); choose another --out")
+        if old == request:
+            return record, True
+        differs = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+        raise ParError(f"scan folder {folder} holds a scan of another request (differs in {differs}); choose "
+                       "another --out")
+    leftovers = [name for name in (LABELS, PICTURE) if (folder / name).exists()]
+    if leftovers:
+        raise ParError(f"scan folder {folder} holds {leftovers} but no {RECORD} (not written by a finished scan); "
+                       "choose another --out")
+    result = scan_checkpoint(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = record_of(result, request)
+    atomic_write_text(folder / LABELS, _labels_csv(result.labels))
+    if result.trigger is not None and result.examples is not None:
+        draw_trigger(result, folder / PICTURE)
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    return record, False
+
+
+def summary(record: dict, out) -> List[str]:
+    """The lines ``python -m par scan`` prints."""
+    target = f": target {record['target']!r} ({record['family']} trigger)" if record["target"] else ""
+    lines = [f"scan ({record['scanner']}): {record['verdict']}{target}; {record['statistic']} "
+             f"{record['value']:.3g}, flagged {record['flagged_when']} {record['threshold']:.3g}",
+             f"  threshold: {record['threshold_source']}"]
+    rows = sorted(record["labels"], key=lambda r: -(r.get("z") or 0))[:5]
+    if rows:
+        columns = [c for c in ("size", "lift", "pull", "z", "success") if all(isinstance(r.get(c), (int, float)) for r in rows)]
+        lines.append(f"  {'label':<16} {'family':<6} " + " ".join(f"{c:>7}" for c in columns))
+        lines += [f"  {r['label']:<16} {r['family']:<6} " + " ".join(f"{r[c]:>7.3g}" for c in columns) for r in rows]
+    per_label = record.get("seconds_per_label")
+    cost = f"{per_label:.2f} s per label, " if per_label else ""
+    lines.append(f"  {cost}{record['seconds']:.1f} s in all")
+    lines.append(f"written: {Path(out) / RECORD}, {Path(out) / LABELS}, {Path(out) / PICTURE}")
+    return lines

@@ -1,0 +1,143 @@
+"""One scan of one checkpoint: every input checked before any work, then the scanner run.
+
+``scan_checkpoint(ScanConfig) -> ScanResult``. The order of the checks is the order of their cost:
+settings, scanner and its parameters, class names, templates and candidate labels, the image list,
+the encoder (a checkpoint saved for another encoder is refused by its metadata before its weights
+are read), every shadow image decoded, then the weights (strictly: any key mismatch is an error;
+non-finite weights are refused). ``scan_request`` is what makes two scans the same scan (settings and
+the digests of the checkpoint, images, class names and templates), for reusing finished ones.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+
+from par import models
+from par.data import load_classnames, load_templates
+from par.errors import ParError
+from par.eval.zeroshot import zero_shot_classifier
+from par.scan.base import SCANNERS, ScanContext, ScanResult, Scanner, make_scanner
+from par.scan.images import decode, list_images, select
+from par.utils import check_device, file_digest, path_digest, pick_device
+
+EXAMPLES = 8  # clean images kept in the result, to show the trigger on
+
+
+@dataclass
+class ScanConfig:
+    checkpoint: str
+    model: str
+    images: str  # CSV with an 'image' column, or a folder of image files (unlabelled)
+    scanner: str = "label-inversion"
+    scanner_params: dict = field(default_factory=dict)
+    classnames: str = "imagenet"  # file, or "imagenet" (label scanners)
+    templates: str = "openai"  # "openai", or a file of '{}' templates (label scanners)
+    labels: Optional[List[str]] = None  # candidate labels (default: every class name)
+    top_k: int = 10  # label scanners invert only the top_k candidates of a cheap ranking pass
+    max_images: int = 128  # shadow images used (a seeded sample of the sorted list when there are more)
+    threshold: Optional[float] = None  # None: the scanner's documented threshold
+    image_root: Optional[str] = None  # folder a CSV's image paths are relative to (default: the CSV's)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, low in (("top_k", 1), ("max_images", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ParError(f"scan {name} must be a whole number of at least {low}, got {value!r}")
+        check_device(self.device)
+        if self.labels is not None:
+            labels = [str(label).strip() for label in self.labels]
+            if not labels or not all(labels):
+                raise ParError(f"scan labels must be non-empty class names, got {self.labels!r}")
+            twice = sorted({label for label in labels if labels.count(label) > 1})
+            if twice:
+                raise ParError(f"scan labels list {twice} more than once")
+            self.labels = labels
+
+
+def _label_space(cfg: ScanConfig, scanner: Scanner) -> Tuple[Optional[List[str]], Optional[list], Optional[List[int]]]:
+    """(class names, templates, candidate indices) for a label scanner; Nones for the others."""
+    if not scanner.uses_labels:
+        return None, None, None
+    classnames = load_classnames(cfg.classnames)  # refuses names listed twice (one class to CLIP)
+    templates = load_templates(cfg.templates)
+    if cfg.labels is None:
+        return classnames, templates, list(range(len(classnames)))
+    missing = [label for label in cfg.labels if label not in classnames]
+    if missing:
+        raise ParError(f"label(s) {missing} are not classes in {cfg.classnames}")
+    return classnames, templates, [classnames.index(label) for label in cfg.labels]
+
+
+def check(cfg: ScanConfig):
+    """Everything that can be checked without reading images or weights; returns (scanner, class names,
+    templates, candidate indices, image paths)."""
+    scanner = make_scanner(cfg.scanner, cfg.scanner_params)
+    classnames, templates, candidates = _label_space(cfg, scanner)
+    scanner.check(len(candidates) if candidates is not None else 0, cfg.top_k)
+    paths = list_images(cfg.images, cfg.image_root)
+    if len(paths) < scanner.min_images:
+        raise ParError(f"scanner {scanner.name!r} needs at least {scanner.min_images} images; {cfg.images} lists "
+                       f"{len(paths)}")
+    if not models.has_vision_tower(cfg.model):
+        raise ParError(f"a scan inverts triggers on images, but encoder {cfg.model!r} has no vision tower config")
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_file():
+        raise ParError(f"checkpoint not found: {checkpoint}")
+    saved = models.read_metadata(checkpoint).get("model")
+    if saved and models.canonical_model_name(saved) != models.canonical_model_name(cfg.model):
+        raise ParError(f"{checkpoint} holds a {saved} model, not {models.canonical_model_name(cfg.model)}")
+    return scanner, classnames, templates, candidates, paths
+
+
+def scan_request(cfg: ScanConfig) -> dict:
+    """What makes two scans the same: the settings that change the result and the digests of the inputs.
+    Settings a scanner does not read (class names for a label-free one) are left out."""
+    scanner = make_scanner(cfg.scanner, cfg.scanner_params)
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_file():
+        raise ParError(f"checkpoint not found: {checkpoint}")
+    if not Path(cfg.images).exists():
+        raise ParError(f"images not found: {cfg.images}")
+    request = {"scanner": SCANNERS.canonical(cfg.scanner), "scanner_params": asdict(scanner.params),
+               "model": models.canonical_model_name(cfg.model), "checkpoint_digest": file_digest(checkpoint),
+               "images_digest": path_digest(cfg.images), "max_images": cfg.max_images, "seed": cfg.seed,
+               "threshold": cfg.threshold,
+               "image_root_digest": path_digest(cfg.image_root) if cfg.image_root else None}
+    if scanner.uses_labels:
+        spec_digest = lambda spec, builtin: spec if spec == builtin else path_digest(spec)  # noqa: E731
+        request.update(classnames=spec_digest(cfg.classnames, "imagenet"),
+                       templates=spec_digest(cfg.templates, "openai"), labels=cfg.labels, top_k=cfg.top_k)
+    return request
+
+
+def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
+    """Scans ``cfg.checkpoint`` with ``cfg.scanner`` on the shadow images ``cfg.images``."""
+    started = time.time()
+    scanner, classnames, templates, candidates, paths = check(cfg)
+    device = pick_device(cfg.device)
+    model = models.create_model(cfg.model)  # random weights: the input size, before the images are decoded
+    size = models.image_size(model)
+    kept = select(paths, cfg.max_images, cfg.seed)
+    images = decode(kept, size, cfg.progress)
+    models.load_weights(model, cfg.checkpoint)
+    model = model.to(device).eval().requires_grad_(False)
+    mean, std = models.image_mean_std(model)
+    context = ScanContext(model=model, images=images.to(device), mean=mean, std=std, device=device, seed=cfg.seed,
+                          progress=cfg.progress, top_k=cfg.top_k, threshold=cfg.threshold,
+                          logit_scale=float(model.logit_scale.exp()))
+    if scanner.uses_labels:
+        classifier = zero_shot_classifier(model, models.get_tokenizer(cfg.model), classnames, templates, device)
+        context.classnames, context.candidates = classnames, candidates
+        context.classifier = classifier.clone()  # out of inference mode: a constant of the inversion's graph
+    result = scanner.scan(context)
+    result.examples = images[:EXAMPLES].cpu()
+    result.seconds = time.time() - started
+    result.settings = {**asdict(cfg), "images_used": len(kept), "images_listed": len(paths)}
+    return result

@@ -1,0 +1,195 @@
+"""Checkpoint scans on the micro world: the poisoned micro model (a fixed 8-px BadNet-Stripes patch at
+rows/columns 22..29 toward ``banana``) is flagged with its target, its clean foundation is not, and the
+scan's inputs, folder and registry behave as the CLI promises."""
+import csv
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from conftest import cli_error
+from par.app.cli import main
+from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, robust_z, scan_checkpoint
+
+PATCH = slice(22, 30)  # the fixture's patch: rows and columns 22..29 of 32
+CHANCE = (8 * 8) / (32 * 32)  # the patch's share of the image: a mask spread at random puts this much mass there
+CHEAP = {"steps": 5, "families": ["patch"]}  # for tests of plumbing, not of the statistic
+
+
+def config(world, checkpoint, images=None, **changes) -> ScanConfig:
+    return ScanConfig(checkpoint=str(checkpoint), model="par-micro-vit", images=str(images or world / "test.csv"),
+                      classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"),
+                      progress=False, **changes)
+
+
+def argv(world, checkpoint, out, *extra):
+    return ["scan", "--checkpoint", str(checkpoint), "--model", "par-micro-vit", "--images", str(world / "test.csv"),
+            "--classnames", str(world / "classnames.txt"), "--templates", str(world / "templates.txt"),
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def poisoned_scan(backdoored_micro):
+    return scan_checkpoint(config(backdoored_micro.world.path, backdoored_micro.poisoned.checkpoint))
+
+
+def test_robust_z_is_median_and_mad_based():
+    assert robust_z([1.0, 2.0, 3.0, 4.0, 100.0])[4] == pytest.approx((100 - 3) / 1.4826)
+    assert robust_z([5.0, 5.0, 5.0]) == [0.0, 0.0, 0.0]
+    z = robust_z([9.0, 1.0], reference=[1.0, 2.0, 3.0])  # against another set's median and MAD
+    assert z == pytest.approx([(9 - 2) / 1.4826, (1 - 2) / 1.4826])
+
+
+def test_the_poisoned_micro_model_is_flagged_with_its_target(poisoned_scan):
+    result = poisoned_scan
+    assert result.flagged and result.verdict == "backdoored" and result.target == "banana"
+    assert result.value >= result.threshold and "clean micro models" in result.threshold_source
+    banana = max(row["z"] for row in result.labels if row["label"] == "banana")
+    others = max(row["z"] for row in result.labels if row["label"] != "banana")
+    assert banana == result.value and banana > others + 1  # the natural hub (car) comes next, well behind
+    assert len({row["label"] for row in result.labels}) == 12 and not result.details["pruned"]
+    assert result.seconds_per_label > 0 and all(row["seconds"] > 0 for row in result.labels)
+    assert result.details["refined"]["label"] == "banana" and result.details["refined"]["success"] >= 0.99
+
+
+def test_the_clean_foundation_is_not_flagged(backdoored_micro):
+    result = scan_checkpoint(config(backdoored_micro.world.path, backdoored_micro.foundation))
+    assert not result.flagged and result.verdict == "clean" and result.target is None
+    assert result.value < result.threshold
+
+
+def test_the_statistic_does_not_depend_on_the_order_of_the_images(backdoored_micro, tmp_path):
+    """Images are sorted by path before they are sampled or batched, so a shuffled list and the folder
+    the images live in give the same scan exactly (the same floats, summed in the same order)."""
+    world = backdoored_micro.world.path
+    with open(world / "test.csv") as f:
+        rows = [str(world / row["image"]) for row in csv.DictReader(f)]
+    random.Random(1).shuffle(rows)
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("image\n" + "\n".join(rows) + "\n")
+    settings = dict(scanner_params=CHEAP, max_images=48)
+    listed = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, shuffled, **settings))
+    folder = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, world / "images" / "test", **settings))
+    assert [(r["label"], r["lift"], r["z"]) for r in listed.labels] == [(r["label"], r["lift"], r["z"]) for r in folder.labels]
+    assert listed.value == folder.value and listed.settings["images_used"] == 48
+
+
+def test_candidate_pruning_keeps_the_target(backdoored_micro):
+    """With more labels than top_k + reference_labels, a short inversion of every label ranks them; the
+    planted label is ranked first and kept, and z is measured against randomly drawn reference labels."""
+    world = backdoored_micro.world.path
+    result = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, top_k=3,
+                                    scanner_params={"steps": 1, "families": ["patch"], "reference_labels": 5}))
+    assert result.details["pruned"] and result.details["ranking"][0]["label"] == "banana"
+    assert "banana" in result.details["top_k"] and len(result.details["top_k"]) == 3
+    assert len(result.details["reference"]) == 5 and result.details["rank_seconds_per_label"] > 0
+    assert {r["label"] for r in result.labels} == set(result.details["top_k"]) | set(result.details["reference"])
+
+
+@pytest.fixture
+def constant_scanner():
+    """A scanner registered the way a user's module would, removed after the test."""
+
+    @SCANNERS.register("always-clean")
+    class AlwaysClean(Scanner):
+        name = "always-clean"
+
+        def scan(self, ctx):
+            _, h, w = ctx.images.shape[1:]
+            trigger = InvertedTrigger(torch.zeros(1, h, w), torch.zeros(3, h, w), "patch", 0.0)
+            return ScanResult(scanner=self.name, flagged=False, statistic="nothing", value=0.0, threshold=1.0,
+                              threshold_source="a test", triggers={"patch": trigger})
+
+    yield "always-clean"
+    SCANNERS.remove("always-clean")
+
+
+def test_a_registered_scanner_is_found_by_the_cli(backdoored_micro, constant_scanner, tmp_path, capsys):
+    b = backdoored_micro
+    assert main(argv(b.world.path, b.foundation, tmp_path / "s", "--scanner", constant_scanner)) == 0
+    record = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert record["scanner"] == "always-clean" and record["verdict"] == "clean"
+    assert "always-clean" in capsys.readouterr().out
+
+
+def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
+    b = backdoored_micro
+    out = tmp_path / "scan"
+    cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--max-images", "32"]
+    assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "scan.json", "trigger.png"]
+    record = json.loads((out / "scan.json").read_text())
+    assert record["verdict"] in ("backdoored", "clean") and record["threshold_source"]
+    assert record["settings"]["scanner_params"]["steps"] == 5 and record["seconds_per_label"] > 0
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and set(rows[0]) >= {"label", "family", "size", "z", "success", "seconds"}
+    capsys.readouterr()
+    stamp = (out / "scan.json").stat().st_mtime_ns
+    assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 0
+    assert "reusing the finished scan" in capsys.readouterr().out
+    assert (out / "scan.json").stat().st_mtime_ns == stamp
+    error = cli_error(capsys, argv(b.world.path, b.poisoned.checkpoint, out, *cheap, "--seed", "1"))
+    assert "another request" in error and "'seed'" in error
+    error = cli_error(capsys, argv(b.world.path, b.foundation, out, *cheap))
+    assert "checkpoint_digest" in error
+    assert (out / "scan.json").stat().st_mtime_ns == stamp
+
+
+def test_decree_ranks_the_poisoned_encoder_first(backdoored_micro):
+    """DECREE's PL1 is smaller for the poisoned micro encoder than for its clean foundation; its documented
+    224-px threshold does not separate micro encoders (it flags both), which the scanner says."""
+    b = backdoored_micro
+    poisoned = scan_checkpoint(config(b.world.path, b.poisoned.checkpoint, scanner="decree",
+                                      scanner_params={"steps": 150}))
+    clean = scan_checkpoint(config(b.world.path, b.foundation, scanner="decree", scanner_params={"steps": 150}))
+    assert poisoned.details["reached"] and clean.details["reached"]
+    assert poisoned.value < clean.value and poisoned.target is None and poisoned.direction == "below"
+    assert poisoned.threshold == 0.1 and "reproductions" in poisoned.threshold_source
+
+
+def _write_images(folder, count, world):
+    folder.mkdir()
+    sources = sorted((world / "images" / "test").iterdir())[:count]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_path, capsys):
+    b = backdoored_micro
+    world, poisoned = b.world.path, b.poisoned.checkpoint
+    out = tmp_path / "never"
+
+    def error(*changes, images=None, checkpoint=poisoned, model=None):
+        args = argv(world, checkpoint, out, *changes)
+        if images is not None:
+            args[args.index("--images") + 1] = str(images)
+        if model is not None:
+            args[args.index("--model") + 1] = model
+        message = cli_error(capsys, args)
+        assert not out.exists()
+        return message
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no image files" in error(images=empty)
+    assert "at least 8 images" in error(images=_write_images(tmp_path / "three", 3, world))
+    broken = _write_images(tmp_path / "broken", 10, world)
+    (broken / "zz-not-an-image.png").write_text("not a picture")
+    message = error(images=broken)
+    assert "cannot decode image" in message and "zz-not-an-image.png" in message
+    assert "par-micro-vit" in error(model="par-tiny-vit")
+    twice = tmp_path / "classnames.txt"
+    twice.write_text((world / "classnames.txt").read_text() + "banana\n")
+    assert "'banana' twice" in error("--classnames", str(twice))
+    assert "['grape']" in error("--labels", "banana,grape,apple,kite,car")
+    assert "more than once" in error("--labels", "banana,banana,apple,kite,car")
+    assert "at least 5 candidate labels" in error("--labels", "banana,apple")
+    state = torch.load(b.foundation, map_location="cpu", weights_only=True)
+    state["state_dict"]["logit_scale"] = torch.tensor(1e4)  # finite, but its exp overflows: infinite logits
+    hot = tmp_path / "hot.pt"
+    torch.save(state, hot)
+    assert "non-finite loss" in error(checkpoint=hot)
