@@ -13,8 +13,6 @@ from conftest import cli_error
 from par.app.cli import main
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, robust_z, scan_checkpoint
 
-PATCH = slice(22, 30)  # the fixture's patch: rows and columns 22..29 of 32
-CHANCE = (8 * 8) / (32 * 32)  # the patch's share of the image: a mask spread at random puts this much mass there
 CHEAP = {"steps": 5, "families": ["patch"]}  # for tests of plumbing, not of the statistic
 
 
