@@ -114,14 +114,7 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
         row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
         try:
             if attack not in poisoned_cache:
-                given = dict(profile.attack_params.get(attack) or {})
-                params = pipeline.prepare_attack_stage(profile, out, world, attack, label, given)
-                model = pipeline.poisoned_model_stage(profile, out, world, attack, label, params)
-                metrics = pipeline.evaluate_stage(world, model.checkpoint, attack, label, params, profile.eval)
-                artifacts = {k: v for k, v in params.items() if k not in given}  # e.g. BadCLIP's patch
-                if robust:
-                    metrics = {**metrics, **_robust_columns("poisoned", world, model.checkpoint, robust, profile)}
-                poisoned_cache[attack] = (model, params, metrics, artifacts)
+                poisoned_cache[attack] = pipeline.build_poisoned(profile, out, world, attack, robust)
             model, params, poisoned, _ = poisoned_cache[attack]
             values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
             train_csv = synthetic_csv if data == "synthetic" else None
@@ -153,6 +146,13 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     columns += list(defenses)
     columns += [d + "-synthetic" for d in synthetic_defenses]
     write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
+    if profile.scan is not None:  # the scan table: every scanner on the poisoned models and clean controls
+        from par.app import scanbench
+
+        entries = scanbench.poisoned_entries({a: c for a, c in poisoned_cache.items() if a in attacks})
+        lines = scanbench.write_scan_tables(out, scanbench.scan_rows(profile, out, world, entries, progress), label)
+        with (out / f"{report}.md").open("a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
     sample = world.path / "images" / "test" / "000001.png"
     gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}

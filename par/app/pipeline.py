@@ -151,6 +151,21 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     return Poisoned(checkpoint, key, poisoned_csv)
 
 
+def build_poisoned(profile: Profile, out: Path, world: World, attack: str, robust: Optional[dict] = None) -> tuple:
+    """(model, trigger params, its CA/ASR metrics (and ``poisoned_robust@<eps>`` with ``robust``), what the
+    attack built for itself, e.g. BadCLIP's patch) for ``attack``'s poisoned model, built or reused."""
+    label = profile.label
+    given = dict(profile.attack_params.get(attack) or {})
+    params = prepare_attack_stage(profile, out, world, attack, label, given)
+    model = poisoned_model_stage(profile, out, world, attack, label, params)
+    metrics = evaluate_stage(world, model.checkpoint, attack, label, params, profile.eval)
+    artifacts = {k: v for k, v in params.items() if k not in given}
+    if robust:
+        accuracy = robust_stage(world, model.checkpoint, robust, profile.eval)
+        metrics = {**metrics, **{f"poisoned_robust@{eps}": value for eps, value in accuracy.items()}}
+    return model, params, metrics, artifacts
+
+
 def check_encoder(checkpoint: Path, model: str) -> None:
     """A clear error when ``checkpoint`` was saved for another encoder than the profile's."""
     if not Path(checkpoint).is_file():

@@ -17,7 +17,7 @@ from par.synthetic import WorldConfig
 
 STAGES = ("foundation", "poison_finetune", "pretrain", "clean")  # inline mappings or YAML files
 PATHS = ("cache", "foundation_checkpoint")
-NESTED = ("synthetic_cleaning", "robust", "defense_settings", "quick")  # read by from_mapping, not by build
+NESTED = ("synthetic_cleaning", "robust", "defense_settings", "scan", "quick")  # read by from_mapping, not by build
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,35 @@ class Robust:
             if getattr(self, key) is not None:
                 out[f"robust_{key}"] = getattr(self, key)
         return out
+
+
+@dataclass(frozen=True)
+class ScanBench:
+    """The scan table: every scanner on every poisoned model and on clean controls, which are the
+    foundation, the poisoning fine-tune at 0 % poison under other seeds (identical but for the poison)
+    and shorter benign fine-tunes (the ``clean`` budget as a plain CLIP fine-tune) on the clean split."""
+
+    scanners: List[str] = field(default_factory=lambda: ["label-inversion", "decree"])
+    scanner_params: Dict[str, dict] = field(default_factory=dict)  # per scanner
+    images: str = "clean"  # the world split whose images are the shadow images (unlabelled)
+    max_images: int = 128
+    seed: int = 0
+    zero_poison_seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    benign_seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
+
+    def __post_init__(self):
+        if self.images not in ("train", "clean", "test"):
+            raise ParError(f"profile 'scan' images must be a world split (train, clean or test), got {self.images!r}")
+        if not self.scanners:
+            raise ParError("profile 'scan' needs at least one scanner")
+        for key in ("zero_poison_seeds", "benign_seeds"):
+            seeds = getattr(self, key)
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+                raise ParError(f"profile 'scan' {key} must be whole numbers >= 0, got {seeds!r}")
+            if len(set(seeds)) != len(seeds):
+                raise ParError(f"profile 'scan' {key} lists a seed twice: {seeds!r}")
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ParError(f"profile 'scan' max_images must be a whole number >= 1, got {self.max_images!r}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,7 @@ class Profile:
     seeds: List[int] = field(default_factory=lambda: [0])
     eval: Optional[dict] = None  # EvalConfig keys
     robust: Optional[Robust] = None
+    scan: Optional[ScanBench] = None  # the scan table (scanners on poisoned and clean models)
     quick: Dict[str, Any] = field(default_factory=dict)  # --quick: these fields replaced (already read)
 
     @classmethod
@@ -133,6 +163,11 @@ class Profile:
         if values.get("robust"):
             read["robust"] = build(Robust, _mapping(values["robust"], "robust"), "profile 'robust'")
             read["robust"].eval_settings()
+        if values.get("scan"):
+            read["scan"] = build(ScanBench, _mapping(values["scan"], "scan"), "profile 'scan'")
+            from par.scan import SCANNERS
+
+            read["scan"] = dataclasses.replace(read["scan"], scanners=[SCANNERS.canonical(n) for n in read["scan"].scanners])
         profile = dataclasses.replace(plain, **read)
         profile.poisoning_mode()
         return profile

@@ -1,0 +1,202 @@
+"""The scan table: does a scanner tell the benchmark's poisoned models from clean ones, and name the target?
+
+Every scanner of the profile's ``scan`` part scans every poisoned model and the clean controls:
+
+* the foundation (never poisoned);
+* the poisoning recipe at 0 % poison under other seeds: identical to a poisoned model but for the poison,
+  the honest control (a scanner that flags fine-tunes as such fails here);
+* shorter benign fine-tunes of the foundation on the clean split (the profile's ``clean`` budget with
+  the plain CLIP loss), other data than the poisoning's.
+
+Scanners flag by their own documented thresholds, which are never set on these models. Per scanner the
+table reports the AUROC of its margin over the threshold (poisoned vs clean), TPR and FPR at the
+threshold, how often the target label is named among the poisoned models, and seconds per scan.
+Every model and scan lands in a folder named by what it depends on, so a re-run reuses them.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from par.app import pipeline
+from par.attacks import TRIGGERS
+from par.app.profile import Profile, ScanBench
+from par.app.scan import run_scan
+from par.config import build
+from par.errors import ParError
+from par.eval.metrics import auroc
+from par.scan import ScanConfig
+from par.utils import digest
+
+COLUMNS = ["scanner", "model", "kind", "attack", "asr", "flagged", "margin", "value", "threshold", "target",
+           "named_target", "top_label", "family", "seconds", "folder"]
+BACKDOORED_ASR = 0.9  # a poisoned model whose ASR reaches this carries its backdoor (the benchmark's bar)
+
+
+@dataclass
+class Scanned:
+    """One model to scan: ``kind`` is ``poisoned`` or ``clean``; ``attack`` and ``asr`` for poisoned ones."""
+
+    name: str
+    kind: str
+    checkpoint: Path
+    attack: str = ""
+    asr: Optional[float] = None
+
+
+def clean_controls(profile: Profile, out: Path, world: pipeline.World) -> List[Scanned]:
+    """The foundation, its 0 %-poison fine-tunes and its benign fine-tunes (trained once, then reused)."""
+    part: ScanBench = profile.scan
+    foundation, foundation_key = pipeline.foundation_stage(profile, out, world)
+    shared = world.cache or Path(out)
+    models = [Scanned("foundation", "clean", Path(foundation))]
+    scratch = profile.poisoning_mode() == "scratch"
+    recipe = dict(profile.pretrain) if scratch else {**profile.poison_finetune, "init_checkpoint": str(foundation)}
+    for seed in part.zero_poison_seeds:
+        values = {**recipe, "seed": seed}
+        folder = shared / f"zero-poison-{digest([world.key, foundation_key, values])}"
+        models.append(Scanned(f"0 % poison, seed {seed}", "clean", _train(world, values, "train", folder)))
+    if part.benign_seeds and not profile.clean:
+        raise ParError("profile 'scan' benign_seeds fine-tune with the 'clean' budget: the profile has none")
+    benign = {**profile.clean, "objective": "clip", "augment": "none", "objective_params": {"train_logit_scale": False},
+              "init_checkpoint": str(foundation)}
+    for seed in part.benign_seeds:
+        values = {**benign, "seed": seed}
+        folder = shared / f"benign-{digest([world.key, foundation_key, values])}"
+        models.append(Scanned(f"benign fine-tune, seed {seed}", "clean", _train(world, values, "clean", folder)))
+    return models
+
+
+def _train(world: pipeline.World, values: dict, split: str, folder: Path) -> Path:
+    from par.train import train, train_config
+
+    cfg = train_config({**pipeline.IN_MEMORY, **values, "model": world.model,
+                        "train_csv": str(world.path / f"{split}.csv"), "out": str(folder)}, "profile 'scan' control")
+    return train(cfg, reuse=True)
+
+
+def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBench, progress: bool = False) -> dict:
+    """scan.json's record of ``scanner`` on ``model`` (a folder beside the checkpoint, reused when identical)."""
+    values = {"checkpoint": str(model.checkpoint), "model": world.model,
+              "images": str(world.path / f"{part.images}.csv"), "scanner": scanner,
+              "scanner_params": dict(part.scanner_params.get(scanner) or {}),
+              "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
+              "max_images": part.max_images, "seed": part.seed, "progress": progress}
+    cfg = build(ScanConfig, values, f"profile 'scan' ({scanner})")
+    folder = model.checkpoint.parent / f"scan-{scanner}-{digest({k: v for k, v in values.items() if k != 'progress'})}"
+    record, _ = run_scan(cfg, folder)
+    return {**record, "folder": str(folder)}
+
+
+def margin(record: dict) -> float:
+    """How far past its threshold a scan's statistic lies, positive when flagged (for AUROC)."""
+    value, threshold = record["value"], record["threshold"]
+    return value - threshold if record["flagged_when"].startswith("above") else threshold - value
+
+
+def top_label(record: dict) -> Optional[str]:
+    """The label a label scanner points at, flagged or not (its top row); None for label-free ones."""
+    return record["target"] or (record.get("details") or {}).get("top_label")
+
+
+def scan_rows(profile: Profile, out: Path, world: pipeline.World, poisoned: List[Scanned],
+              progress: bool = True) -> List[dict]:
+    """One row per scanner and model: the poisoned models given, then the clean controls."""
+    models = poisoned + clean_controls(profile, out, world)
+    rows = []
+    for scanner in profile.scan.scanners:
+        for model in models:
+            if progress:
+                print(f"scan ({scanner}): {model.name}", flush=True)
+            record = scan_model(world, model, scanner, profile.scan)
+            rows.append({"scanner": scanner, "model": model.name, "kind": model.kind, "attack": model.attack,
+                         "asr": model.asr, "flagged": record["verdict"] == "backdoored", "margin": margin(record),
+                         "value": record["value"], "threshold": record["threshold"], "target": record["target"] or "",
+                         "named_target": model.kind == "poisoned" and record["target"] == profile.label,
+                         "top_label": top_label(record) or "", "family": record["family"] or "",
+                         "seconds": record["seconds"], "folder": record["folder"]})
+    return rows
+
+
+def summarize(rows: List[dict], label: str) -> List[dict]:
+    """Per scanner: AUROC of the margin (every poisoned model vs the clean ones, and backdoored ones only),
+    TPR / FPR at the threshold, target named, mean seconds per scan."""
+    summary = []
+    for scanner in dict.fromkeys(r["scanner"] for r in rows):
+        mine = [r for r in rows if r["scanner"] == scanner]
+        clean = [r for r in mine if r["kind"] == "clean"]
+        poisoned = [r for r in mine if r["kind"] == "poisoned"]
+        backdoored = [r for r in poisoned if (r["asr"] or 0) >= BACKDOORED_ASR]
+
+        def area(positives):
+            if not positives or not clean:
+                return None
+            return auroc([r["margin"] for r in positives + clean], [1] * len(positives) + [0] * len(clean))
+
+        summary.append({
+            "scanner": scanner, "poisoned": len(poisoned), "backdoored": len(backdoored), "clean": len(clean),
+            "auroc": area(poisoned), "auroc_backdoored": area(backdoored),
+            "tpr": sum(r["flagged"] for r in poisoned) / max(len(poisoned), 1),
+            "clean_flagged": sum(r["flagged"] for r in clean),
+            "named": sum(r["named_target"] for r in poisoned),
+            "top_label_right": sum(r["top_label"] == label for r in poisoned),
+            "seconds": statistics.mean(r["seconds"] for r in mine) if mine else None})
+    return summary
+
+
+def write_scan_tables(out: Path, rows: List[dict], label: str) -> List[str]:
+    """``scan.csv`` (one row per scan) and the markdown lines of the table (also ``scan.md``)."""
+    out = Path(out)
+    with (out / "scan.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v, spec="{:.3f}": "–" if v is None else spec.format(v)  # noqa: E731
+    lines = [f"Checkpoint scans (target '{label}'): per scanner, AUROC of its margin over its threshold "
+             f"(poisoned vs clean; 'backdoored': poisoned models with ASR >= {100 * BACKDOORED_ASR:.0f} %), "
+             "TPR and FPR at the scanner's documented threshold, target named among the poisoned models, "
+             "seconds per scan.", "",
+             "| scanner | AUROC (all poisoned) | AUROC (backdoored) | TPR | clean flagged | target named | s / scan |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summarize(rows, label):
+        lines.append(f"| `{s['scanner']}` | {fmt(s['auroc'])} | {fmt(s['auroc_backdoored'])} | "
+                     f"{s['tpr'] * s['poisoned']:.0f} / {s['poisoned']} | {s['clean_flagged']} / {s['clean']} | "
+                     f"{s['named']} / {s['poisoned']} | {fmt(s['seconds'], '{:.1f}')} |")
+    lines += ["", "| scanner | model | ASR | verdict | margin | target (top label) | family |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        asr = "" if r["asr"] is None else f"{100 * r['asr']:.1f}"
+        verdict = "backdoored" if r["flagged"] else "clean"
+        named = r["target"] or (f"({r['top_label']})" if r["top_label"] else "–")
+        lines.append(f"| `{r['scanner']}` | {r['model']} | {asr} | {verdict} | {r['margin']:+.2f} | {named} | "
+                     f"{r['family']} |")
+    (out / "scan.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]] = None,
+                   progress: bool = True) -> Path:
+    """The scan table alone: the profile's poisoned models (built or reused) and clean controls, scanned.
+    Writes ``scan.csv`` and ``scan.md`` in ``out``."""
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
+    if profile.scan is None:
+        raise ParError("the profile has no 'scan' part (scanners, clean controls): nothing to scan")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = pipeline.make_world_stage(profile, out)
+    names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
+    built = {attack: pipeline.build_poisoned(profile, out, world, attack) for attack in names}
+    rows = scan_rows(profile, out, world, poisoned_entries(built), progress)
+    write_scan_tables(out, rows, profile.label)
+    print(f"scan results: {out / 'scan.md'}")
+    return out
+
+
+def poisoned_entries(built: Dict[str, tuple]) -> List[Scanned]:
+    """Poisoned models (``pipeline.build_poisoned``'s, by attack) as models to scan."""
+    return [Scanned(f"poisoned ({attack})", "poisoned", Path(model.checkpoint), attack, metrics["asr_top1"])
+            for attack, (model, _, metrics, _) in built.items()]

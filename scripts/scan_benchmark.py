@@ -1,0 +1,32 @@
+"""The scan table alone: every scanner of a profile's ``scan`` part on its poisoned models and clean controls.
+
+    python scripts/scan_benchmark.py [--config configs/micro-scan.yaml] [--out runs/micro-scan] [--attacks a,b]
+
+Builds (or reuses) the poisoned models and the clean controls, scans each, and writes ``scan.csv`` and
+``scan.md`` (AUROC, TPR / FPR at the threshold, target named, seconds per scan). ``python -m par bench``
+writes the same table beside its results when its profile has a ``scan`` part.
+"""
+import argparse
+import sys
+
+from par.app.scanbench import run_scan_bench
+from par.errors import ParError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/micro-scan.yaml")
+    parser.add_argument("--out", default="runs/micro-scan")
+    parser.add_argument("--attacks", help="comma-separated subset (default: the profile's attacks)")
+    args = parser.parse_args(argv)
+    try:
+        out = run_scan_bench(args.config, args.out, args.attacks.split(",") if args.attacks else None)
+    except ParError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "scan.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
