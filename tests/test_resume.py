@@ -14,6 +14,7 @@ from conftest import REPO
 from par import models
 from par.app.cli import main
 from par.defenses import DEFENSES, FineTune
+from par.defenses.invert import Invert, save_trigger
 
 # 96 training rows / batch 8 = 12 steps an epoch: the state of step 14 is 2 batches into epoch 1 (RoCLIP's
 # first matching epoch, against the caption pool of epoch 0), the kill comes 2 steps later
@@ -44,14 +45,14 @@ def kill_during(args, at: int):
 
 def every_defense():
     """Every registered defense: those that fine-tune on unlabelled pairs as they are, TeCoA on the same
-    pairs with their class as a label, multi-stage ones (EftCLIP: detect, curate, fine-tune) killed in
-    their fine-tuning stage."""
+    pairs with their class as a label, multi-stage ones (EftCLIP: detect, curate, fine-tune; invert: scan,
+    fine-tune) killed in their fine-tuning stage."""
     return DEFENSES.in_order()
 
 
 def _extra(defense, world, tmp_path):
     """What a defense needs beyond the shared options: labels (TeCoA), the poisoned data and label space
-    (EftCLIP, whose micro oracle trains for one epoch)."""
+    (EftCLIP, whose micro oracle trains for one epoch), a trigger to unlearn (invert, par+invert)."""
     found = DEFENSES.get(defense)
     if found.needs_labels:
         names = (world / "classnames.txt").read_text().split("\n")
@@ -62,6 +63,11 @@ def _extra(defense, world, tmp_path):
         labelled = tmp_path / "labelled.csv"
         frame.to_csv(labelled, index=False)
         return ["--train-csv", str(labelled), "--objective_params.classnames", str(world / "classnames.txt")]
+    if isinstance(found, Invert):  # a trigger handed in (no scan: nothing to find in a random model), re-inverted
+        mask = torch.zeros(1, 32, 32)
+        mask[:, 22:30, 22:30] = 1
+        trigger = save_trigger(tmp_path / "trigger.safetensors", mask, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        return ["--invert.trigger", str(trigger), "--invert.reinvert_every", "5"]
     if not isinstance(found, FineTune):
         return ["--poisoned-data", str(world / "train.csv"), "--classnames", str(world / "classnames.txt"),
                 "--eftclip.oracle_params.epochs", "1", "--eftclip.oracle_params.precise_bn", "false",

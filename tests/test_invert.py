@@ -1,0 +1,122 @@
+"""invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
+import json
+
+import pytest
+import torch
+
+from par import attacks, models
+from par.app import pipeline
+from par.defenses import DEFENSES, CleaningJob, TaskContext, make_objective
+from par.defenses.base import Batch
+from par.defenses.invert import load_trigger, save_trigger
+from par.errors import ParError
+
+
+def true_trigger(backdoored, path):
+    """The planted trigger as a mask and pattern: stamped black = m p, stamped white = 1 - m + m p."""
+    size = backdoored.profile.world["image_size"]
+    black, white = torch.zeros(1, 3, size, size), torch.ones(1, 3, size, size)
+    params = backdoored.attack_params
+    on_black = attacks.apply(backdoored.attack, black, seed=0, **params)[0]
+    on_white = attacks.apply(backdoored.attack, white, seed=0, **params)[0]
+    mask = (1 - (on_white - on_black)).mean(0, keepdim=True).clamp(0, 1)
+    pattern = torch.where(mask > 0, on_black / mask.clamp_min(1e-6), torch.zeros_like(on_black)).clamp(0, 1)
+    return save_trigger(path, mask, pattern)
+
+
+def _job(backdoored, out, defense_settings=None, checkpoint=None, steps=None):
+    world = backdoored.world.path
+    settings = {**backdoored.profile.clean, "progress": False, **(defense_settings or {})}
+    if steps:
+        settings.update(steps=steps, warmup=min(settings.get("warmup", 0), steps - 1))
+    return CleaningJob(checkpoint=str(checkpoint or backdoored.poisoned.checkpoint), model=backdoored.world.model,
+                       train_csv=str(world / "clean.csv"), out=str(out), settings={**pipeline.IN_MEMORY, **settings},
+                       classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"))
+
+
+def test_unlearning_term_is_zero_for_an_empty_trigger(tmp_path):
+    torch.manual_seed(0)
+    model = models.create_model("par-micro-vit").eval()
+    empty = save_trigger(tmp_path / "empty.safetensors", torch.zeros(1, 32, 32), torch.rand(3, 32, 32))
+    full = save_trigger(tmp_path / "full.safetensors", torch.ones(1, 32, 32), torch.rand(3, 32, 32))
+    from open_clip import ClipLoss
+
+    mean, std = models.image_mean_std(model)
+    context = TaskContext(contrastive=ClipLoss(), mean=mean, std=std)
+    raw = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
+    from par.augment import normalize
+    from par.data import to_float
+
+    batch = Batch(normalize(to_float(raw), mean, std), models.get_tokenizer("par-micro-vit")(["a cat"] * 4), raw)
+    for name in ("clip-unlearn", "par-unlearn"):
+        terms = make_objective(name, {"trigger": str(empty)}, model, context)(model, batch)
+        assert float(terms["unlearn"].detach()) < 1e-10  # the copy being cleaned starts as the frozen model
+        moved = make_objective(name, {"trigger": str(full)}, model, context)(model, batch)
+        assert float(moved["unlearn"].detach()) > 1e-3  # a trigger covering the image moves every embedding
+        assert torch.allclose(moved["loss"], moved["loss"] - moved["unlearn"] + moved["unlearn"])
+
+
+def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_micro, tmp_path):
+    trigger = true_trigger(backdoored_micro, tmp_path / "true.safetensors")
+    steps = 40
+    ft = DEFENSES.get("ft").clean(_job(backdoored_micro, tmp_path / "ft", steps=steps))
+    inverted = DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "invert",
+                                                 {"invert": {"trigger": str(trigger)}}, steps=steps))
+    report = json.loads((tmp_path / "invert" / "defense-report.json").read_text())
+    assert report["unlearned"] and report["scan"]["verdict"] == "given"
+    asr_ft = backdoored_micro.evaluate(ft)["asr_top1"]
+    asr_invert = backdoored_micro.evaluate(inverted)["asr_top1"]
+    assert asr_invert < asr_ft - 0.2, (asr_invert, asr_ft)
+    logged = [json.loads(line) for line in (tmp_path / "invert" / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert "unlearn" in logged[-1]
+
+
+def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro, tmp_path):
+    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", steps=3,
+                                                    checkpoint=backdoored_micro.foundation))
+    report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
+    assert report["scan"]["verdict"] == "clean" and not report["unlearned"] and "found no backdoor" in report["note"]
+    config = (tmp_path / "run" / "finetune" / "config.yaml").read_text()
+    assert "objective: par\n" in config and cleaned.is_file()
+    assert DEFENSES.get("par+invert").report(tmp_path / "run", "banana") == {"scan_verdict": "clean", "scan_target": ""}
+
+
+def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoored_micro, tmp_path):
+    DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "run", steps=2))
+    report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
+    assert report["scan"]["target"] == "banana" and report["unlearned"]
+    mask, pattern = load_trigger(report["scan"]["trigger"])
+    assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
+    (scan,) = (tmp_path / "invert-scans").iterdir()  # beside the run: other seeds' runs share it
+    assert (scan / "scan.json").is_file()
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"weight": -1}, "weight must be a finite number >= 0"), ({"weight": float("nan")}, "weight"),
+    ({"reinvert_every": 0}, "reinvert_every must be a whole number of steps >= 1"),
+    ({"reinvert_steps": 0}, "reinvert_steps"), ({"trigger": "/no/such.safetensors"}, "trigger file not found"),
+    ({"scanner": "nope"}, "nope")])
+def test_bad_settings_are_one_line_errors_before_any_work(backdoored_micro, tmp_path, settings, words):
+    job = _job(backdoored_micro, tmp_path / "run", {"invert": settings})
+    with pytest.raises(ParError, match=words):
+        DEFENSES.get("invert").check(job)
+        DEFENSES.get("invert").clean(job)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_encoder_is_refused_before_the_scan(backdoored_micro, tmp_path):
+    other = models.save_checkpoint(models.create_model("par-tiny-vit"), tmp_path / "other.pt", {"model": "par-tiny-vit"})
+    with pytest.raises(ParError, match="holds a par-tiny-vit model"):
+        DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "run", checkpoint=other))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "invert-scans").exists()
+
+
+def test_a_bad_trigger_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"mask": torch.full((1, 8, 8), 2.0), "pattern": torch.zeros(3, 8, 8)}, str(tmp_path / "big.safetensors"))
+    save_file({"mask": torch.zeros(8, 8)}, str(tmp_path / "half.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    for name, words in [("big", "in \\[0, 1\\]"), ("half", "lacks \\['pattern'\\]"), ("junk", "cannot read")]:
+        with pytest.raises(ParError, match=words):
+            load_trigger(str(tmp_path / f"{name}.safetensors"))
