@@ -112,7 +112,22 @@ def _logit(x: torch.Tensor) -> torch.Tensor:
 
 
 class Unlearning:
-    """The unlearning term and the trigger it stamps (sigmoid parameters, so re-inversion stays in [0, 1])."""
+    """The unlearning term and the trigger it stamps (sigmoid parameters, so re-inversion stays in [0, 1]);
+    mixed in before an Objective, whose hooks it extends."""
+
+    def __init__(self, model, params, context):
+        super().__init__(model, params, context)
+        self.setup_trigger(params)
+
+    def after_step(self, model) -> None:
+        super().after_step(model)
+        self.after_unlearning_step(model)
+
+    def state_dict(self) -> dict:
+        return self.unlearning_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_unlearning_state(state)
 
     def setup_trigger(self, params) -> None:
         mask, pattern = load_trigger(params.trigger)
@@ -196,24 +211,10 @@ class ClipUnlearn(Unlearning, Objective):
     Params = ClipUnlearnParams
     needs_frozen = True
 
-    def __init__(self, model, params, context):
-        super().__init__(model, params, context)
-        self.setup_trigger(params)
-
     def __call__(self, model, batch):
         image, text, scale, unlearn = self.unlearning_terms(model, batch, batch.images)
         clip = self.context.contrastive(image, text, scale)
         return {"loss": clip + self.params.weight * unlearn, "clip_loss": clip, "unlearn": unlearn}
-
-    def after_step(self, model) -> None:
-        super().after_step(model)
-        self.after_unlearning_step(model)
-
-    def state_dict(self) -> dict:
-        return self.unlearning_state()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_unlearning_state(state)
 
 
 @dataclass
@@ -228,10 +229,6 @@ class ParUnlearn(Unlearning, PARObjective):
 
     Params = ParUnlearnParams
 
-    def __init__(self, model, params, context):
-        super().__init__(model, params, context)
-        self.setup_trigger(params)
-
     def __call__(self, model, batch):
         from par.defenses.par import par_terms
 
@@ -241,16 +238,6 @@ class ParUnlearn(Unlearning, PARObjective):
         terms = par_terms(image, text, frozen_image, frozen_text, scale, self.params.tau, self.context.contrastive,
                           self.context.reduce_mean)
         return {**terms, "loss": terms["loss"] + self.params.weight * unlearn, "unlearn": unlearn}
-
-    def after_step(self, model) -> None:
-        super().after_step(model)
-        self.after_unlearning_step(model)
-
-    def state_dict(self) -> dict:
-        return self.unlearning_state()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_unlearning_state(state)
 
 
 OBJECTIVES.add("clip-unlearn", ClipUnlearn)
