@@ -1,7 +1,24 @@
 #!/usr/bin/env bash
-# Every attack against every defense on the synthetic world: bash scripts/benchmark.sh [--quick] [--out DIR]
-# Re-running resumes: finished cells are reused. Outputs results.csv, results.md, tradeoff.png, triggers.png.
+# The whole benchmark, one profile after another into one folder: bash scripts/benchmark.sh [--quick] [--out DIR]
+#   bench.yaml            the main matrix, the never-poisoned floor and the scan table  -> results.md, scan.md
+#   bench-fare.yaml       FARE beside PAR and FT, robust zero-shot accuracy              -> fare.md
+#   bench-eftclip.yaml    EftCLIP (detection in the poisoned training set)               -> eftclip.md
+#   bench-tau.yaml        PAR's tau swept on three attacks                               -> tau.md, tau-tradeoff.png
+#   bench-synthetic.yaml  PAR cleaned with pairs of a world of another style             -> synthetic.md
+# Re-running resumes: finished cells, models, scans and evaluations are reused, also across profiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-exec "$PY" -m par bench --config "${BENCH_CONFIG:-configs/bench.yaml}" "$@"
+out=runs/bench
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --out=*) out="${1#--out=}"; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+"$PY" -m par bench --config configs/bench.yaml --out "$out" ${args[@]+"${args[@]}"}
+for side in fare eftclip tau synthetic; do
+  "$PY" -m par bench --config "configs/bench-$side.yaml" --out "$out" --report "$side" ${args[@]+"${args[@]}"}
+done

@@ -1,4 +1,5 @@
 """Bad input ends in one 'error: ...' line and exit status 2, and loses nothing already written."""
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,9 @@ def test_world_style_from_the_command_line(capsys, tmp_path):
     assert "cartoon" in (tmp_path / "cartoon" / "world.json").read_text()
     msg = cli_error(capsys, args + ["--out", str(tmp_path / "oil"), "--style", "oil"])
     assert msg == "error: unknown world style 'oil'; known: photo, sketch, cartoon"
+
+
+def test_bench_refuses_a_report_name_that_is_not_a_file_stem(capsys, tmp_path):
+    msg = cli_error(capsys, ["bench", "--config", os.path.join(REPO, "configs", "micro-bench.yaml"), "--out",
+                             str(tmp_path / "b"), "--report", "../elsewhere"])
+    assert "report must be a file stem" in msg and not (tmp_path / "b").exists()

@@ -8,7 +8,7 @@ from par.config import load_yaml
 from par.train import train_config, validate
 
 ALL = sorted(Path(REPO, "configs").rglob("*.yaml"))
-PROFILES = [p for p in ALL if "world" in load_yaml(p)]  # demo and benchmark profiles
+PROFILES = [p for p in ALL if {"world", "extends"} & set(load_yaml(p))]  # demo and benchmark profiles
 TRAIN_CONFIGS = [p for p in ALL if p not in PROFILES]
 
 
@@ -55,4 +55,4 @@ def test_profiles_name_valid_stages(path):
             attacks.get_trigger(name, **params)
         for name in profile.attacks or []:
             attacks.get_trigger(name)
-    assert len(PROFILES) == 6 and len(TRAIN_CONFIGS) >= 8
+    assert len(PROFILES) == 10 and len(TRAIN_CONFIGS) >= 8

@@ -120,3 +120,40 @@ def test_the_quick_variant_replaces_only_its_keys():
 def test_an_empty_key_means_its_default(tmp_path):
     profile = Profile.load(_write(tmp_path, attack_params=None, seeds=None, robust={}))
     assert profile.attack_params == {} and profile.seeds == [0] and profile.robust is None
+
+
+def test_extends_starts_from_another_profile_whose_paths_stay_its_own(tmp_path):
+    stages = tmp_path / "main" / "stages"
+    stages.mkdir(parents=True)
+    shutil.copy(MICRO / "par.yaml", stages / "par.yaml")
+    (stages / "ft.yaml").write_text("objective_params: {train_logit_scale: false}\n")
+    main = _write(tmp_path / "main", clean="stages/par.yaml", cache="../cache", defense_settings={"ft": "stages/ft.yaml"},
+                  seeds=[0, 1], robust={"eps": ["2/255"]})
+    side = tmp_path / "side" / "fare.yaml"  # another folder: the main profile's relative paths must not move
+    side.parent.mkdir()
+    side.write_text(f"extends: {main}\ndefenses: [fare]\nseeds: [0]\nrobust: null\n"
+                    "quick: {attacks: [blended]}\n")
+    profile, base = Profile.load(side), Profile.load(main)
+    assert (profile.defenses, profile.seeds, profile.robust) == (["fare"], [0], None)  # replaced, or dropped by null
+    assert profile.clean == load_yaml(MICRO / "par.yaml") and profile.cache == (tmp_path / "cache").resolve()
+    assert profile.defense_settings == base.defense_settings == {"ft": {"objective_params": {"train_logit_scale": False}}}
+    assert (profile.attacks, profile.world, profile.poison) == (base.attacks, base.world, base.poison)
+    assert profile.quick_profile().attacks == ["blended"]
+    # a chain of two works; a missing file, a loop and a misspelt key each end in one line
+    (tmp_path / "side" / "again.yaml").write_text("extends: fare.yaml\nseeds: [3]\n")
+    assert Profile.load(tmp_path / "side" / "again.yaml").defenses == ["fare"]
+    (tmp_path / "side" / "gone.yaml").write_text("extends: nowhere.yaml\n")
+    assert _error(tmp_path / "side" / "gone.yaml").startswith("profile key 'extends': no file nowhere.yaml")
+    (tmp_path / "side" / "loop.yaml").write_text("extends: loop.yaml\n")
+    assert "extends itself" in _error(tmp_path / "side" / "loop.yaml")
+    (tmp_path / "side" / "typo.yaml").write_text(f"extends: {main}\nseed: [0]\n")
+    assert "'seed'" in _error(tmp_path / "side" / "typo.yaml")
+
+
+def test_the_side_benchmarks_extend_the_main_one():
+    main = Profile.load(Path(REPO, "configs", "bench.yaml"))
+    for side in ("fare", "eftclip", "tau", "synthetic"):
+        profile = Profile.load(Path(REPO, "configs", f"bench-{side}.yaml"))
+        assert (profile.world, profile.poison_rates, profile.clean, profile.cache, profile.poison_finetune) == \
+            (main.world, main.poison_rates, main.clean, main.cache, main.poison_finetune)
+        assert profile.scan is None and set(profile.defenses).isdisjoint({"invert", "par+invert"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import statistics
 import time
 import traceback
@@ -77,6 +78,8 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     of the result files (``<report>.csv``, ``<report>.md``; the plot is ``tradeoff.png``, or
     ``<report>-tradeoff.png`` for another report), so a subset can reuse the benchmark's cells without
     overwriting its report."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", report or ""):
+        raise ParError(f"bench report must be a file stem (letters, digits, . _ -), got {report!r}")
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     if quick:

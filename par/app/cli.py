@@ -232,7 +232,8 @@ def cmd_bench(args) -> None:
     from par.app.bench import run_bench
 
     split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
-    run_bench(args.config, args.out, quick=args.quick, attacks=split(args.attacks), defenses=split(args.defenses))
+    run_bench(args.config, args.out, quick=args.quick, attacks=split(args.attacks), defenses=split(args.defenses),
+              report=args.report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the config's quick subset")
     p.add_argument("--attacks", help="comma-separated subset of attacks")
     p.add_argument("--defenses", help="comma-separated subset of defenses")
+    p.add_argument("--report", default="results", help="stem of the result files (REPORT.csv, REPORT.md): a side "
+                                                      "profile shares --out with the main one, reusing its cells")
 
     p = sub.add_parser("demo", help="offline demo: world, poison, poisoned CLIP, PAR, CA/ASR table")
     p.add_argument("--profile", default="configs/demo.yaml")

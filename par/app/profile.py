@@ -125,8 +125,11 @@ class Profile:
 
     @classmethod
     def from_mapping(cls, values: dict, base: str | os.PathLike) -> "Profile":
-        """A profile from YAML-like ``values``; relative paths resolve against the folder ``base``."""
-        values = {k: v for k, v in values.items() if v is not None}
+        """A profile from YAML-like ``values``; relative paths resolve against the folder ``base``.
+
+        ``extends: OTHER.yaml`` starts from another profile: each key given here replaces that key of
+        the other whole (``null`` drops it), so a side benchmark shares the main one's regime."""
+        values = {k: v for k, v in _extended(values, Path(base), ()).items() if v is not None}
         quick = values.pop("quick", None) or {}
         if not isinstance(quick, dict):
             raise ParError(f"profile key 'quick' must be a mapping of profile keys, got {quick!r}")
@@ -186,6 +189,28 @@ class Profile:
         if mode == "scratch" and not self.pretrain:
             raise ParError("poisoning from scratch needs the profile key 'pretrain'")
         return mode
+
+
+def _extended(values: dict, base: Path, seen: tuple) -> dict:
+    """``values`` over the profile it ``extends`` (recursively); the other file's paths made absolute."""
+    if not isinstance(values, dict):
+        raise ParError(f"a profile must be a mapping of keys to values, got {values!r}")
+    if values.get("extends") is None:
+        return {k: v for k, v in values.items() if k != "extends"}
+    parent = _path(values["extends"], "extends", base).resolve()
+    if parent in seen:
+        raise ParError(f"profile key 'extends': {parent} extends itself (through {' -> '.join(map(str, seen))})")
+    if not parent.is_file():
+        raise ParError(f"profile key 'extends': no file {values['extends']} (looked for {parent})")
+    inherited = _extended(load_yaml(parent), parent.parent, seen + (parent,))
+    for key in STAGES + PATHS:
+        if isinstance(inherited.get(key), (str, os.PathLike)):
+            inherited[key] = str(_path(inherited[key], key, parent.parent))
+    if isinstance(inherited.get("defense_settings"), dict):
+        inherited["defense_settings"] = {
+            name: str(_path(spec, f"defense_settings.{name}", parent.parent)) if isinstance(spec, (str, os.PathLike))
+            else spec for name, spec in inherited["defense_settings"].items()}
+    return {**inherited, **{k: v for k, v in values.items() if k != "extends"}}
 
 
 def _mapping(value, key: str) -> dict:
