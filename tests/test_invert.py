@@ -1,5 +1,6 @@
 """invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from par import attacks, models
 from par.app import pipeline
 from par.defenses import DEFENSES, CleaningJob, TaskContext, make_objective
 from par.defenses.base import Batch
-from par.defenses.invert import load_trigger, save_trigger
+from par.scan.files import load_trigger, save_trigger
 from par.errors import ParError
 
 
@@ -88,7 +89,32 @@ def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoore
     mask, pattern = load_trigger(report["scan"]["trigger"])
     assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
     (scan,) = (tmp_path / "invert-scans").iterdir()  # beside the run: other seeds' runs share it
-    assert (scan / "scan.json").is_file()
+    assert (scan / "scan.json").is_file() and report["scan"]["folder"] == str(scan)
+    DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "again", steps=2))
+    assert list((tmp_path / "invert-scans").iterdir()) == [scan]  # the same request: the same scan
+
+
+def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro, tmp_path):
+    from par.scan.folder import run_scan, scan_folder
+
+    checkpoint = tmp_path / "models" / "poisoned.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(backdoored_micro.poisoned.checkpoint, checkpoint)
+    invert = DEFENSES.get("invert")
+    job = _job(backdoored_micro, tmp_path / "runs" / "a", steps=2, checkpoint=checkpoint)
+    folder = scan_folder(checkpoint.parent, invert.scan_config(job, invert.params(job)))
+    record, reused = run_scan(invert.scan_config(job, invert.params(job)), folder)  # as the scan table does
+    assert not reused and record["verdict"] == "backdoored"
+    mask, pattern = load_trigger(folder / "trigger.safetensors")
+    assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
+    invert.clean(job)
+    report = json.loads((tmp_path / "runs" / "a" / "defense-report.json").read_text())
+    assert report["scan"]["folder"] == str(folder) and report["unlearned"]
+    assert not (tmp_path / "runs" / "invert-scans").exists()  # no second scan
+    given = _job(backdoored_micro, tmp_path / "runs" / "b", {"invert": {"trigger": str(folder / "trigger.safetensors")}},
+                 steps=2, checkpoint=checkpoint)
+    invert.clean(given)  # the scan's trigger file is one invert takes
+    assert json.loads((tmp_path / "runs" / "b" / "defense-report.json").read_text())["scan"]["verdict"] == "given"
 
 
 @pytest.mark.parametrize("settings, words", [

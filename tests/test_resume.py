@@ -14,7 +14,8 @@ from conftest import REPO
 from par import models
 from par.app.cli import main
 from par.defenses import DEFENSES, FineTune
-from par.defenses.invert import Invert, save_trigger
+from par.defenses.invert import Invert
+from par.scan.files import save_trigger
 
 # 96 training rows / batch 8 = 12 steps an epoch: the state of step 14 is 2 batches into epoch 1 (RoCLIP's
 # first matching epoch, against the caption pool of epoch 0), the kill comes 2 steps later

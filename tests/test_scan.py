@@ -117,7 +117,7 @@ def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
     out = tmp_path / "scan"
     cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--max-images", "32"]
     assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "scan.json", "trigger.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "scan.json", "trigger.png", "trigger.safetensors"]
     record = json.loads((out / "scan.json").read_text())
     assert record["verdict"] in ("backdoored", "clean") and record["threshold_source"]
     assert record["settings"]["scanner_params"]["steps"] == 5 and record["seconds_per_label"] > 0

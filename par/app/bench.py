@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from par.attacks import TRIGGERS, get_trigger
-from par.app import pipeline
+from par.app import pipeline, scanbench
 from par.app.profile import Profile
 from par.config import merge
 from par.defenses import DEFENSES
@@ -118,6 +118,9 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
         try:
             if attack not in poisoned_cache:
                 poisoned_cache[attack] = pipeline.build_poisoned(profile, out, world, attack, robust)
+                if profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
+                    scanbench.scan_models(profile, world, scanbench.poisoned_entries({attack: poisoned_cache[attack]}),
+                                          progress)
             model, params, poisoned, _ = poisoned_cache[attack]
             values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
             train_csv = synthetic_csv if data == "synthetic" else None
@@ -150,8 +153,6 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     columns += [d + "-synthetic" for d in synthetic_defenses]
     write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
     if profile.scan is not None:  # the scan table: every scanner on the poisoned models and clean controls
-        from par.app import scanbench
-
         entries = scanbench.poisoned_entries({a: c for a, c in poisoned_cache.items() if a in attacks})
         lines = scanbench.write_scan_tables(out, scanbench.scan_rows(profile, out, world, entries, progress), label)
         with (out / f"{report}.md").open("a") as f:

@@ -11,7 +11,8 @@ from typing import List, Optional
 from par.errors import ParError
 
 
-def _attack_params(pairs: List[str], option: str = "--attack-param") -> dict:
+def parse_key_values(pairs: List[str], option: str = "--attack-param") -> dict:
+    """Repeated ``KEY=VALUE`` options as a mapping, each value read as YAML (``steps=60`` is a number)."""
     import yaml
 
     params = {}
@@ -64,7 +65,7 @@ def cmd_poison(args) -> None:
 
     cfg = PoisonConfig(csv=args.csv, attack=args.attack, label=args.label, out=args.out, rate=args.rate,
                        num=args.num, seed=args.seed, image_root=args.image_root, templates=args.templates,
-                       size=args.size, attack_params=_attack_params(args.attack_param),
+                       size=args.size, attack_params=parse_key_values(args.attack_param),
                        label_consistent=args.label_consistent)
     if args.classnames:
         from par.data import read_lines
@@ -115,7 +116,7 @@ def cmd_eval(args) -> None:
     cfg = build(EvalConfig, {**robust, **_given(args, "checkpoint", "model", "data", "classnames", "templates",
                                                  "image_root", "retrieval_json", "retrieval_root", "attack", "label",
                                                  "seed", "batch_size", "workers", "device", "out"),
-                             "attack_params": _attack_params(args.attack_param)}, "eval options")
+                             "attack_params": parse_key_values(args.attack_param)}, "eval options")
     if args.dry_run:
         evaluate(cfg, dry_run=True)
         tasks = [task for task, on in (("classification", cfg.data), ("retrieval", cfg.retrieval_json)) if on]
@@ -139,7 +140,7 @@ def cmd_detect(args) -> None:
                     "image_root", "templates", "label", "theta", "object_list_size", "calibrate", "device")
     if args.views is not None:
         values["views"] = [v for v in args.views.split(",") if v]
-    summary = detect(build(DetectConfig, {**values, "oracle_params": _attack_params(args.oracle_param)},
+    summary = detect(build(DetectConfig, {**values, "oracle_params": parse_key_values(args.oracle_param)},
                            "detect options"))
     strength = (f"z {summary['victim_z']}: " + ("significant" if summary["victim_significant"] else
                 f"weak evidence, below {VICTIM_Z}")) if summary["victim"] else "no label flagged more than predicted"
@@ -156,7 +157,7 @@ def cmd_detect(args) -> None:
 
 
 def cmd_scan(args) -> None:
-    from par.app.scan import run_scan, summary
+    from par.scan.folder import run_scan, summary
     from par.config import build
     from par.scan import ScanConfig
 
@@ -164,7 +165,7 @@ def cmd_scan(args) -> None:
                     "threshold", "image_root", "seed", "device")
     if args.labels is not None:
         values["labels"] = [label.strip() for label in args.labels.split(",")]
-    values["scanner_params"] = _attack_params(args.scanner_param, "--scanner-param")
+    values["scanner_params"] = parse_key_values(args.scanner_param, "--scanner-param")
     record, reused = run_scan(build(ScanConfig, values, "scan options"), args.out)
     if reused:
         print(f"reusing the finished scan in {args.out} (same checkpoint, images and settings)")
@@ -224,7 +225,7 @@ def cmd_badclip(args) -> None:
 def cmd_triggers(args) -> None:
     from par.gallery import trigger_gallery
 
-    params = _attack_params(args.attack_param)
+    params = parse_key_values(args.attack_param)
     print(f"gallery: {trigger_gallery(args.image, args.out, size=args.size, seed=args.seed, params=params)}")
 
 

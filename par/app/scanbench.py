@@ -24,11 +24,11 @@ from typing import Dict, List, Optional
 from par.app import pipeline
 from par.attacks import TRIGGERS
 from par.app.profile import Profile, ScanBench
-from par.app.scan import run_scan
 from par.config import build
 from par.errors import ParError
 from par.eval.metrics import auroc
 from par.scan import ScanConfig
+from par.scan.folder import run_scan, scan_folder
 from par.utils import digest
 
 COLUMNS = ["scanner", "model", "kind", "attack", "asr", "flagged", "margin", "value", "threshold", "target",
@@ -86,7 +86,7 @@ def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBe
               "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
               "max_images": part.max_images, "seed": part.seed, "progress": progress}
     cfg = build(ScanConfig, values, f"profile 'scan' ({scanner})")
-    folder = model.checkpoint.parent / f"scan-{scanner}-{digest({k: v for k, v in values.items() if k != 'progress'})}"
+    folder = scan_folder(model.checkpoint.parent, cfg)  # the folder invert's scan of this checkpoint reuses
     record, _ = run_scan(cfg, folder)
     return {**record, "folder": str(folder)}
 
@@ -102,22 +102,29 @@ def top_label(record: dict) -> Optional[str]:
     return record["target"] or (record.get("details") or {}).get("top_label")
 
 
+def scan_models(profile: Profile, world: pipeline.World, models: List[Scanned], progress: bool = True) -> List[tuple]:
+    """(scanner, model, scan.json's record) for every scanner of the profile's scan part on every model."""
+    done = []
+    for scanner in profile.scan.scanners:
+        for model in models:
+            if progress:
+                print(f"scan ({scanner}): {model.name}", flush=True)
+            done.append((scanner, model, scan_model(world, model, scanner, profile.scan)))
+    return done
+
+
 def scan_rows(profile: Profile, out: Path, world: pipeline.World, poisoned: List[Scanned],
               progress: bool = True) -> List[dict]:
     """One row per scanner and model: the poisoned models given, then the clean controls."""
     models = poisoned + clean_controls(profile, out, world)
     rows = []
-    for scanner in profile.scan.scanners:
-        for model in models:
-            if progress:
-                print(f"scan ({scanner}): {model.name}", flush=True)
-            record = scan_model(world, model, scanner, profile.scan)
-            rows.append({"scanner": scanner, "model": model.name, "kind": model.kind, "attack": model.attack,
-                         "asr": model.asr, "flagged": record["verdict"] == "backdoored", "margin": margin(record),
-                         "value": record["value"], "threshold": record["threshold"], "target": record["target"] or "",
-                         "named_target": model.kind == "poisoned" and record["target"] == profile.label,
-                         "top_label": top_label(record) or "", "family": record["family"] or "",
-                         "seconds": record["seconds"], "folder": record["folder"]})
+    for scanner, model, record in scan_models(profile, world, models, progress):
+        rows.append({"scanner": scanner, "model": model.name, "kind": model.kind, "attack": model.attack,
+                     "asr": model.asr, "flagged": record["verdict"] == "backdoored", "margin": margin(record),
+                     "value": record["value"], "threshold": record["threshold"], "target": record["target"] or "",
+                     "named_target": model.kind == "poisoned" and record["target"] == profile.label,
+                     "top_label": top_label(record) or "", "family": record["family"] or "",
+                     "seconds": record["seconds"], "folder": record["folder"]})
     return rows
 
 

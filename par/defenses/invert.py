@@ -38,9 +38,10 @@ from par.config import build
 from par.data import to_float
 from par.defenses.base import OBJECTIVES, CleaningJob, MultiStageDefense, Objective, ObjectiveParams
 from par.defenses.finetune import FineTune, defense
+from par.scan.files import TRIGGER_FILE, load_trigger
 from par.defenses.par import PARObjective, PARParams, par_distance
 from par.errors import ParError
-from par.utils import atomic_write_text, digest
+from par.utils import atomic_write_text
 
 
 def _check_unlearning(owner: str, weight, every, steps, lr, price) -> None:
@@ -72,39 +73,6 @@ class UnlearningParams:
             raise ParError(f"{owner}: objective_params.trigger must name a trigger file (.safetensors)")
         _check_unlearning(owner, self.weight, self.reinvert_every, self.reinvert_steps, self.reinvert_lr,
                           self.size_price)
-
-
-def load_trigger(path: str) -> tuple:
-    """(mask [1, H, W], pattern [3, H, W]) from a trigger file, checked: finite, in [0, 1], shapes that fit."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise ParError(f"trigger file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ParError(f"cannot read trigger file {path}: {e}") from None
-    missing = [k for k in ("mask", "pattern") if k not in tensors]
-    if missing:
-        raise ParError(f"trigger file {path} lacks {missing} (it holds {sorted(tensors)})")
-    mask, pattern = tensors["mask"].float(), tensors["pattern"].float()
-    if mask.dim() != 3 or mask.shape[0] != 1 or pattern.dim() != 3 or pattern.shape[0] != 3:
-        raise ParError(f"trigger file {path}: mask must be [1, H, W] and pattern [3, H, W], got "
-                       f"{list(mask.shape)} and {list(pattern.shape)}")
-    for name, t in (("mask", mask), ("pattern", pattern)):
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ParError(f"trigger file {path}: {name} must be finite and in [0, 1]")
-    return mask, pattern
-
-
-def save_trigger(path: Path, mask: torch.Tensor, pattern: torch.Tensor) -> Path:
-    from safetensors.torch import save_file
-
-    from par.utils import atomic_write
-
-    tensors = {"mask": mask.detach().float().cpu().contiguous(), "pattern": pattern.detach().float().cpu().contiguous()}
-    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +267,8 @@ class Invert(MultiStageDefense):
         return build(ScanConfig, values, "settings 'invert' (scan)")
 
     def scan(self, job: CleaningJob, outputs: dict) -> dict:
-        from par.scan import scan_checkpoint
-        from par.scan.run import check, scan_request
+        from par.scan.folder import RECORD, run_scan, scan_folder
+        from par.scan.run import check
 
         p = self.params(job)
         if p.trigger:
@@ -308,24 +276,17 @@ class Invert(MultiStageDefense):
             return {"verdict": "given", "target": None, "trigger": str(p.trigger)}
         cfg = self.scan_config(job, p)
         check(cfg)
-        # beside the run folder, keyed by the request: a benchmark's seeds share one scan
-        folder = Path(job.out).parent / "invert-scans" / digest(json.loads(json.dumps(scan_request(cfg))))
-        record_path = folder / "scan.json"
-        if record_path.exists():
-            return json.loads(record_path.read_text())
-        result = scan_checkpoint(cfg)
-        folder.mkdir(parents=True, exist_ok=True)
-        trigger = None
-        if result.flagged and result.trigger is not None:
-            mask = result.trigger.mask.expand(1, *result.examples.shape[-2:]) if result.examples is not None \
-                else result.trigger.mask
-            pattern = result.trigger.pattern.expand(3, *mask.shape[-2:])
-            trigger = str(save_trigger(folder / "trigger.safetensors", mask.clamp(0, 1), pattern.clamp(0, 1)))
-        record = {"verdict": result.verdict, "target": result.target, "family": result.family,
-                  "value": result.value, "threshold": result.threshold, "scanner": result.scanner,
-                  "seconds": round(result.seconds, 2), "trigger": trigger}
-        atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
-        return record
+        # a finished scan of the same request beside the checkpoint (the scan table's) is reused; otherwise
+        # the scan is kept beside the run folder, where a benchmark's seeds and both defenses share it
+        folder = scan_folder(Path(job.checkpoint).parent, cfg)
+        if not (folder / RECORD).exists():
+            folder = scan_folder(Path(job.out).parent / "invert-scans", cfg)
+        record, _ = run_scan(cfg, folder)
+        trigger = folder / TRIGGER_FILE
+        found = record["verdict"] == "backdoored" and trigger.exists()
+        return {"verdict": record["verdict"], "target": record["target"], "family": record["family"],
+                "value": record["value"], "threshold": record["threshold"], "scanner": record["scanner"],
+                "seconds": record["seconds"], "folder": str(folder), "trigger": str(trigger) if found else None}
 
     def finetune(self, job: CleaningJob, outputs: dict) -> Path:
         found = outputs["scan"]

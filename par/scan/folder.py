@@ -1,8 +1,9 @@
-"""``python -m par scan``: one scan of one checkpoint into its own folder.
+"""One scan of one checkpoint into its own folder (``python -m par scan``, the scan table, ``invert``).
 
 The folder gets ``scan.json`` (verdict, statistic, threshold and its source, per-label statistics,
 target, trigger family, seconds, settings), ``labels.csv`` (one row per inverted label and trigger
-family) and ``trigger.png`` (the trigger alone and stamped on some of the images). ``scan.json`` is
+family), ``trigger.png`` (the trigger alone and stamped on some of the images) and
+``trigger.safetensors`` (the trigger itself, as ``invert: {trigger: FILE}`` takes it). ``scan.json`` is
 written last: a folder holding it holds a finished scan. A finished scan is reused by an identical
 request (same checkpoint and image digests, same settings) and any other request for that folder is
 refused, naming what differs; nothing is overwritten.
@@ -18,7 +19,8 @@ from typing import List, Tuple
 from par.errors import ParError
 from par.scan import ScanConfig, ScanResult, scan_checkpoint, scan_request
 from par.scan.base import finite_number
-from par.utils import atomic_write, atomic_write_text, check_output_dir, to_pil
+from par.scan.files import TRIGGER_FILE, save_trigger
+from par.utils import atomic_write, atomic_write_text, check_output_dir, digest, to_pil
 
 RECORD, LABELS, PICTURE = "scan.json", "labels.csv", "trigger.png"
 LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "success", "seconds", "reference")
@@ -107,7 +109,7 @@ def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
         differs = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
         raise ParError(f"scan folder {folder} holds a scan of another request (differs in {differs}); choose "
                        "another --out")
-    leftovers = [name for name in (LABELS, PICTURE) if (folder / name).exists()]
+    leftovers = [name for name in (LABELS, PICTURE, TRIGGER_FILE) if (folder / name).exists()]
     if leftovers:
         raise ParError(f"scan folder {folder} holds {leftovers} but no {RECORD} (not written by a finished scan); "
                        "choose another --out")
@@ -117,8 +119,18 @@ def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
     atomic_write_text(folder / LABELS, _labels_csv(result.labels))
     if result.trigger is not None and result.examples is not None:
         draw_trigger(result, folder / PICTURE)
+        size = result.examples.shape[-2:]
+        save_trigger(folder / TRIGGER_FILE, result.trigger.mask.expand(1, *size).clamp(0, 1),
+                     result.trigger.pattern.expand(3, *size).clamp(0, 1))
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record, False
+
+
+def scan_folder(root, cfg: ScanConfig) -> Path:
+    """``root/scan-<scanner>-<digest of the request>``: where a scan is kept beside what it scanned, one name
+    per request, so the scan table and ``invert`` asking the same of one checkpoint share one scan."""
+    request = json.loads(json.dumps(scan_request(cfg)))
+    return Path(root) / f"scan-{request['scanner']}-{digest(request)}"
 
 
 def summary(record: dict, out) -> List[str]:
@@ -135,5 +147,6 @@ def summary(record: dict, out) -> List[str]:
     per_label = record.get("seconds_per_label")
     cost = f"{per_label:.2f} s per label, " if per_label else ""
     lines.append(f"  {cost}{record['seconds']:.1f} s in all")
-    lines.append(f"written: {Path(out) / RECORD}, {Path(out) / LABELS}, {Path(out) / PICTURE}")
+    written = [RECORD, LABELS] + [name for name in (PICTURE, TRIGGER_FILE) if (Path(out) / name).exists()]
+    lines.append("written: " + ", ".join(str(Path(out) / name) for name in written))
     return lines

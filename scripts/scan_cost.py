@@ -1,0 +1,135 @@
+"""What a ``label-inversion`` scan of an encoder costs, from a timing of the scanner's own inversion step.
+
+    python scripts/scan_cost.py --model ViT-B-32 --labels 1000            # ImageNet's 1,000 labels
+    python scripts/scan_cost.py --model par-tiny-vit --labels 12 --device cpu
+
+The scanner's cost is almost all stamped-image forwards and backwards through the image tower (the model
+frozen, gradients to the trigger), in three phases: the ranking pass (``rank_steps`` patch steps for every
+candidate, only when there are more than ``top_k + reference_labels``), the full inversion of the top k and
+the reference labels (``steps`` per family), and the refinement of the flagged label's patch
+(``refine_steps``). This times ``LabelInversion._optimise`` (the code a scan runs) on random weights and
+random images for each family, per stamped image, and multiplies by each phase's count of stamped images at
+the scanner's settings; the zero-shot classifier (every label's templates through the text tower) is timed
+on one label's templates. Time per image does not depend on the weights, so random ones give the real figure.
+Prints a table and, with ``--out``, writes it as JSON.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from par import models  # noqa: E402
+from par.data import load_templates  # noqa: E402
+from par.scan.base import ScanContext, make_scanner  # noqa: E402
+from par.utils import pick_device  # noqa: E402
+
+
+def per_stamped_image(scanner, ctx: ScanContext, family: str, labels: int, steps: int) -> float:
+    """Seconds per stamped image and step of ``scanner``'s inversion (after one untimed warm-up)."""
+    chosen = list(range(labels))
+    scanner._optimise(ctx, family, chosen, 1, "timing (warm-up)")
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    scanner._optimise(ctx, family, chosen, steps, "timing")
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / (labels * ctx.images.shape[0] * (steps + 1))  # + the final forward
+
+
+def estimate(model_name: str, labels: int, images: int, timing_images: int, timing_steps: int, device: str,
+             scanner_params: dict, top_k: int, templates: str) -> dict:
+    device = pick_device(device)
+    model = models.create_model(model_name).to(device).eval().requires_grad_(False)
+    size = models.image_size(model)
+    mean, std = models.image_mean_std(model)
+    scanner = make_scanner("label-inversion", scanner_params)
+    p = scanner.params
+    with torch.no_grad():
+        width = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+    generator = torch.Generator().manual_seed(0)
+    classifier = torch.nn.functional.normalize(torch.randn(width, labels, generator=generator), dim=0).to(device)
+    ctx = ScanContext(model=model, images=torch.rand(timing_images, 3, size, size, generator=generator).to(device),
+                      mean=mean, std=std, device=device, classnames=[f"label {i}" for i in range(labels)],
+                      classifier=classifier, candidates=list(range(labels)), top_k=top_k, progress=False)
+    chunk = max(1, min(labels, p.batch_images // images))  # labels inverted together in a real scan
+    chunk_for_timing = max(1, min(chunk, p.batch_images // timing_images))
+    seconds = {family: per_stamped_image(scanner, ctx, family, chunk_for_timing, timing_steps) for family in p.families}
+
+    tokenizer = models.get_tokenizer(model_name)
+    prompts = [t("banana") for t in load_templates(templates)]  # templates are callables, as open_clip's
+    with torch.no_grad():
+        model.encode_text(tokenizer(prompts[:1]).to(device))  # warm-up
+        started = time.perf_counter()
+        model.encode_text(tokenizer(prompts).to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        text_seconds = (time.perf_counter() - started) * labels
+
+    pruned = labels > top_k + p.reference_labels
+    inverted = min(labels, top_k + p.reference_labels) if pruned else labels
+    phases = [("zero-shot classifier", labels * len(prompts), text_seconds, "text prompts")]
+    if pruned:
+        count = labels * p.rank_steps * images
+        phases.append(("ranking pass", count, count * seconds["patch"], "stamped images"))
+    for family in p.families:
+        count = inverted * (p.steps + 1) * images
+        phases.append((f"full inversion ({family})", count, count * seconds[family], "stamped images"))
+    if "patch" in p.families and p.refine_steps:
+        count = p.refine_steps * images
+        phases.append(("refinement (flagged label)", count, count * seconds["patch"], "stamped images"))
+    total = sum(s for _, _, s, _ in phases)
+    per_label = sum(s for name, _, s, _ in phases if name.startswith("full")) / inverted
+    return {"model": model_name, "image_size": size, "device": str(device), "labels": labels, "images": images,
+            "pruned": pruned, "inverted_fully": inverted, "scanner_params": {k: getattr(p, k) for k in
+                                                                              ("steps", "rank_steps", "refine_steps",
+                                                                               "batch_images", "reference_labels")},
+            "top_k": top_k, "seconds_per_stamped_image": seconds, "timing_images": timing_images,
+            "timing_steps": timing_steps,
+            "phases": [{"phase": n, "count": c, "unit": u, "seconds": round(s, 2)} for n, c, s, u in phases],
+            "seconds_per_label_inverted": round(per_label, 2),
+            "seconds_per_label_ranked": round(p.rank_steps * images * seconds["patch"], 3) if pruned else None,
+            "total_seconds": round(total, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--labels", type=int, default=1000, help="candidate labels (ImageNet: 1000)")
+    parser.add_argument("--images", type=int, default=128, help="shadow images of the scan estimated")
+    parser.add_argument("--timing-images", type=int, help="images per label in the timed steps (default: --images, "
+                                                           "the real batch; fewer is quicker but a CPU runs small "
+                                                           "batches less efficiently, so it overestimates)")
+    parser.add_argument("--timing-steps", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--templates", default="openai")
+    parser.add_argument("--scanner-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="label-inversion setting, e.g. steps=60 (as python -m par scan takes it)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="write the estimate as JSON here")
+    args = parser.parse_args(argv)
+    from par.app.cli import parse_key_values  # the scan command's own reading of KEY=VALUE
+
+    record = estimate(args.model, args.labels, args.images, args.timing_images or args.images, args.timing_steps, args.device,
+                      parse_key_values(args.scanner_param, "--scanner-param"), args.top_k, args.templates)
+    print(f"label-inversion on {record['model']} ({record['image_size']} px, {record['device']}), "
+          f"{record['labels']} labels, {record['images']} shadow images:")
+    print("| phase | count | seconds |\n|---|---|---|")
+    for phase in record["phases"]:
+        print(f"| {phase['phase']} | {phase['count']:,} {phase['unit']} | {phase['seconds']:,.1f} |")
+    print(f"| **total** | | **{record['total_seconds']:,.1f}** ({record['total_seconds'] / 60:,.1f} min) |")
+    print(f"per label inverted fully: {record['seconds_per_label_inverted']} s"
+          + (f"; per label ranked: {record['seconds_per_label_ranked']} s" if record["pruned"] else ""))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
