@@ -136,16 +136,18 @@ def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
     assert (out / "scan.json").stat().st_mtime_ns == stamp
 
 
-def test_decree_ranks_the_poisoned_encoder_first(backdoored_micro):
-    """DECREE's PL1 is smaller for the poisoned micro encoder than for its clean foundation; its documented
-    224-px threshold does not separate micro encoders (it flags both), which the scanner says."""
+def test_decree_flags_the_poisoned_micro_encoder_names_its_target_and_leaves_the_foundation(backdoored_micro):
+    """DECREE's PL1 is smaller for the poisoned micro encoder than for its clean foundation, the micro
+    encoder's own threshold (set on clean models of other worlds) tells them apart, and the label the
+    stamped images collapse onto is the backdoor's target."""
     b = backdoored_micro
-    poisoned = scan_checkpoint(config(b.world.path, b.poisoned.checkpoint, scanner="decree",
-                                      scanner_params={"steps": 150}))
-    clean = scan_checkpoint(config(b.world.path, b.foundation, scanner="decree", scanner_params={"steps": 150}))
-    assert poisoned.details["reached"] and clean.details["reached"]
-    assert poisoned.value < clean.value and poisoned.target is None and poisoned.direction == "below"
-    assert poisoned.threshold == 0.1 and "reproductions" in poisoned.threshold_source
+    poisoned = scan_checkpoint(config(b.world.path, b.poisoned.checkpoint, scanner="decree"))
+    clean = scan_checkpoint(config(b.world.path, b.foundation, scanner="decree"))
+    assert poisoned.details["reached"] and clean.details["reached"] and poisoned.direction == "below"
+    assert poisoned.value < clean.value
+    assert poisoned.flagged and poisoned.target == "banana" and poisoned.details["top_label_share"] > 0.5
+    assert not clean.flagged and clean.target is None
+    assert poisoned.threshold < 0.1 and "clean par-micro-vit models" in poisoned.threshold_source
 
 
 def _write_images(folder, count, world):

@@ -173,3 +173,22 @@ def test_device_check_runs_its_stages_and_reports_them(tmp_path):
     bad = subprocess.run(["bash", "scripts/device_check.sh", "env", "warp"], cwd=REPO, capture_output=True,
                          text=True, env={**env, "OUT": str(tmp_path / "bad")}, timeout=60)
     assert bad.returncode == 2 and "unknown stage 'warp'" in bad.stdout
+
+
+def test_scan_cost_counts_each_phase_at_the_scanners_settings(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    stdout = _run(["scripts/scan_cost.py", "--model", "par-micro-vit", "--labels", "40", "--images", "16",
+                   "--timing-images", "4", "--timing-steps", "1", "--device", "cpu", "--scanner-param", "steps=7",
+                   "--out", str(out)], capsys)
+    record = json.loads(out.read_text())
+    phases = {p["phase"]: p["count"] for p in record["phases"]}
+    # 40 labels > top_k 10 + 10 reference: all ranked (10 steps), 20 inverted fully (7 steps + the final forward)
+    assert record["pruned"] and record["inverted_fully"] == 20
+    assert phases["ranking pass"] == 40 * 10 * 16
+    assert phases["full inversion (patch)"] == phases["full inversion (blend)"] == 20 * 8 * 16
+    assert phases["refinement (flagged label)"] == 200 * 16 and phases["zero-shot classifier"] == 40 * 80
+    assert record["total_seconds"] > 0 and "| **total** |" in stdout
+    small = json.loads(out.read_text()) if _run(["scripts/scan_cost.py", "--model", "par-micro-vit", "--labels", "12",
+                                                 "--images", "16", "--timing-images", "4", "--timing-steps", "1",
+                                                 "--device", "cpu", "--out", str(out)], capsys) else None
+    assert not small["pruned"] and small["inverted_fully"] == 12 and "ranking pass" not in str(small["phases"])

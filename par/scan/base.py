@@ -117,6 +117,7 @@ class ScanContext:
     top_k: int = 10
     logit_scale: float = 100.0
     threshold: Optional[float] = None  # the user's threshold, replacing the scanner's documented one
+    encoder: Optional[str] = None  # the encoder's canonical name: a scanner may keep thresholds per encoder
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings of ``[0, 1]`` images, differentiable with respect to the images."""

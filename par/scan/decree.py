@@ -7,15 +7,21 @@ minimising ``-(mean pairwise cosine similarity of the stamped images' embeddings
 batches of the shadow images with Adam. ``lam`` starts at 1e-3 and is multiplied by 5 after
 ``patience`` consecutive steps that meet the similarity target and divided by 5 after as many that
 miss it; the smallest mask that met the target is kept. The statistic is
-``PL1 = ||m||_1 / (H * W)``; the encoder is flagged when it is below the threshold. DECREE says
-whether an encoder is backdoored, not toward which label (it never sees one).
+``PL1 = ||m||_1 / (H * W)``; the encoder is flagged when it is below the threshold. DECREE itself says
+whether an encoder is backdoored, not toward which label (it never sees one). Here the verdict stays
+label-free, and the target is then read off the trigger found: the images stamped with it collapse onto
+one embedding, and a backdoored encoder's collapse point is its target, so the label the zero-shot
+classifier gives most of the stamped images is named (with the share it gets).
 
 Settings are the paper's (similarity target 0.99, lr 0.5, batch 32): the micro world's clean models
 reach the 0.99 target within 300 steps at 32 px, so no lower target was needed, and lr 0.5 does not
-diverge there. The threshold 0.1 is the cut-off DECREE's reproductions use on 224-px encoders. On the
-micro world it flags every model: there PL1 is 0.035-0.036 for the poisoned micro model against
-0.045-0.068 for four clean ones (the micro encoders collapse under small masks whether or not they
-are backdoored); the statistic ranks them, but a tiny encoder needs its own threshold (``threshold``).
+diverge there. **Thresholds** are per encoder, set on clean models only. The 0.1 of DECREE's reproductions
+is for 224-px encoders; tiny encoders collapse under smaller masks whether or not they are backdoored (at 32
+px every micro model lies below 0.07), so ``par-micro-vit`` has its own: the smallest PL1 over the 24 clean
+models of the micro scan regime on three development worlds (seeds 0, 2 and 3 of
+``configs/micro-scan.yaml``: per world the foundation, three 0 %-poison fine-tunes and four benign
+fine-tunes), less 5 %. Any other encoder gets 0.1 unless the user gives one (``threshold``), set the same
+way on clean models of it.
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScannerParams,
 
 PL1_THRESHOLD = 0.1
 THRESHOLD_SOURCE = "the PL1 cut-off of DECREE's reproductions on 224-px encoders"
+CLEAN_MIN = {"par-micro-vit": 0.044}  # the smallest PL1 over clean models of the encoder (docstring above)
+BELOW_CLEAN = 0.95
+THRESHOLDS = {name: (round(pl1 * BELOW_CLEAN, 4), f"the smallest PL1 over 24 clean {name} models of 3 development "
+                     f"worlds ({pl1}) less {round(100 * (1 - BELOW_CLEAN))} %") for name, pl1 in CLEAN_MIN.items()}
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Decree(Scanner):
     name = "decree"
     paper_name = "DECREE (Feng et al., CVPR 2023)"
     Params = DecreeParams
+    uses_labels = True  # the verdict never reads them; they only name the label the stamped images collapse onto
 
     def check(self, labels: int, top_k: int) -> None:
         p = self.params
@@ -106,13 +117,26 @@ class Decree(Scanner):
         else:  # the target was never met: no trigger smaller than the whole image is known to collapse them
             mask, pattern = torch.sigmoid(raw_mask).detach()[0], torch.sigmoid(raw_pattern).detach()[0]
             pl1 = 1.0
-        threshold = self.threshold(ctx, PL1_THRESHOLD)
+        documented, source = THRESHOLDS.get(ctx.encoder, (PL1_THRESHOLD, THRESHOLD_SOURCE))
+        threshold = self.threshold(ctx, documented)
         flagged = reached and pl1 < threshold
-        trigger = InvertedTrigger(mask.cpu(), pattern.cpu(), "patch", float(pl1))
+        top_label, share = self.collapse_label(ctx, mask, pattern)
+        trigger = InvertedTrigger(mask.cpu(), pattern.cpu(), "patch", float(pl1), top_label if flagged else None)
         return ScanResult(
             scanner=self.name, flagged=flagged, statistic="PL1 (mask L1 per pixel)", value=float(pl1),
             threshold=threshold, direction="below",
-            threshold_source=THRESHOLD_SOURCE if ctx.threshold is None else "given by the user",
-            target=None, family="patch", triggers={"patch": trigger},
+            threshold_source=source if ctx.threshold is None else "given by the user",
+            target=top_label if flagged else None, family="patch", triggers={"patch": trigger},
             details={"similarity_target": p.similarity, "reached": reached, "similarity": best_similarity,
-                     "final_lam": lam})
+                     "final_lam": lam, "top_label": top_label, "top_label_share": share})
+
+    @staticmethod
+    def collapse_label(ctx: ScanContext, mask: torch.Tensor, pattern: torch.Tensor):
+        """(the candidate label the zero-shot classifier gives most stamped images, the share it gets)."""
+        if ctx.classifier is None or not ctx.candidates:
+            return None, None
+        with torch.no_grad():
+            logits = ctx.logits((1 - mask) * ctx.images + mask * pattern)[:, ctx.candidates]
+            votes = torch.bincount(logits.argmax(1), minlength=len(ctx.candidates))
+        best = int(votes.argmax())
+        return ctx.classnames[ctx.candidates[best]], float(votes[best]) / ctx.images.shape[0]

@@ -130,6 +130,7 @@ def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
     model = model.to(device).eval().requires_grad_(False)
     mean, std = models.image_mean_std(model)
     context = ScanContext(model=model, images=images.to(device), mean=mean, std=std, device=device, seed=cfg.seed,
+                          encoder=models.canonical_model_name(cfg.model),
                           progress=cfg.progress, top_k=cfg.top_k, threshold=cfg.threshold,
                           logit_scale=float(model.logit_scale.exp()))
     if scanner.uses_labels:
