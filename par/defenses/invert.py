@@ -267,7 +267,7 @@ class Invert(MultiStageDefense):
         return build(ScanConfig, values, "settings 'invert' (scan)")
 
     def scan(self, job: CleaningJob, outputs: dict) -> dict:
-        from par.scan.folder import RECORD, run_scan, scan_folder
+        from par.scan.folder import RECORD, folder_name, run_scan
         from par.scan.run import check
 
         p = self.params(job)
@@ -278,9 +278,10 @@ class Invert(MultiStageDefense):
         check(cfg)
         # a finished scan of the same request beside the checkpoint (the scan table's) is reused; otherwise
         # the scan is kept beside the run folder, where a benchmark's seeds and both defenses share it
-        folder = scan_folder(Path(job.checkpoint).parent, cfg)
+        name = folder_name(cfg)
+        folder = Path(job.checkpoint).parent / name
         if not (folder / RECORD).exists():
-            folder = scan_folder(Path(job.out).parent / "invert-scans", cfg)
+            folder = Path(job.out).parent / "invert-scans" / name
         record, _ = run_scan(cfg, folder)
         trigger = folder / TRIGGER_FILE
         found = record["verdict"] == "backdoored" and trigger.exists()

@@ -129,8 +129,13 @@ def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
 def scan_folder(root, cfg: ScanConfig) -> Path:
     """``root/scan-<scanner>-<digest of the request>``: where a scan is kept beside what it scanned, one name
     per request, so the scan table and ``invert`` asking the same of one checkpoint share one scan."""
+    return Path(root) / folder_name(cfg)
+
+
+def folder_name(cfg: ScanConfig) -> str:
+    """``scan-<scanner>-<digest of the request>`` (digesting the checkpoint: compute it once per request)."""
     request = json.loads(json.dumps(scan_request(cfg)))
-    return Path(root) / f"scan-{request['scanner']}-{digest(request)}"
+    return f"scan-{request['scanner']}-{digest(request)}"
 
 
 def summary(record: dict, out) -> List[str]:
