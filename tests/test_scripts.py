@@ -192,3 +192,26 @@ def test_scan_cost_counts_each_phase_at_the_scanners_settings(tmp_path, capsys):
                                                  "--images", "16", "--timing-images", "4", "--timing-steps", "1",
                                                  "--device", "cpu", "--out", str(out)], capsys) else None
     assert not small["pruned"] and small["inverted_fully"] == 12 and "ranking pass" not in str(small["phases"])
+
+
+def test_invert_quality_holds_hard_attacks_to_the_floor_and_the_others_to_par(tmp_path, capsys):
+    import csv
+    fields = ["attack", "defense", "setting", "seed", "poisoned_ca", "ca", "asr", "status"]
+    rows = [("tri_patt", "never-poisoned", 0, 0.932, 0.007), ("tri_patt", "par", 0, 0.905, 0.52),
+            ("tri_patt", "invert", 0, 0.925, 0.010), ("tri_patt", "invert", 1, 0.923, 0.020),  # ASR 1.5 <= 1.7
+            ("tri_patt", "par+invert", 0, 0.900, 0.005),  # CA 90.0 < 93.6 - 2
+            ("random", "never-poisoned", 0, 0.932, 0.009), ("random", "par", 0, 0.844, 0.001),
+            ("random", "invert", 0, 0.893, 0.077), ("random", "par+invert", 0, 0.844, 0.001)]
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for attack, defense, seed, ca, asr in rows:
+            writer.writerow({"attack": attack, "defense": defense, "setting": "default", "seed": seed,
+                             "poisoned_ca": 0.936 if attack == "tri_patt" else 0.896, "ca": ca, "asr": asr,
+                             "status": "ok"})
+    out = _run(["scripts/invert_quality.py", tmp_path / "results.csv", "--out", tmp_path / "bar.json"], capsys)
+    passes = {(r["attack"], r["defense"]): r["passes"] for r in json.loads((tmp_path / "bar.json").read_text())}
+    assert passes == {("tri_patt", "invert"): True, ("tri_patt", "par+invert"): False,
+                      ("random", "invert"): False, ("random", "par+invert"): True}
+    assert "bar met on 2 of 2 attacks" in out
+    assert _script("invert_quality.py").main([str(tmp_path / "missing.csv")]) == 2
