@@ -15,8 +15,9 @@
 #   DEFENSE                  registered defense (default par; every name `python -m par clean --help` lists)
 #   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
 #                            arguments to this script override its keys (dotted keys nest:
-#                            --objective_params.tau 1.0). Settings written for another objective
-#                            than the defense's keep the budget but drop their objective_params.
+#                            --objective_params.tau 1.0). A settings file written for another
+#                            objective than the defense's lends its budget, not its objective_params;
+#                            the objective_params given as arguments apply.
 #   DEMO_PROFILE             demo settings (default configs/demo.yaml)
 # Validation data for a real checkpoint: see trigger_validate.sh (EVAL_CSV, EVAL_CLASSNAMES, ...).
 set -euo pipefail

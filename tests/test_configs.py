@@ -31,7 +31,8 @@ def test_profiles_name_valid_stages(path):
     from par.app.pipeline import robust_settings
     from par.app.profile import Profile
     from par.config import merge
-    from par.defenses import DEFENSES, CleaningJob
+    from par.defenses import DEFENSES, CleaningJob, FineTune
+    from par.defenses.invert import Invert
 
     full = Profile.load(path)  # every key known, every stage file found, the quick variant's keys too
     for profile in (full, full.quick_profile()):
@@ -46,6 +47,14 @@ def test_profiles_name_valid_stages(path):
             defense = DEFENSES.get(name)
             job.settings = _defense_settings(profile, name)
             defense.check(job)
+            own = (profile.defense_settings.get(name) or {}).get("objective_params") or {}
+            if isinstance(defense, FineTune):  # a defense's own objective settings are the ones it trains with
+                trained = defense.config(job).objective_params
+            elif isinstance(defense, Invert):
+                trained = defense._finetune_settings(job, None)[1]["objective_params"]
+            else:
+                trained = own
+            assert {k: trained.get(k) for k in own} == own, (path, name, trained)
             for key, values in (profile.sweeps.get(name) or {}).items():
                 for value in values:
                     job.settings = merge(_defense_settings(profile, name), {key: value})

@@ -150,3 +150,26 @@ def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_re
 def test_keys_that_moved_into_objective_params_get_a_pointed_error(micro_world, tmp_path):
     with pytest.raises(ParError, match=r"\['tau'\] belong to the objective now; use tau -> objective_params.tau"):
         _cfg(micro_world, tmp_path, objective="par", tau=1.0)
+
+
+def test_clean_options_reach_the_objective_when_the_settings_file_is_written_for_another(micro_world, tmp_path,
+                                                                                          capsys):
+    """A settings file written for ``par`` lends cleanclip its budget, not PAR's objective_params, while the
+    objective_params given as options are cleanclip's own; for ``par`` itself both apply."""
+    from conftest import REPO
+    from par.app.cli import main
+
+    init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
+    saved = {}
+    for defense, option in (("cleanclip", ["--objective_params.unimodal_weight", "0.25"]),
+                            ("par", ["--objective_params.tau", "1.5"])):
+        out = tmp_path / defense
+        assert main(["clean", "--defense", defense, "--config", f"{REPO}/configs/micro/par.yaml", "--model",
+                     "par-micro-vit", "--checkpoint", str(init), "--train-csv", str(micro_world / "train.csv"),
+                     "--out", str(out), "--steps", "2", "--batch_size", "8", "--tensorboard", "false", *option]) == 0
+        saved[defense] = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+        said = capsys.readouterr().out
+        assert ("written for objective 'par'" in said) == (defense != "par"), said
+    assert saved["cleanclip"]["objective"] == "cleanclip"
+    assert saved["cleanclip"]["objective_params"] == {"unimodal_weight": 0.25}
+    assert saved["par"]["objective_params"] == {"train_logit_scale": False, "tau": 1.5}

@@ -45,8 +45,9 @@ def _defense_settings(profile: Profile, name: str) -> dict:
     """The shared cleaning budget (``clean``) with this defense's own settings on top (dotted keys nest)."""
     base = dict(profile.clean)
     specific = profile.defense_settings.get(name) or {}
-    if "objective_params" in specific:  # a defense's objective settings replace the shared ones
-        base.pop("objective_params", None)
+    if "objective_params" in specific:  # a defense's objective settings replace the shared ones, which
+        base.pop("objective_params", None)  # are then no other objective's (see defenses.base.for_objective)
+        base.pop("objective", None)
     return merge(base, specific)
 
 

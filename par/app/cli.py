@@ -85,9 +85,18 @@ def cmd_train(args, overrides: List[str]) -> None:
 
 def cmd_clean(args, overrides: List[str]) -> None:
     from par.config import load_yaml, merge, parse_overrides
-    from par.defenses import CleaningJob, clean
+    from par.defenses import DEFENSES, CleaningJob, clean
+    from par.defenses.base import for_objective
 
-    settings = merge(load_yaml(args.config) if args.config else {}, parse_overrides(overrides))
+    settings = load_yaml(args.config) if args.config else {}
+    objective = DEFENSES.get(args.defense).objective
+    if objective:  # a settings file written for another objective lends its budget; its objective_params
+        own = for_objective(settings, objective)  # are not this one's, while the options given here are
+        if own.keys() != settings.keys() - {"objective"}:
+            print(f"{args.config}: written for objective {settings['objective']!r}; its objective_params are not "
+                  f"used by defense {args.defense!r}")
+        settings = own
+    settings = merge(settings, parse_overrides(overrides))
     for key in ("model", "train_csv", "init_checkpoint", "out", "image_root"):
         if key in settings:
             raise ParError(f"clean: give {key} as its own option, not as a setting")

@@ -118,6 +118,16 @@ def make_objective(name: str, values: Optional[dict], model: torch.nn.Module, co
     return OBJECTIVES.get(name)(model, objective_params(name, values), context)
 
 
+def for_objective(settings: dict, objective: str) -> dict:
+    """``settings`` (a training-config mapping) for training with ``objective``, without its ``objective``
+    key: a mapping written for another objective keeps its budget, not its ``objective_params``."""
+    values = dict(settings)
+    written_for = values.pop("objective", None)
+    if written_for is not None and OBJECTIVES.canonical(written_for) != OBJECTIVES.canonical(objective):
+        values.pop("objective_params", None)
+    return values
+
+
 def _as_tuple(value):
     """``random.Random`` states come back from a checkpoint as lists; ``setstate`` wants tuples."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -153,6 +163,7 @@ class Defense:
     name = "defense"
     needs_labels = False  # trains on class labels (the synthetic world's cleaning pairs carry none)
     report_fields: Sequence[str] = ()  # benchmark columns this defense fills beside CA/ASR
+    objective: Optional[str] = None  # what its fine-tuning trains with, when it fine-tunes (see for_objective)
 
     def clean(self, job: CleaningJob) -> Path:
         raise NotImplementedError

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from par import train as loop
-from par.defenses.base import DEFENSES, OBJECTIVES, CleaningJob, Defense, Objective
+from par.defenses.base import DEFENSES, OBJECTIVES, CleaningJob, Defense, Objective, for_objective
 
 
 class FineTune(Defense):
@@ -23,10 +23,7 @@ class FineTune(Defense):
         return OBJECTIVES.get(self.objective).needs_labels
 
     def config(self, job: CleaningJob) -> loop.TrainConfig:
-        values = {**job.settings, **self.settings}
-        written_for = values.pop("objective", None)
-        if written_for is not None and OBJECTIVES.canonical(written_for) != OBJECTIVES.canonical(self.objective):
-            values.pop("objective_params", None)  # settings of another objective: not this one's
+        values = for_objective({**job.settings, **self.settings}, self.objective)
         values.update(objective=self.objective, model=job.model, train_csv=job.train_csv,
                       init_checkpoint=job.checkpoint, out=job.out)
         if job.image_root:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from par.augment import normalize
 from par.config import build
 from par.data import to_float
-from par.defenses.base import OBJECTIVES, CleaningJob, MultiStageDefense, Objective, ObjectiveParams
+from par.defenses.base import (OBJECTIVES, CleaningJob, MultiStageDefense, Objective, ObjectiveParams,
+                               for_objective)
 from par.defenses.finetune import FineTune, defense
 from par.scan.files import TRIGGER_FILE, load_trigger
 from par.defenses.par import PARObjective, PARParams, par_distance
@@ -244,8 +245,12 @@ class Invert(MultiStageDefense):
     """Scan, then fine-tune with the base objective plus the unlearning term on the trigger found."""
 
     stages = ("scan", "finetune")
-    base = "clip"
+    base = "clip"  # the objective fine-tuned with, plus the unlearning term when the scan finds a trigger
     report_fields = ("scan_verdict", "scan_target")
+
+    @property
+    def objective(self) -> str:
+        return self.base
 
     def clean(self, job: CleaningJob) -> Path:
         self.check(job)  # every setting, before the scan
@@ -302,11 +307,8 @@ class Invert(MultiStageDefense):
 
     def _finetune_settings(self, job: CleaningJob, trigger: Optional[str]) -> tuple:
         """(objective, training settings): the job's, with this defense's objective and its parameters."""
-        settings = {k: v for k, v in job.settings.items() if k != "invert"}
-        written_for = settings.pop("objective", None)
+        settings = for_objective({k: v for k, v in job.settings.items() if k != "invert"}, self.base)
         params = dict(settings.pop("objective_params", None) or {})
-        if written_for is not None and OBJECTIVES.canonical(written_for) != OBJECTIVES.canonical(self.base):
-            params = {}  # settings of another objective: not this one's
         objective = self.base
         if trigger:
             objective = UNLEARNING[self.base]

@@ -42,6 +42,7 @@ class EftCLIP(MultiStageDefense):
 
     name = "eftclip"
     stages = ("detect", "curate", "finetune")
+    objective = "clip"
     report_fields = ("detection_victim", "detection_victim_found", "detection_auroc", "detection_tpr_at_5pct_fpr",
                      "detection_rate", "detection_false_positive_rate")
 
@@ -137,7 +138,7 @@ class EftCLIP(MultiStageDefense):
         return path
 
     def finetune(self, job: CleaningJob, outputs: dict) -> Path:
-        return FineTune("clip").clean(self._finetune_job(job, str(outputs["curate"])))
+        return FineTune(self.objective).clean(self._finetune_job(job, str(outputs["curate"])))
 
     @staticmethod
     def _finetune_job(job: CleaningJob, curated: str) -> CleaningJob:
@@ -148,4 +149,4 @@ class EftCLIP(MultiStageDefense):
         from par.defenses.eftclip.oracles import ORACLES
 
         ORACLES.canonical(self.params(job).oracle)
-        FineTune("clip").check(self._finetune_job(job, job.train_csv))
+        FineTune(self.objective).check(self._finetune_job(job, job.train_csv))
