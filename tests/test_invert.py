@@ -1,6 +1,7 @@
 """invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,8 +74,8 @@ def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_
 
 
 def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro, tmp_path):
-    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", steps=3,
-                                                    checkpoint=backdoored_micro.foundation))
+    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", {"invert": {"scanner": "decree"}},
+                                                    steps=3, checkpoint=backdoored_micro.foundation))
     report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
     assert report["scan"]["verdict"] == "clean" and not report["unlearned"] and "found no backdoor" in report["note"]
     config = (tmp_path / "run" / "finetune" / "config.yaml").read_text()
@@ -82,19 +83,32 @@ def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro,
     assert DEFENSES.get("par+invert").report(tmp_path / "run", "banana") == {"scan_verdict": "clean", "scan_target": ""}
 
 
-def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoored_micro, tmp_path):
+@pytest.fixture(scope="module")
+def poisoned_scanned(backdoored_micro, tmp_path_factory):
+    """The poisoned micro model scanned once as ``invert`` asks (the run's scan stage, on its own)."""
+    runs = tmp_path_factory.mktemp("scanned")
+    found = DEFENSES.get("invert").scan(_job(backdoored_micro, runs / "run", steps=2), {})
+    return found, Path(found["folder"])
+
+
+def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoored_micro, poisoned_scanned, tmp_path):
+    found, scanned = poisoned_scanned
+    assert found["verdict"] == "backdoored" and found["target"] == "banana"
+    assert scanned.parent.name == "invert-scans"  # beside the run: other seeds' runs share it
+    shutil.copytree(scanned, tmp_path / "invert-scans" / scanned.name)  # as another seed's run left it
     DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "run", steps=2))
     report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
     assert report["scan"]["target"] == "banana" and report["unlearned"]
     mask, pattern = load_trigger(report["scan"]["trigger"])
     assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
-    (scan,) = (tmp_path / "invert-scans").iterdir()  # beside the run: other seeds' runs share it
+    (scan,) = (tmp_path / "invert-scans").iterdir()
     assert (scan / "scan.json").is_file() and report["scan"]["folder"] == str(scan)
     DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "again", steps=2))
     assert list((tmp_path / "invert-scans").iterdir()) == [scan]  # the same request: the same scan
 
 
-def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro, tmp_path):
+def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro,
+                                                                                        poisoned_scanned, tmp_path):
     from par.scan.folder import run_scan, scan_folder
 
     checkpoint = tmp_path / "models" / "poisoned.pt"
@@ -103,8 +117,10 @@ def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_ha
     invert = DEFENSES.get("invert")
     job = _job(backdoored_micro, tmp_path / "runs" / "a", steps=2, checkpoint=checkpoint)
     folder = scan_folder(checkpoint.parent, invert.scan_config(job, invert.params(job)))
-    record, reused = run_scan(invert.scan_config(job, invert.params(job)), folder)  # as the scan table does
-    assert not reused and record["verdict"] == "backdoored"
+    assert folder.name == poisoned_scanned[1].name  # named by the checkpoint's content and the request
+    shutil.copytree(poisoned_scanned[1], folder)  # as the scan table leaves it
+    record, reused = run_scan(invert.scan_config(job, invert.params(job)), folder)
+    assert reused and record["verdict"] == "backdoored"
     mask, pattern = load_trigger(folder / "trigger.safetensors")
     assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
     invert.clean(job)
