@@ -74,8 +74,9 @@ def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_
 
 
 def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro, tmp_path):
-    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", {"invert": {"scanner": "decree"}},
-                                                    steps=3, checkpoint=backdoored_micro.foundation))
+    decree = {"invert": {"scanner": "decree"}}  # any scanner that finds nothing; decree is the cheaper
+    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", decree, steps=3,
+                                                    checkpoint=backdoored_micro.foundation))
     report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
     assert report["scan"]["verdict"] == "clean" and not report["unlearned"] and "found no backdoor" in report["note"]
     config = (tmp_path / "run" / "finetune" / "config.yaml").read_text()
