@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark, one profile after another into one folder: bash scripts/benchmark.sh [--quick] [--out DIR]
 #   bench.yaml            the main matrix, the never-poisoned floor and the scan table  -> results.md, scan.md
+#   bench-scan.yaml       both scanners on the main matrix's models (label-inversion)   -> scanners.md
 #   bench-fare.yaml       FARE beside PAR and FT, robust zero-shot accuracy              -> fare.md
 #   bench-eftclip.yaml    EftCLIP (detection in the poisoned training set)               -> eftclip.md
 #   bench-tau.yaml        PAR's tau swept on three attacks                               -> tau.md, tau-tradeoff.png
@@ -11,14 +12,20 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 out=runs/bench
 args=()
+scan_args=()  # what the scan table takes of them: --quick, --attacks
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --out=*) out="${1#--out=}"; shift ;;
+    --quick) args+=("$1"); scan_args+=("$1"); shift ;;
+    --attacks) args+=("$1" "$2"); scan_args+=("$1" "$2"); shift 2 ;;
+    --attacks=*) args+=("$1"); scan_args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
 "$PY" -m par bench --config configs/bench.yaml --out "$out" ${args[@]+"${args[@]}"}
+"$PY" scripts/scan_benchmark.py --config configs/bench-scan.yaml --out "$out" --report scanners \
+  ${scan_args[@]+"${scan_args[@]}"}
 for side in fare eftclip tau synthetic; do
   "$PY" -m par bench --config "configs/bench-$side.yaml" --out "$out" --report "$side" ${args[@]+"${args[@]}"}
 done

@@ -37,8 +37,10 @@ def test_benchmark_scans_poisoned_model_and_every_clean_control(backdoored_micro
     # the controls are distinct models: three clean checkpoints, none the poisoned one
     assert len({r["folder"].rsplit("/scan-", 1)[0] for r in rows}) == 4
 
-    again = scanbench.run_scan_bench(profile, str(tmp_path / "alone"), progress=False)  # same models, scans reused
-    assert [(r["model"], r["margin"]) for r in _rows(again / "scan.csv")] == [(r["model"], r["margin"]) for r in rows]
+    # alone, under a report name of its own: the same models, the scans reused
+    again = scanbench.run_scan_bench(profile, str(tmp_path / "alone"), progress=False, report="scanners")
+    assert [(r["model"], r["margin"]) for r in _rows(again / "scanners.csv")] == [(r["model"], r["margin"]) for r in rows]
+    assert (again / "scanners.md").is_file() and not (again / "scan.csv").exists()
 
 
 def test_summary_counts_auroc_rates_and_targets():

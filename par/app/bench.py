@@ -77,8 +77,8 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
               defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results") -> Path:
     """Runs (or resumes) every cell of ``profile`` (a Profile, or its YAML file). ``report`` is the stem
     of the result files (``<report>.csv``, ``<report>.md``; the plot is ``tradeoff.png``, or
-    ``<report>-tradeoff.png`` for another report), so a subset can reuse the benchmark's cells without
-    overwriting its report."""
+    ``<report>-tradeoff.png`` for another report; the scan table ``scan.csv/.md``, or ``<report>-scan.*``),
+    so a subset can reuse the benchmark's cells without overwriting its report."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", report or ""):
         raise ParError(f"bench report must be a file stem (letters, digits, . _ -), got {report!r}")
     if not isinstance(profile, Profile):
@@ -155,7 +155,9 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
     if profile.scan is not None:  # the scan table: every scanner on the poisoned models and clean controls
         entries = scanbench.poisoned_entries({a: c for a, c in poisoned_cache.items() if a in attacks})
-        lines = scanbench.write_scan_tables(out, scanbench.scan_rows(profile, out, world, entries, progress), label)
+        stem = "scan" if report == "results" else f"{report}-scan"
+        lines = scanbench.write_scan_tables(out, scanbench.scan_rows(profile, out, world, entries, progress), label,
+                                            stem)
         with (out / f"{report}.md").open("a") as f:
             f.write("\n" + "\n".join(lines) + "\n")
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)

@@ -16,6 +16,7 @@ Every model and scan lands in a folder named by what it depends on, so a re-run 
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,10 @@ def summarize(rows: List[dict], label: str) -> List[dict]:
     return summary
 
 
-def write_scan_tables(out: Path, rows: List[dict], label: str) -> List[str]:
-    """``scan.csv`` (one row per scan) and the markdown lines of the table (also ``scan.md``)."""
+def write_scan_tables(out: Path, rows: List[dict], label: str, report: str = "scan") -> List[str]:
+    """``<report>.csv`` (one row per scan) and the markdown lines of the table (also ``<report>.md``)."""
     out = Path(out)
-    with (out / "scan.csv").open("w", newline="") as f:
+    with (out / f"{report}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -180,16 +181,20 @@ def write_scan_tables(out: Path, rows: List[dict], label: str) -> List[str]:
         named = r["target"] or (f"({r['top_label']})" if r["top_label"] else "–")
         lines.append(f"| `{r['scanner']}` | {r['model']} | {asr} | {verdict} | {r['margin']:+.2f} | {named} | "
                      f"{r['family']} |")
-    (out / "scan.md").write_text("\n".join(lines) + "\n")
+    (out / f"{report}.md").write_text("\n".join(lines) + "\n")
     return lines
 
 
 def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]] = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, report: str = "scan", quick: bool = False) -> Path:
     """The scan table alone: the profile's poisoned models (built or reused) and clean controls, scanned.
-    Writes ``scan.csv`` and ``scan.md`` in ``out``."""
+    Writes ``<report>.csv`` and ``<report>.md`` in ``out`` (``scan``: the names the benchmark gives its own)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", report or ""):
+        raise ParError(f"scan report must be a file stem (letters, digits, . _ -), got {report!r}")
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
+    if quick:
+        profile = profile.quick_profile()
     if profile.scan is None:
         raise ParError("the profile has no 'scan' part (scanners, clean controls): nothing to scan")
     out = Path(out)
@@ -198,8 +203,8 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
     names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
     built = {attack: pipeline.build_poisoned(profile, out, world, attack) for attack in names}
     rows = scan_rows(profile, out, world, poisoned_entries(built), progress)
-    write_scan_tables(out, rows, profile.label)
-    print(f"scan results: {out / 'scan.md'}")
+    write_scan_tables(out, rows, profile.label, report)
+    print(f"scan results: {out / f'{report}.md'}")
     return out
 
 
