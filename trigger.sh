@@ -2,13 +2,13 @@
 # Clean a poisoned CLIP with PAR, then validate it.
 #
 #   bash trigger.sh                      offline demo on the synthetic world (configs/demo.yaml)
-#   CHECKPOINT=poisoned.pt ENCODER=RN50 TRAIN_CSV=cc3m_250k.csv IMAGE_ROOT=/data/cc3m \
+#   CHECKPOINT=poisoned.pt ENCODER=RN50 TRAIN_DATA=cc3m_250k.csv IMAGE_ROOT=/data/cc3m \
 #       ATTACK=badnet_rs LABEL=banana bash trigger.sh
 #
 # Variables (the reference script's names are accepted too):
 #   CHECKPOINT (modelPath)   poisoned checkpoint to clean; unset = demo
 #   ENCODER (modeln)         open_clip name or OpenAI spelling (RN50, ViT-B/32, ViT-L/14@336px, ...)
-#   TRAIN_CSV (trainData)    clean image,caption CSV to clean with
+#   TRAIN_DATA (trainData)   clean pairs to clean with: image,caption CSV, class-folder tree or shards
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
 #   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo)
 #   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
@@ -26,7 +26,7 @@ source scripts/setup.sh
 
 CHECKPOINT="${CHECKPOINT:-${modelPath:-}}"
 ENCODER="${ENCODER:-${modeln:-}}"
-TRAIN_CSV="${TRAIN_CSV:-${trainData:-}}"
+TRAIN_DATA="${TRAIN_DATA:-${trainData:-}}"
 IMAGE_ROOT="${IMAGE_ROOT:-${imgRoot:-}}"
 OUT_DIR="${OUT_DIR:-${outDIR:-}}"
 ATTACK="${ATTACK:-}"
@@ -38,10 +38,10 @@ if [ -z "$CHECKPOINT" ]; then
 fi
 
 : "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
-: "${TRAIN_CSV:?set TRAIN_CSV (trainData) to a clean image,caption CSV}"
+: "${TRAIN_DATA:?set TRAIN_DATA (trainData) to clean image,caption pairs (CSV, class-folder tree or shards)}"
 OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
 # the backdoor and the validation inputs are checked before the (long) cleaning, not after it
 bash trigger_validate.sh --check "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
 "$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" \
-    --checkpoint "$CHECKPOINT" --train-csv "$TRAIN_CSV" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
+    --checkpoint "$CHECKPOINT" --train-data "$TRAIN_DATA" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
 bash trigger_validate.sh "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"

@@ -44,13 +44,13 @@ NOT_FINGERPRINTED = ("out", "progress", "log_every", "workers", "threads", "prel
             "eval_label", "eval_attack_params", "eval_max_images", "tensorboard", "compile")
 MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.train_logit_scale",
          "cleanclip_lambda": "objective_params.unimodal_weight"}  # keys that belong to an objective now
-INPUTS = ("train_csv", "init_checkpoint")  # files known by their digest in a run's fingerprint
+INPUTS = ("train_data", "init_checkpoint")  # files known by their digest in a run's fingerprint
 
 
 @dataclass
 class TrainConfig:
     model: str
-    train_csv: str  # image,caption CSV; a class-folder tree (captioned "a photo of a {class}.", labels kept);
+    train_data: str  # image,caption CSV; a class-folder tree (captioned "a photo of a {class}.", labels kept);
     # or webdataset shards "shards/{00000..00099}.tar" (python -m par shards; open_clip's --train-data convention)
     out: str
     image_root: Optional[str] = None
@@ -130,8 +130,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ParError(f"objective {cfg.objective!r} cleans a checkpoint: set init_checkpoint")
     if cfg.eval_every and not (cfg.eval_csv and cfg.eval_classnames):
         raise ParError("eval_every needs eval_csv and eval_classnames")
-    if is_shard_pattern(cfg.train_csv):
-        expand(cfg.train_csv)  # a pattern that matches nothing fails before the run folder is made
+    if is_shard_pattern(cfg.train_data):
+        expand(cfg.train_data)  # a pattern that matches nothing fails before the run folder is made
     if cfg.eval_attack and not cfg.eval_label:
         raise ParError("eval_attack needs eval_label")
     check_output_dir(cfg.out, "run folder")
@@ -175,21 +175,21 @@ def build_model(cfg: TrainConfig, dist: Dist, device: torch.device):
 
 def build_data(cfg: TrainConfig, dist: Dist, device: torch.device, tokenizer, size: int):
     """This rank's batches, ``data.epoch(e, skip)`` -> ``(uint8 images, token ids, captions, labels
-    or None)``: from webdataset shards (``train_csv`` a ``.tar`` pattern), else from a CSV or a
+    or None)``: from webdataset shards (``train_data`` a ``.tar`` pattern), else from a CSV or a
     class-folder tree (decoded once into memory when ``preload``)."""
     needs_labels = OBJECTIVES.get(cfg.objective).needs_labels
     local_batch, pin = cfg.batch_size // dist.world_size, device.type == "cuda"
-    if is_shard_pattern(cfg.train_csv):
-        stream = ShardPairs(cfg.train_csv, tokenizer, size, dist.rank, dist.world_size, cfg.seed,
+    if is_shard_pattern(cfg.train_data):
+        stream = ShardPairs(cfg.train_data, tokenizer, size, dist.rank, dist.world_size, cfg.seed,
                             needs_labels=needs_labels)
         return ShardLoader(stream, local_batch, cfg.batch_size, cfg.workers, pin)
-    dataset = caption_dataset(cfg.train_csv, tokenizer, size, cfg.image_root, cfg.train_classnames)
+    dataset = caption_dataset(cfg.train_data, tokenizer, size, cfg.image_root, cfg.train_classnames)
     captions, labels = dataset.captions, dataset.labels
     if labels is None and needs_labels:
-        raise ParError(f"objective {cfg.objective!r} trains on class labels: give a class-folder tree as train_csv, "
-                       f"or a CSV with a 'label' column ({cfg.train_csv} has neither)")
+        raise ParError(f"objective {cfg.objective!r} trains on class labels: give a class-folder tree as train_data, "
+                       f"or a CSV with a 'label' column ({cfg.train_data} has neither)")
     if len(dataset) < cfg.batch_size:
-        raise ParError(f"{cfg.train_csv} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
+        raise ParError(f"{cfg.train_data} has {len(dataset)} rows, fewer than one batch of {cfg.batch_size}")
     if cfg.preload:
         dataset = preload(dataset, workers=cfg.workers, desc="decode train images", progress=cfg.progress and dist.main)
     return PairLoader(dataset, captions, labels, local_batch, dist.rank, dist.world_size, cfg.seed,

@@ -53,7 +53,7 @@ class Setup:
         from par.distributed import Dist
         from par.train import make_step, train_config
 
-        self.cfg = train_config({"model": args.model, "train_csv": "unused.csv", "out": "unused",
+        self.cfg = train_config({"model": args.model, "train_data": "unused.csv", "out": "unused",
                                  "objective": args.objective, "augment": args.augment, "precision": precision,
                                  "grad_checkpointing": args.grad_checkpointing, "compile": args.compile,
                                  "device": str(device), "batch_size": args.batch, "lr": 1e-6, "progress": False})

@@ -159,7 +159,7 @@ def test_incomplete_or_broken_shard_sets_are_refused(capsys, micro_world, tmp_pa
     (out / "sizes.json").unlink()  # what an interrupted run leaves: tars, no index
     with pytest.raises(ParError, match="no sizes.json: an incomplete shard set"):
         ShardPairs(str(out / "{00000..00002}.tar"), tokenizer, 32)
-    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(out / "00000.tar"),
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_data", str(out / "00000.tar"),
                           "--out", str(tmp_path / "run")])
     assert "incomplete shard set" in msg and not (tmp_path / "run").exists()
 
@@ -196,7 +196,7 @@ def test_trigger_validate_stops_on_a_broken_validate_config(micro_world, ckpt, t
 
 
 def test_trigger_checks_attack_and_label_before_cleaning(micro_world, ckpt, tmp_path):
-    env = _script_env(CHECKPOINT=str(ckpt), ENCODER=MICRO, TRAIN_CSV=str(micro_world / "clean.csv"),
+    env = _script_env(CHECKPOINT=str(ckpt), ENCODER=MICRO, TRAIN_DATA=str(micro_world / "clean.csv"),
                       OUT_DIR=str(tmp_path / "cleaned"), EVAL_CSV=str(micro_world / "test.csv"),
                       PAR_CONFIG="configs/micro/par.yaml", ATTACK="badnet_rs", LABEL="kiwi")
     proc = subprocess.run(["bash", "trigger.sh", "--steps", "2"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -235,9 +235,9 @@ def test_unusable_outputs_are_refused_before_any_work(capsys, micro_world, ckpt,
         (["triggers", "--image", image, "--out", str(tmp_path / "folder")], "is a folder"),
         (["triggers", "--image", image, "--out", str(tmp_path / "t.png"), "--size", "0"], "at least 1"),
         (["world", "--out", str(tmp_path / "file"), "--train", "2", "--clean", "2", "--test", "2"], "not a folder"),
-        (["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_csv", csv, "--out",
+        (["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_data", csv, "--out",
           str(tmp_path / "file")], "run folder"),
-        (["clean", "--defense", "ft", "--checkpoint", str(ckpt), "--model", MICRO, "--train-csv", csv, "--out",
+        (["clean", "--defense", "ft", "--checkpoint", str(ckpt), "--model", MICRO, "--train-data", csv, "--out",
           str(tmp_path / "file" / "run")], "is a file, not a folder"),
     ]
     for argv, why in cases:
@@ -269,7 +269,7 @@ def test_bad_eval_options_are_error_lines(capsys, micro_world, ckpt, tmp_path, e
 
 def test_a_tar_that_is_not_a_tar_is_an_error_line(capsys, tmp_path):
     (tmp_path / "data.tar").write_bytes(b"\x89PNG not a tar" * 100)
-    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_data",
                           str(tmp_path / "data.tar"), "--out", str(tmp_path / "run")])
     assert "data.tar is not a tar file" in msg and not (tmp_path / "run").exists()
 
@@ -308,7 +308,7 @@ def test_nonsense_values_are_refused(capsys, micro_world, ckpt, tmp_path):
         msg = cli_error(capsys, ["poison", "--csv", str(micro_world / "empty-caption.csv"), "--attack", "badnet_rs",
                               "--label", "banana", "--num", "1", "--out", str(tmp_path / "p")])
         assert "empty caption" in msg and not (tmp_path / "p").exists()
-        msg = cli_error(capsys, ["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_csv",
+        msg = cli_error(capsys, ["train", "--config", f"{REPO}/configs/micro/pretrain.yaml", "--train_data",
                                  str(micro_world / "empty-caption.csv"), "--out", str(tmp_path / "t")])
         assert "empty caption" in msg and not (tmp_path / "t").exists()  # refused before the run folder is made
     finally:
@@ -326,7 +326,7 @@ def test_other_bad_files_are_error_lines(capsys, micro_world, ckpt, tmp_path):
         RetrievalDataset(tmp_path / "latin1.json", tmp_path, 32)
     (tmp_path / "latin1.yaml").write_bytes("lr: 0.001  # caf\xe9\n".encode("latin-1"))
     assert "cannot parse config" in cli_error(capsys, ["train", "--config", str(tmp_path / "latin1.yaml"),
-                                                       "--train_csv", str(micro_world / "train.csv"),
+                                                       "--train_data", str(micro_world / "train.csv"),
                                                        "--out", str(tmp_path / "t")])
     (tmp_path / "empty.csv").write_text("image,label\n")
     assert "has no rows" in cli_error(capsys, _eval(micro_world, ckpt, "--data", str(tmp_path / "empty.csv")))

@@ -80,7 +80,7 @@ def test_changing_the_synthetic_world_recleans_only_its_cells(bench):
     synthetic_runs = sorted(bench.glob("cleaned-badnet_rs-par-synthetic-*"))
     assert len(synthetic_runs) == 2 and len(list(bench.glob("world-synthetic-*"))) == 2
     (after,) = [p for p in synthetic_runs if p != before]
-    assert "cartoon" in json.loads(Path(yaml.safe_load((after / "config.yaml").read_text())["train_csv"])
+    assert "cartoon" in json.loads(Path(yaml.safe_load((after / "config.yaml").read_text())["train_data"])
                                    .parent.joinpath("world.json").read_text())["config"]["style"]
     assert {p: p.stat().st_mtime_ns for p in others} == others
 

@@ -74,7 +74,7 @@ def test_corrupt_image_in_training_keeps_run_folder_unfinished(capsys, micro_wor
     shutil.copytree(micro_world, world)
     (world / "images" / "train" / "000001.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "run"
-    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(world / "train.csv"),
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_data", str(world / "train.csv"),
                           "--out", str(out), "--workers", "1"])
     assert "cannot decode image" in msg and "000001.png" in msg
     assert not (out / "checkpoint.pt").exists()
@@ -82,7 +82,7 @@ def test_corrupt_image_in_training_keeps_run_folder_unfinished(capsys, micro_wor
 
 def test_finished_run_is_never_overwritten(capsys, micro_world, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(micro_world / "train.csv"),
+    args = ["train", "--config", "configs/micro/pretrain.yaml", "--train_data", str(micro_world / "train.csv"),
             "--out", str(out), "--steps", "2"]
     assert main(args) == 0
     before = (out / "checkpoint.pt").read_bytes()
@@ -93,7 +93,7 @@ def test_finished_run_is_never_overwritten(capsys, micro_world, tmp_path):
 
 
 def test_unknown_config_key(capsys, micro_world, tmp_path):
-    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv",
+    msg = cli_error(capsys, ["train", "--config", "configs/micro/pretrain.yaml", "--train_data",
                           str(micro_world / "train.csv"), "--out", str(tmp_path / "r"), "--learning_rate", "1"])
     assert "unknown train config key(s) ['learning_rate']" in msg
 

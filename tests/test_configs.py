@@ -13,7 +13,7 @@ TRAIN_CONFIGS = [p for p in ALL if p not in PROFILES]
 
 
 def _check_train(values: dict, source: str) -> None:
-    values = {"model": "par-micro-vit", "train_csv": "x.csv", "out": "o", "init_checkpoint": "x.pt", **values}
+    values = {"model": "par-micro-vit", "train_data": "x.csv", "out": "o", "init_checkpoint": "x.pt", **values}
     if values.get("eval_every"):  # a stage's learning curve: the pipeline fills in the world's test split
         values = {"eval_csv": "test.csv", "eval_classnames": "classnames.txt", **values}
     validate(train_config(values, source))
@@ -42,7 +42,7 @@ def test_profiles_name_valid_stages(path):
             _check_train(getattr(profile, stage), f"{path}:{stage}")
         for name in profile.poison_rates:
             attacks.get_trigger(name)
-        job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_csv="x.csv", out="o")
+        job = CleaningJob(checkpoint="x.pt", model="par-micro-vit", train_data="x.csv", out="o")
         for name in set(profile.defenses or DEFENSES.names()) | set(profile.defense_settings):
             defense = DEFENSES.get(name)
             job.settings = _defense_settings(profile, name)

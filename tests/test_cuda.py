@@ -50,7 +50,7 @@ def test_one_step_trains_and_keeps_the_frozen_copy(encoder, objective, precision
     """A few optimiser steps of a real open_clip encoder: finite losses, the weights move, the frozen copy does not."""
     device = torch.device(DEVICE)
     torch.manual_seed(0)
-    cfg = train_config({"model": encoder, "train_csv": "unused.csv", "out": str(tmp_path), "objective": objective,
+    cfg = train_config({"model": encoder, "train_data": "unused.csv", "out": str(tmp_path), "objective": objective,
                         "precision": precision, "device": DEVICE, "batch_size": 4, "progress": False})
     model, wrapped, task, tokenizer = build_model(cfg, Dist(), device)
     size, mean, std = models.image_size(model), task.context.mean, task.context.std
@@ -94,7 +94,7 @@ def test_par_augment_draws_on_the_device():
 
 
 def _micro_run(world, out, **over):
-    values = dict(model="par-micro-vit", train_csv=str(world / "train.csv"), out=str(out), steps=12, warmup=2,
+    values = dict(model="par-micro-vit", train_data=str(world / "train.csv"), out=str(out), steps=12, warmup=2,
                   batch_size=32, lr=1e-3, log_every=1, device=DEVICE, progress=False)
     values.update(over)
     return train(train_config(values))
@@ -116,7 +116,7 @@ def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path):
     _micro_run(gpu_world, tmp_path / "cut", **common)
     (tmp_path / "cut" / "checkpoint.pt").unlink()  # as if it had stopped after its state at step 10
     resumed = train(train_config(dict(
-        model="par-micro-vit", train_csv=str(gpu_world / "train.csv"), out=str(tmp_path / "cut"), steps=12, warmup=2,
+        model="par-micro-vit", train_data=str(gpu_world / "train.csv"), out=str(tmp_path / "cut"), steps=12, warmup=2,
         batch_size=32, lr=1e-3, log_every=1, device=DEVICE, progress=False, **common)), resume="latest")
     a, b = models.load_checkpoint(tmp_path / "full" / "checkpoint.pt"), models.load_checkpoint(resumed)
     for k in a:
@@ -147,7 +147,7 @@ def test_torchrun_on_one_gpu(gpu_world, tmp_path):
     run = subprocess.run(
         [TORCHRUN, "--standalone", "--nproc_per_node", "1", "-m", "par",
          "train", "--config", "configs/micro/par.yaml", "--model", "par-micro-vit", "--objective", "ft",
-         "--train_csv", str(gpu_world / "train.csv"), "--out", str(tmp_path / "run"), "--batch_size", "32",
+         "--train_data", str(gpu_world / "train.csv"), "--out", str(tmp_path / "run"), "--batch_size", "32",
          "--steps", "5", "--device", DEVICE, "--precision", "amp_bf16"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

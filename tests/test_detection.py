@@ -228,7 +228,7 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
     settings = {"steps": 2, "batch_size": 16, "warmup": 1, "lr": 1e-4, "threads": 1, "progress": False,
                 "objective_params": {"train_logit_scale": False},
                 "eftclip": {"oracle_params": {"epochs": 1}, "object_list_size": 9}}  # a micro oracle knows little: a long list
-    job = CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit", train_csv=str(micro_world / "clean.csv"),
+    job = CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit", train_data=str(micro_world / "clean.csv"),
                       out=str(tmp_path / "eft"), settings=settings, poisoned_data=str(data),
                       classnames=str(micro_world / "classnames.txt"), templates=str(micro_world / "templates.txt"))
     cleaned = DEFENSES.get("eftclip").clean(job)
@@ -248,7 +248,7 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
         DEFENSES.get("eftclip").clean(CleaningJob(**{**vars(job), "settings": everything, "out": str(tmp_path / "e3")}))
     with pytest.raises(ParError, match="screens the data the model was poisoned with"):
         DEFENSES.get("eftclip").clean(CleaningJob(checkpoint=str(checkpoint), model="par-micro-vit",
-                                                  train_csv=str(micro_world / "clean.csv"), out=str(tmp_path / "e2"),
+                                                  train_data=str(micro_world / "clean.csv"), out=str(tmp_path / "e2"),
                                                   settings=settings, classnames=str(micro_world / "classnames.txt")))
 
 

@@ -21,7 +21,7 @@ OBJECTIVES = {"par": [], "clip": [], "fare": ["--objective_params.random_start",
 
 def _train_args(world, ckpt, out, *extra):
     return ["train", "--config", f"{REPO}/configs/micro/par.yaml", "--model", "par-micro-vit",
-            "--init_checkpoint", str(ckpt), "--train_csv", str(world / "train.csv"), "--out", str(out),
+            "--init_checkpoint", str(ckpt), "--train_data", str(world / "train.csv"), "--out", str(out),
             "--augment", "none", "--batch_size", "16", "--steps", "4", "--warmup", "1", "--lr", "1e-3",
             "--threads", "1", "--save_every", "2", "--progress", "false", *extra]
 
@@ -37,10 +37,10 @@ def launch(micro_world, tmp_path_factory):
     commands = {f"multi-{name}": _train_args(micro_world, init, root / f"multi-{name}", "--objective", name, *extra)
                 for name, extra in OBJECTIVES.items()}
     shards = _train_args(micro_world, init, root / "multi-shards", "--workers", "1")
-    shards[shards.index("--train_csv") + 1] = str(root / "shards" / "{00000..00003}.tar")
+    shards[shards.index("--train_data") + 1] = str(root / "shards" / "{00000..00003}.tar")
     odd = _train_args(micro_world, init, root / "odd", "--batch_size", "15")
     too_few = _train_args(micro_world, init, root / "too-few")
-    too_few[too_few.index("--train_csv") + 1] = str(root / "one-shard" / "00000.tar")
+    too_few[too_few.index("--train_data") + 1] = str(root / "one-shard" / "00000.tar")
     commands.update({"multi-shards": shards, "odd": odd, "too-few": too_few})
     (root / "argv.json").write_text(json.dumps(list(commands.values())))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

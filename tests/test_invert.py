@@ -32,7 +32,7 @@ def _job(backdoored, out, defense_settings=None, checkpoint=None, steps=None):
     if steps:
         settings.update(steps=steps, warmup=min(settings.get("warmup", 0), steps - 1))
     return CleaningJob(checkpoint=str(checkpoint or backdoored.poisoned.checkpoint), model=backdoored.world.model,
-                       train_csv=str(world / "clean.csv"), out=str(out), settings={**pipeline.IN_MEMORY, **settings},
+                       train_data=str(world / "clean.csv"), out=str(out), settings={**pipeline.IN_MEMORY, **settings},
                        classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"))
 
 

@@ -51,7 +51,7 @@ def test_resumable_sampler_skips_into_the_epoch_and_stays_a_permutation():
 
 @dataclass
 class _Cfg:
-    train_csv: str
+    train_data: str
     out: str
     lr: float = 0.1
     init_checkpoint: Optional[str] = None
@@ -62,14 +62,14 @@ class _Cfg:
 def test_fingerprint_holds_settings_and_input_digests_not_cosmetics(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("image,caption\nx.png,a cat\n")
-    fp = fingerprint(_Cfg(str(csv), "o1"), cosmetic=("out", "progress"), inputs=("train_csv", "init_checkpoint"))
-    assert fp == {"train_csv": str(csv), "lr": 0.1, "init_checkpoint": None, "extra": {},
-                  "train_csv_digest": file_digest(csv)}
-    assert fingerprint(_Cfg(str(csv), "o2", progress=False), ("out", "progress"), ("train_csv",)) == \
-        fingerprint(_Cfg(str(csv), "o1"), ("out", "progress"), ("train_csv",))
-    before = fp["train_csv_digest"]
+    fp = fingerprint(_Cfg(str(csv), "o1"), cosmetic=("out", "progress"), inputs=("train_data", "init_checkpoint"))
+    assert fp == {"train_data": str(csv), "lr": 0.1, "init_checkpoint": None, "extra": {},
+                  "train_data_digest": file_digest(csv)}
+    assert fingerprint(_Cfg(str(csv), "o2", progress=False), ("out", "progress"), ("train_data",)) == \
+        fingerprint(_Cfg(str(csv), "o1"), ("out", "progress"), ("train_data",))
+    before = fp["train_data_digest"]
     csv.write_text("image,caption\nx.png,a dog\n")  # same path, other content: another run
-    assert fingerprint(_Cfg(str(csv), "o1"), ("out",), ("train_csv",))["train_csv_digest"] != before
+    assert fingerprint(_Cfg(str(csv), "o1"), ("out",), ("train_data",))["train_data_digest"] != before
 
 
 def _state(fp):

@@ -109,7 +109,7 @@ def test_eda_operations():
 def test_ft_is_plain_and_ft_aug_adds_pars_augmentation(capsys):
     from par.defenses import DEFENSES, CleaningJob
 
-    job = CleaningJob(checkpoint="poisoned.pt", model="par-micro-vit", train_csv="clean.csv", out="runs/x",
+    job = CleaningJob(checkpoint="poisoned.pt", model="par-micro-vit", train_data="clean.csv", out="runs/x",
                       settings={"augment": "par", "steps": 5, "objective": "par", "objective_params": {"tau": 1.0}})
     ft, ft_aug = DEFENSES.get("ft").config(job), DEFENSES.get("ft-aug").config(job)
     assert (ft.objective, ft.augment, ft.steps) == ("clip", "none", 5)  # the shared budget, not its augmentation

@@ -75,7 +75,7 @@ def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     clean_out = tmp_path / "cleaned"
     env = {
-        "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_CSV": str(out / "world" / "clean.csv"),
+        "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_DATA": str(out / "world" / "clean.csv"),
         "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
         "DEFENSE": "roclip",
     }
@@ -96,7 +96,7 @@ def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, defense, obj
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     clean_out = tmp_path / "cleaned"
     assert main(["clean", "--defense", defense, "--config", f"{REPO}/configs/micro/par.yaml", "--model",
-                 "par-micro-vit", "--checkpoint", str(poisoned), "--train-csv", str(out / "world" / "clean.csv"),
+                 "par-micro-vit", "--checkpoint", str(poisoned), "--train-data", str(out / "world" / "clean.csv"),
                  "--out", str(clean_out), "--steps", "2"]) == 0
     assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
     config = (clean_out / "config.yaml").read_text()

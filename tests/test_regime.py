@@ -47,7 +47,7 @@ def test_the_foundation_is_trained_once_and_poisoning_fine_tunes_it(tmp_path, ca
 
     for attack, model in poisoned.items():
         config = load_yaml(model.checkpoint.parent / "config.yaml")
-        assert Path(config["init_checkpoint"]) == foundation and config["train_csv"] == str(model.data)
+        assert Path(config["init_checkpoint"]) == foundation and config["train_data"] == str(model.data)
         assert config["preload"] is True  # the synthetic world's stages decode it once; the library default does not
         # starts from the foundation's weights: a few small steps away from it, far from any fresh model
         mine, start = models.load_checkpoint(model.checkpoint), models.load_checkpoint(foundation)
@@ -58,7 +58,7 @@ def test_the_foundation_is_trained_once_and_poisoning_fine_tunes_it(tmp_path, ca
 
 
 def test_preload_is_off_by_default():
-    assert TrainConfig(model=MICRO, train_csv="x.csv", out="o").preload is False
+    assert TrainConfig(model=MICRO, train_data="x.csv", out="o").preload is False
 
 
 def test_poison_rates_per_attack_and_scratch_mode(tmp_path):
@@ -164,7 +164,7 @@ def test_roclip_matches_only_on_its_schedule_and_fills_the_pool_after_looking():
 
 def test_roclip_cleans_through_the_loop_with_its_augmentations(micro_world, tmp_path):
     poisoned = models.save_checkpoint(models.create_model(MICRO), tmp_path / "poisoned.pt")
-    cfg = TrainConfig(model=MICRO, train_csv=str(micro_world / "clean.csv"), out=str(tmp_path / "run"),
+    cfg = TrainConfig(model=MICRO, train_data=str(micro_world / "clean.csv"), out=str(tmp_path / "run"),
                       init_checkpoint=str(poisoned), objective="roclip", objective_params={"match_every": 2},
                       steps=4, batch_size=16, warmup=1, threads=1, progress=False, log_every=1)  # 48 rows: 3 per epoch
     train(cfg)

@@ -84,7 +84,7 @@ def _extra(defense, world, tmp_path):
                           for c in frame["caption"]]  # every caption names its object's class
         labelled = tmp_path / "labelled.csv"
         frame.to_csv(labelled, index=False)
-        return ["--train-csv", str(labelled), "--objective_params.classnames", str(world / "classnames.txt")]
+        return ["--train-data", str(labelled), "--objective_params.classnames", str(world / "classnames.txt")]
     if isinstance(found, Invert):  # a trigger handed in (no scan: nothing to find in a random model), re-inverted
         mask = torch.zeros(1, 32, 32)
         mask[:, 22:30, 22:30] = 1
@@ -105,7 +105,7 @@ def init(tmp_path_factory):
 
 def _clean(defense, world, init, out, *extra):
     return ["clean", "--defense", defense, "--config", "configs/micro/par.yaml", "--model", "par-micro-vit",
-            "--checkpoint", str(init), "--train-csv", str(world / "train.csv"), "--out", str(out),
+            "--checkpoint", str(init), "--train-data", str(world / "train.csv"), "--out", str(out),
             "--steps", str(STEPS), "--batch_size", "8", "--warmup", "1", "--save_every", str(SAVE_EVERY),
             "--log_every", "1", "--threads", "1", "--tensorboard", "false", *FASTER.get(defense, []), *extra]
 

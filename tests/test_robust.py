@@ -33,7 +33,7 @@ def _images(world, n=16):
 def trained(micro_world, tmp_path_factory):
     """A micro CLIP trained long enough to beat chance, so that attacks have something to break."""
     out = tmp_path_factory.mktemp("trained")
-    return train(train_config({"model": "par-micro-vit", "train_csv": str(micro_world / "train.csv"), "out": str(out),
+    return train(train_config({"model": "par-micro-vit", "train_data": str(micro_world / "train.csv"), "out": str(out),
                                "objective": "clip", "steps": 120, "batch_size": 32, "warmup": 5, "lr": 2e-3,
                                "preload": True, "threads": 1, "progress": False, "log_every": 60}))
 
@@ -109,7 +109,7 @@ def test_adversarial_objectives_refuse_what_they_cannot_do():
 def test_fare_run_moves_only_the_vision_tower(micro_world, tmp_path):
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
-    values = {"model": "par-micro-vit", "train_csv": str(micro_world / "clean.csv"), "out": str(tmp_path / "fare"),
+    values = {"model": "par-micro-vit", "train_data": str(micro_world / "clean.csv"), "out": str(tmp_path / "fare"),
               "init_checkpoint": str(init), "objective": "fare", "objective_params": {"steps": 2}, "steps": 2,
               "batch_size": 16, "warmup": 1, "lr": 1e-3, "threads": 1, "progress": False, "log_every": 1}
     before, after = models.load_checkpoint(init), models.load_checkpoint(train(train_config(values)))
@@ -131,7 +131,7 @@ def test_tecoa_trains_on_class_folders_and_refuses_unlabelled_pairs(micro_world,
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
     folders = _class_folders(micro_world, tmp_path / "folders")
-    values = {"model": "par-micro-vit", "train_csv": str(folders), "out": str(tmp_path / "tecoa"),
+    values = {"model": "par-micro-vit", "train_data": str(folders), "out": str(tmp_path / "tecoa"),
               "init_checkpoint": str(init), "objective": "tecoa",
               "objective_params": {"steps": 2, "classnames": str(micro_world / "classnames.txt"),
                                    "templates": str(micro_world / "templates.txt")},
@@ -142,7 +142,7 @@ def test_tecoa_trains_on_class_folders_and_refuses_unlabelled_pairs(micro_world,
     assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"visual"}
     losses = [json.loads(line)["loss"] for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)  # a cross-entropy over 12 classes
-    unlabelled = {**values, "train_csv": str(micro_world / "clean.csv"), "out": str(tmp_path / "t2")}
+    unlabelled = {**values, "train_data": str(micro_world / "clean.csv"), "out": str(tmp_path / "t2")}
     with pytest.raises(ParError, match="trains on class labels"):
         train(train_config(unlabelled))
 
@@ -202,7 +202,7 @@ def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path):
     from par.app.cli import main
 
     assert main(["clean", "--defense", "fare", "--config", f"{REPO}/configs/micro/fare.yaml", "--checkpoint", str(init),
-                 "--model", "par-micro-vit", "--train-csv", str(micro_world / "clean.csv"),
+                 "--model", "par-micro-vit", "--train-data", str(micro_world / "clean.csv"),
                  "--out", str(tmp_path / "fare")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     checkpoint = tmp_path / "fare" / "checkpoint.pt"

@@ -24,14 +24,14 @@ def init(tmp_path_factory):
 
 
 def _train(world, out, *extra):
-    return ["train", "--config", "configs/micro/pretrain.yaml", "--train_csv", str(world / "train.csv"),
+    return ["train", "--config", "configs/micro/pretrain.yaml", "--train_data", str(world / "train.csv"),
             "--out", str(out), "--batch_size", "16", "--steps", "6", "--save_every", "4", "--tensorboard", "false",
             *extra]
 
 
 def _clean(world, init, out, *extra):
     return ["clean", "--defense", "cleanclip", "--model", "par-micro-vit", "--checkpoint", str(init),
-            "--train-csv", str(world / "train.csv"), "--out", str(out), "--steps", "2", "--batch_size", "16",
+            "--train-data", str(world / "train.csv"), "--out", str(out), "--steps", "2", "--batch_size", "16",
             "--warmup", "1", "--threads", "1", "--progress", "false", "--tensorboard", "false", *extra]
 
 

@@ -134,7 +134,7 @@ def test_cli_writes_shards_and_trains_from_them(micro_world, tmp_path, capsys):
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model(MICRO), tmp_path / "init.pt")
     args = ["train", "--config", f"{REPO}/configs/micro/par.yaml", "--model", MICRO,
-            "--init_checkpoint", str(init), "--train_csv", str(out / "{00000..00001}.tar"), "--out",
+            "--init_checkpoint", str(init), "--train_data", str(out / "{00000..00001}.tar"), "--out",
             str(tmp_path / "run"), "--batch_size", "8", "--steps", "14", "--warmup", "2", "--workers", "2",
             "--threads", "1", "--progress", "false"]
     assert main(args) == 0
@@ -144,7 +144,7 @@ def test_cli_writes_shards_and_trains_from_them(micro_world, tmp_path, capsys):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     missing = args.copy()
-    missing[missing.index("--train_csv") + 1] = str(tmp_path / "nope-{00000..00009}.tar")
+    missing[missing.index("--train_data") + 1] = str(tmp_path / "nope-{00000..00009}.tar")
     missing[missing.index("--out") + 1] = str(tmp_path / "run2")
     error = cli_error(capsys, missing)
     assert error.startswith("error: shard pattern") and "matches no file" in error

@@ -17,7 +17,7 @@ from par.train import FiniteWatch, train, train_config
 
 
 def _cfg(world, out, **over):
-    values = dict(model="par-micro-vit", train_csv=str(world / "train.csv"), out=str(out), steps=4, warmup=1,
+    values = dict(model="par-micro-vit", train_data=str(world / "train.csv"), out=str(out), steps=4, warmup=1,
                   batch_size=16, lr=1e-3, log_every=1, threads=1, progress=False)
     values.update(over)
     return train_config(values)
@@ -165,7 +165,7 @@ def test_clean_options_reach_the_objective_when_the_settings_file_is_written_for
                             ("par", ["--objective_params.tau", "1.5"])):
         out = tmp_path / defense
         assert main(["clean", "--defense", defense, "--config", f"{REPO}/configs/micro/par.yaml", "--model",
-                     "par-micro-vit", "--checkpoint", str(init), "--train-csv", str(micro_world / "train.csv"),
+                     "par-micro-vit", "--checkpoint", str(init), "--train-data", str(micro_world / "train.csv"),
                      "--out", str(out), "--steps", "2", "--batch_size", "8", "--tensorboard", "false", *option]) == 0
         saved[defense] = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
         said = capsys.readouterr().out

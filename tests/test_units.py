@@ -172,8 +172,8 @@ def test_build_names_unknown_and_missing_keys_and_coerces():
 
 
 def test_parse_overrides_reads_yaml_values_both_spellings():
-    got = config.parse_overrides(["--lr", "1e-3", "--wd", "0.1", "--steps=5", "--train-csv", "a.csv", "--flag", "true", "--x", ""])
-    assert got == {"lr": "1e-3", "wd": 0.1, "steps": 5, "train_csv": "a.csv", "flag": True, "x": None}
+    got = config.parse_overrides(["--lr", "1e-3", "--wd", "0.1", "--steps=5", "--train-data", "a.csv", "--flag", "true", "--x", ""])
+    assert got == {"lr": "1e-3", "wd": 0.1, "steps": 5, "train_data": "a.csv", "flag": True, "x": None}
     with pytest.raises(ParError, match="needs a value"):
         config.parse_overrides(["--lr"])
     with pytest.raises(ParError, match="expected --key value"):
@@ -223,9 +223,9 @@ def test_run_folder_knows_an_input_by_its_digest_not_its_path_spelling(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"")
-    (out / "fingerprint.json").write_text(json.dumps({"train_csv": "runs/x/train.csv", "train_csv_digest": "abc",
+    (out / "fingerprint.json").write_text(json.dumps({"train_data": "runs/x/train.csv", "train_data_digest": "abc",
                                                             **_finished(out)}))
-    same = {"train_csv": str(Path.cwd() / "runs/x/train.csv"), "train_csv_digest": "abc"}  # another spelling
+    same = {"train_data": str(Path.cwd() / "runs/x/train.csv"), "train_data_digest": "abc"}  # another spelling
     assert RunFolder(out, same, Dist(), reuse=True).status == "finished"
-    with pytest.raises(ParError, match=r"differs in \['train_csv', 'train_csv_digest'\]"):
-        RunFolder(out, {**same, "train_csv_digest": "def"}, Dist(), reuse=True)
+    with pytest.raises(ParError, match=r"differs in \['train_data', 'train_data_digest'\]"):
+        RunFolder(out, {**same, "train_data_digest": "def"}, Dist(), reuse=True)

@@ -124,11 +124,11 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
                                           progress)
             model, params, poisoned, _ = poisoned_cache[attack]
             values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
-            train_csv = synthetic_csv if data == "synthetic" else None
+            train_data = synthetic_csv if data == "synthetic" else None
             data_key = data if data == "world" else [data, synthetic_key]
             run_dir = out / f"cleaned-{attack}-{label_name}-{digest([model.key, defense, values, data_key])}"
             started = time.time()
-            cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_csv=train_csv)
+            cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_data=train_data)
             cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.eval)
             seconds = DEFENSES.get(defense).train_seconds(run_dir)
             row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],

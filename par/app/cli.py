@@ -97,10 +97,10 @@ def cmd_clean(args, overrides: List[str]) -> None:
                   f"used by defense {args.defense!r}")
         settings = own
     settings = merge(settings, parse_overrides(overrides))
-    for key in ("model", "train_csv", "init_checkpoint", "out", "image_root"):
+    for key in ("model", "train_data", "init_checkpoint", "out", "image_root"):
         if key in settings:
             raise ParError(f"clean: give {key} as its own option, not as a setting")
-    job = CleaningJob(checkpoint=args.checkpoint, model=args.model, train_csv=args.train_csv, out=args.out,
+    job = CleaningJob(checkpoint=args.checkpoint, model=args.model, train_data=args.train_data, out=args.out,
                       settings=settings, image_root=args.image_root, poisoned_data=args.poisoned_data,
                       classnames=args.classnames, templates=args.templates, reuse=args.reuse, resume=args.resume)
     print(f"cleaned checkpoint ({args.defense}): {clean(args.defense, job)}")
@@ -186,7 +186,7 @@ def cmd_shards(args) -> None:
 
     written = write_shards(args.csv, args.out, args.image_root, args.shard_size)
     pattern = f"{args.out}/{{00000..{len(written) - 1:05d}}}.tar" if len(written) > 1 else str(written[0])
-    print(f"wrote {len(written)} shards; train on them with train_csv: '{pattern}'")
+    print(f"wrote {len(written)} shards; train on them with train_data: '{pattern}'")
 
 
 def cmd_shell_env(args) -> None:
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="par", help=f"registered defense: {_names(DEFENSES)} (plugins' too)")
     p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
     p.add_argument("--model", required=True, help="its encoder (open_clip name or OpenAI spelling)")
-    p.add_argument("--train-csv", required=True, help="the defender's clean image,caption CSV")
+    p.add_argument("--train-data", required=True,
+                   help="the defender's clean pairs: an image,caption CSV, a class-folder tree or a shard pattern")
     p.add_argument("--image-root")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", help="training settings (steps, batch, lr, objective_params, ...)")

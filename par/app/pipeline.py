@@ -101,7 +101,7 @@ def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
     if values.get("eval_every"):  # a learning curve on the world's test split, logged as the stage trains
         values = {"eval_csv": world.test_csv, "eval_classnames": str(world.path / "classnames.txt"),
                   "eval_templates": str(world.path / "templates.txt"), **values}
-    cfg = train_config({**IN_MEMORY, **values, "train_csv": str(world.path / "train.csv"), "out": str(folder)},
+    cfg = train_config({**IN_MEMORY, **values, "train_data": str(world.path / "train.csv"), "out": str(folder)},
                        f"profile {what!r}")
     return train(cfg, reuse=True)
 
@@ -145,7 +145,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
         foundation, foundation_key = foundation_stage(profile, out, world)
         train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
         key = digest([poison_key, foundation_key, train_values])
-    checkpoint = train(train_config({**IN_MEMORY, **train_values, "model": world.model, "train_csv": str(poisoned_csv),
+    checkpoint = train(train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
                                      "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning"),
                        reuse=True)
     return Poisoned(checkpoint, key, poisoned_csv)
@@ -176,10 +176,10 @@ def check_encoder(checkpoint: Path, model: str) -> None:
 
 
 def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, run_dir: Path, reuse: bool,
-                train_csv: Optional[str] = None) -> Path:
-    """Cleans ``poisoned`` with ``defense`` on the world's clean pairs (or ``train_csv``)."""
+                train_data: Optional[str] = None) -> Path:
+    """Cleans ``poisoned`` with ``defense`` on the world's clean pairs (or ``train_data``)."""
     return clean(defense, CleaningJob(checkpoint=str(poisoned.checkpoint), model=world.model,
-                                      train_csv=train_csv or str(world.path / "clean.csv"), out=str(run_dir),
+                                      train_data=train_data or str(world.path / "clean.csv"), out=str(run_dir),
                                       settings={**IN_MEMORY, **settings}, poisoned_data=str(poisoned.data),
                                       classnames=str(world.path / "classnames.txt"),
                                       templates=str(world.path / "templates.txt"), reuse=reuse))

@@ -75,7 +75,7 @@ def _train(world: pipeline.World, values: dict, split: str, folder: Path) -> Pat
     from par.train import train, train_config
 
     cfg = train_config({**pipeline.IN_MEMORY, **values, "model": world.model,
-                        "train_csv": str(world.path / f"{split}.csv"), "out": str(folder)}, "profile 'scan' control")
+                        "train_data": str(world.path / f"{split}.csv"), "out": str(folder)}, "profile 'scan' control")
     return train(cfg, reuse=True)
 
 

@@ -132,7 +132,7 @@ class TeCoAObjective(AdversarialObjective):
     """TeCoA (Mao et al., ICLR 2023), the supervised baseline FARE compares against: cross-entropy
     of the zero-shot classifier (built once from the frozen text tower) on PGD images.
 
-    Needs labelled training data: a class-folder tree as ``train_csv``, or a CSV with a ``label`` column
+    Needs labelled training data: a class-folder tree as ``train_data``, or a CSV with a ``label`` column
     indexing ``classnames``.
     """
 

@@ -146,7 +146,7 @@ class CleaningJob:
 
     checkpoint: str
     model: str
-    train_csv: str
+    train_data: str
     out: str
     settings: dict = field(default_factory=dict)
     image_root: Optional[str] = None

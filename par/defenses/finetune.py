@@ -24,7 +24,7 @@ class FineTune(Defense):
 
     def config(self, job: CleaningJob) -> loop.TrainConfig:
         values = for_objective({**job.settings, **self.settings}, self.objective)
-        values.update(objective=self.objective, model=job.model, train_csv=job.train_csv,
+        values.update(objective=self.objective, model=job.model, train_data=job.train_data,
                       init_checkpoint=job.checkpoint, out=job.out)
         if job.image_root:
             values["image_root"] = job.image_root

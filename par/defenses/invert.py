@@ -263,7 +263,7 @@ class Invert(MultiStageDefense):
     def scan_config(self, job: CleaningJob, p: InvertParams):
         from par.scan import ScanConfig
 
-        values = {"checkpoint": job.checkpoint, "model": job.model, "images": job.train_csv, "scanner": p.scanner,
+        values = {"checkpoint": job.checkpoint, "model": job.model, "images": job.train_data, "scanner": p.scanner,
                   "scanner_params": dict(p.scanner_params), "max_images": p.max_images, "top_k": p.top_k,
                   "image_root": job.image_root, "templates": job.templates,
                   "progress": job.settings.get("progress", True)}

@@ -37,7 +37,7 @@ class EftCLIP(MultiStageDefense):
     pairs dropped, the victim label's unflagged pairs up-weighted) and fine-tune on it with the CLIP loss.
 
     Its threat model gives the defender the poisoned training set (``job.poisoned_data``); a learning
-    oracle learns from the job's clean pairs (``job.train_csv``) only.
+    oracle learns from the job's clean pairs (``job.train_data``) only.
     """
 
     name = "eftclip"
@@ -94,7 +94,7 @@ class EftCLIP(MultiStageDefense):
         if not job.classnames:
             raise ParError("eftclip reasons in class labels: give the class names (--classnames)")
         p = self.params(job)
-        inputs = [file_digest(job.checkpoint), file_digest(job.poisoned_data), file_digest(job.train_csv),
+        inputs = [file_digest(job.checkpoint), file_digest(job.poisoned_data), file_digest(job.train_data),
                   job.classnames, job.templates, p.oracle, p.oracle_params, p.theta, p.object_list_size, p.views,
                   p.calibrate]
         # beside the run folder and keyed by what it depends on: a benchmark's seeds share one detection
@@ -102,7 +102,7 @@ class EftCLIP(MultiStageDefense):
         summary = detect(DetectConfig(
             checkpoint=job.checkpoint, model=job.model, data=job.poisoned_data, classnames=job.classnames,
             templates=job.templates, out=str(folder), oracle=p.oracle, oracle_params=p.oracle_params,
-            clean_data=job.train_csv, oracle_cache=str(Path(job.out).parent / "oracles"), image_root=job.image_root,
+            clean_data=job.train_data, oracle_cache=str(Path(job.out).parent / "oracles"), image_root=job.image_root,
             theta=p.theta, object_list_size=p.object_list_size, views=p.views, calibrate=p.calibrate,
             progress=job.settings.get("progress", True)))
         return {**summary, "folder": str(folder)}
@@ -143,10 +143,10 @@ class EftCLIP(MultiStageDefense):
     @staticmethod
     def _finetune_job(job: CleaningJob, curated: str) -> CleaningJob:
         settings = {k: v for k, v in job.settings.items() if k != "eftclip"}
-        return replace(job, train_csv=curated, settings=settings, out=str(Path(job.out) / "finetune"), image_root=None)
+        return replace(job, train_data=curated, settings=settings, out=str(Path(job.out) / "finetune"), image_root=None)
 
     def check(self, job: CleaningJob) -> None:
         from par.defenses.eftclip.oracles import ORACLES
 
         ORACLES.canonical(self.params(job).oracle)
-        FineTune(self.objective).check(self._finetune_job(job, job.train_csv))
+        FineTune(self.objective).check(self._finetune_job(job, job.train_data))
