@@ -1,5 +1,3 @@
-import sys
+from par.app.cli import run
 
-from par.app.cli import main
-
-sys.exit(main())
+run()

@@ -36,7 +36,7 @@ from par.defenses.base import OBJECTIVES, Batch, Objective, TaskContext, make_ob
 from par.plots import plot_training
 from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
-from par.utils import PRECISIONS, autocast, check_output_dir
+from par.utils import PRECISIONS, autocast, check_output_dir, restores_torch_threads
 
 # settings that do not change what a run computes (where it runs, how it reports): left out of its fingerprint
 NOT_FINGERPRINTED = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
@@ -72,7 +72,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch CPU threads during the run (the caller's count is restored after it); 0 keeps it
     workers: int = 0  # DataLoader workers (decoding) when not preloading
     preload: bool = False  # decode every image once into memory: small datasets only (the synthetic world's stages)
     log_every: int = 10
@@ -202,6 +202,7 @@ def live_eval(cfg: TrainConfig, size: int, device: torch.device) -> LiveEval:
                     progress=cfg.progress)
 
 
+@restores_torch_threads
 def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -> Path:
     """Runs the training described by ``cfg`` and returns the path of the final checkpoint."""
     from open_clip_train.scheduler import cosine_lr

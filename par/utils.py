@@ -5,6 +5,7 @@ Every other module may import this one; it imports nothing from ``par`` but the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,21 @@ from par.errors import ParError
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
 DIGEST_LENGTH = 16  # hex characters of SHA-256 kept in every digest par writes
+
+
+def restores_torch_threads(fn: Callable) -> Callable:
+    """``fn`` may set torch's CPU thread count for its own work (a run's ``threads``); its caller's count is
+    restored when it returns or fails, since a benchmark or a test suite runs many such calls in one process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 def pick_device(name: str) -> torch.device:

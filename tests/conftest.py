@@ -61,6 +61,21 @@ class Backdoored:
         self.poisoned = pipeline.poisoned_model_stage(profile, out, self.world, self.attack, self.label,
                                                       self.attack_params)
 
+    def job(self, out, defense_settings=None, checkpoint=None, steps=None):
+        """A cleaning job of the poisoned model (or ``checkpoint``) on the world's clean pairs with the
+        profile's cleaning budget, ``steps`` shorter when given."""
+        from par.app import pipeline
+        from par.defenses import CleaningJob
+
+        world = self.world.path
+        settings = {**self.profile.clean, "progress": False, **(defense_settings or {})}
+        if steps:
+            settings.update(steps=steps, warmup=min(settings.get("warmup", 0), steps - 1))
+        return CleaningJob(checkpoint=str(checkpoint or self.poisoned.checkpoint), model=self.world.model,
+                           train_data=str(world / "clean.csv"), out=str(out),
+                           settings={**pipeline.IN_MEMORY, **settings}, classnames=str(world / "classnames.txt"),
+                           templates=str(world / "templates.txt"))
+
     def evaluate(self, checkpoint) -> dict:
         from par.app import pipeline
 
@@ -71,3 +86,16 @@ class Backdoored:
 @pytest.fixture(scope="session")
 def backdoored_micro(micro_cache, tmp_path_factory) -> Backdoored:
     return Backdoored(micro_profile("micro-backdoor.yaml", micro_cache), tmp_path_factory.mktemp("backdoored"))
+
+
+@pytest.fixture(scope="session")
+def poisoned_scan(backdoored_micro, tmp_path_factory):
+    """The poisoned micro model scanned once, as ``invert`` asks (its scan stage alone, on the clean pairs'
+    images): (what the stage found, the scan folder). The scan tests read its record; the invert tests reuse
+    the folder where a run or the scan table would leave it."""
+    from pathlib import Path
+
+    from par.defenses import DEFENSES
+
+    found = DEFENSES.get("invert").scan(backdoored_micro.job(tmp_path_factory.mktemp("scanned") / "run", steps=2), {})
+    return found, Path(found["folder"])

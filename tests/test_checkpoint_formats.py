@@ -1,5 +1,6 @@
 """Checkpoints of the field, in their exact layouts, built from randomly initialised real architectures."""
 import argparse
+import functools
 
 import pytest
 import torch
@@ -8,11 +9,15 @@ from safetensors.torch import save_file
 from par import models
 
 
-@pytest.fixture(scope="module")
-def arch(request):
+@functools.lru_cache(maxsize=1)  # the cases of one architecture run together; one model in memory at a time
+def _state(name):
     torch.manual_seed(0)
-    model = models.create_model(request.param)
-    return request.param, model.state_dict()
+    return models.create_model(name).state_dict()
+
+
+@pytest.fixture
+def arch(request):
+    return request.param, _state(request.param)
 
 
 def _par_authors(state, path):

@@ -1,14 +1,12 @@
 """invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from par import attacks, models
-from par.app import pipeline
-from par.defenses import DEFENSES, CleaningJob, TaskContext, make_objective
+from par.defenses import DEFENSES, TaskContext, make_objective
 from par.defenses.base import Batch
 from par.scan.files import load_trigger, save_trigger
 from par.errors import ParError
@@ -24,16 +22,6 @@ def true_trigger(backdoored, path):
     mask = (1 - (on_white - on_black)).mean(0, keepdim=True).clamp(0, 1)
     pattern = torch.where(mask > 0, on_black / mask.clamp_min(1e-6), torch.zeros_like(on_black)).clamp(0, 1)
     return save_trigger(path, mask, pattern)
-
-
-def _job(backdoored, out, defense_settings=None, checkpoint=None, steps=None):
-    world = backdoored.world.path
-    settings = {**backdoored.profile.clean, "progress": False, **(defense_settings or {})}
-    if steps:
-        settings.update(steps=steps, warmup=min(settings.get("warmup", 0), steps - 1))
-    return CleaningJob(checkpoint=str(checkpoint or backdoored.poisoned.checkpoint), model=backdoored.world.model,
-                       train_data=str(world / "clean.csv"), out=str(out), settings={**pipeline.IN_MEMORY, **settings},
-                       classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"))
 
 
 def test_unlearning_term_is_zero_for_an_empty_trigger(tmp_path):
@@ -61,9 +49,9 @@ def test_unlearning_term_is_zero_for_an_empty_trigger(tmp_path):
 def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_micro, tmp_path):
     trigger = true_trigger(backdoored_micro, tmp_path / "true.safetensors")
     steps = 40
-    ft = DEFENSES.get("ft").clean(_job(backdoored_micro, tmp_path / "ft", steps=steps))
-    inverted = DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "invert",
-                                                 {"invert": {"trigger": str(trigger)}}, steps=steps))
+    ft = DEFENSES.get("ft").clean(backdoored_micro.job(tmp_path / "ft", steps=steps))
+    given = {"invert": {"trigger": str(trigger)}}
+    inverted = DEFENSES.get("invert").clean(backdoored_micro.job(tmp_path / "invert", given, steps=steps))
     report = json.loads((tmp_path / "invert" / "defense-report.json").read_text())
     assert report["unlearned"] and report["scan"]["verdict"] == "given"
     asr_ft = backdoored_micro.evaluate(ft)["asr_top1"]
@@ -75,8 +63,8 @@ def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_
 
 def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro, tmp_path):
     decree = {"invert": {"scanner": "decree"}}  # any scanner that finds nothing; decree is the cheaper
-    cleaned = DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "run", decree, steps=3,
-                                                    checkpoint=backdoored_micro.foundation))
+    job = backdoored_micro.job(tmp_path / "run", decree, steps=3, checkpoint=backdoored_micro.foundation)
+    cleaned = DEFENSES.get("par+invert").clean(job)
     report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
     assert report["scan"]["verdict"] == "clean" and not report["unlearned"] and "found no backdoor" in report["note"]
     config = (tmp_path / "run" / "finetune" / "config.yaml").read_text()
@@ -84,42 +72,34 @@ def test_scan_finding_nothing_falls_back_to_the_base_objective(backdoored_micro,
     assert DEFENSES.get("par+invert").report(tmp_path / "run", "banana") == {"scan_verdict": "clean", "scan_target": ""}
 
 
-@pytest.fixture(scope="module")
-def poisoned_scanned(backdoored_micro, tmp_path_factory):
-    """The poisoned micro model scanned once as ``invert`` asks (the run's scan stage, on its own)."""
-    runs = tmp_path_factory.mktemp("scanned")
-    found = DEFENSES.get("invert").scan(_job(backdoored_micro, runs / "run", steps=2), {})
-    return found, Path(found["folder"])
-
-
-def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoored_micro, poisoned_scanned, tmp_path):
-    found, scanned = poisoned_scanned
+def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoored_micro, poisoned_scan, tmp_path):
+    found, scanned = poisoned_scan
     assert found["verdict"] == "backdoored" and found["target"] == "banana"
     assert scanned.parent.name == "invert-scans"  # beside the run: other seeds' runs share it
     shutil.copytree(scanned, tmp_path / "invert-scans" / scanned.name)  # as another seed's run left it
-    DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "run", steps=2))
+    DEFENSES.get("invert").clean(backdoored_micro.job(tmp_path / "run", steps=2))
     report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
     assert report["scan"]["target"] == "banana" and report["unlearned"]
     mask, pattern = load_trigger(report["scan"]["trigger"])
     assert mask.shape == (1, 32, 32) and pattern.shape == (3, 32, 32)
     (scan,) = (tmp_path / "invert-scans").iterdir()
     assert (scan / "scan.json").is_file() and report["scan"]["folder"] == str(scan)
-    DEFENSES.get("par+invert").clean(_job(backdoored_micro, tmp_path / "again", steps=2))
+    DEFENSES.get("par+invert").clean(backdoored_micro.job(tmp_path / "again", steps=2))
     assert list((tmp_path / "invert-scans").iterdir()) == [scan]  # the same request: the same scan
 
 
 def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro,
-                                                                                        poisoned_scanned, tmp_path):
+                                                                                        poisoned_scan, tmp_path):
     from par.scan.folder import run_scan, scan_folder
 
     checkpoint = tmp_path / "models" / "poisoned.pt"
     checkpoint.parent.mkdir()
     shutil.copy(backdoored_micro.poisoned.checkpoint, checkpoint)
     invert = DEFENSES.get("invert")
-    job = _job(backdoored_micro, tmp_path / "runs" / "a", steps=2, checkpoint=checkpoint)
+    job = backdoored_micro.job(tmp_path / "runs" / "a", steps=2, checkpoint=checkpoint)
     folder = scan_folder(checkpoint.parent, invert.scan_config(job, invert.params(job)))
-    assert folder.name == poisoned_scanned[1].name  # named by the checkpoint's content and the request
-    shutil.copytree(poisoned_scanned[1], folder)  # as the scan table leaves it
+    assert folder.name == poisoned_scan[1].name  # named by the checkpoint's content and the request
+    shutil.copytree(poisoned_scan[1], folder)  # as the scan table leaves it
     record, reused = run_scan(invert.scan_config(job, invert.params(job)), folder)
     assert reused and record["verdict"] == "backdoored"
     mask, pattern = load_trigger(folder / "trigger.safetensors")
@@ -128,8 +108,8 @@ def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_ha
     report = json.loads((tmp_path / "runs" / "a" / "defense-report.json").read_text())
     assert report["scan"]["folder"] == str(folder) and report["unlearned"]
     assert not (tmp_path / "runs" / "invert-scans").exists()  # no second scan
-    given = _job(backdoored_micro, tmp_path / "runs" / "b", {"invert": {"trigger": str(folder / "trigger.safetensors")}},
-                 steps=2, checkpoint=checkpoint)
+    given = backdoored_micro.job(tmp_path / "runs" / "b", {"invert": {"trigger": str(folder / "trigger.safetensors")}},
+                                steps=2, checkpoint=checkpoint)
     invert.clean(given)  # the scan's trigger file is one invert takes
     assert json.loads((tmp_path / "runs" / "b" / "defense-report.json").read_text())["scan"]["verdict"] == "given"
 
@@ -140,7 +120,7 @@ def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_ha
     ({"reinvert_steps": 0}, "reinvert_steps"), ({"trigger": "/no/such.safetensors"}, "trigger file not found"),
     ({"scanner": "nope"}, "nope")])
 def test_bad_settings_are_one_line_errors_before_any_work(backdoored_micro, tmp_path, settings, words):
-    job = _job(backdoored_micro, tmp_path / "run", {"invert": settings})
+    job = backdoored_micro.job(tmp_path / "run", {"invert": settings})
     with pytest.raises(ParError, match=words):
         DEFENSES.get("invert").check(job)
         DEFENSES.get("invert").clean(job)
@@ -150,7 +130,7 @@ def test_bad_settings_are_one_line_errors_before_any_work(backdoored_micro, tmp_
 def test_a_checkpoint_of_another_encoder_is_refused_before_the_scan(backdoored_micro, tmp_path):
     other = models.save_checkpoint(models.create_model("par-tiny-vit"), tmp_path / "other.pt", {"model": "par-tiny-vit"})
     with pytest.raises(ParError, match="holds a par-tiny-vit model"):
-        DEFENSES.get("invert").clean(_job(backdoored_micro, tmp_path / "run", checkpoint=other))
+        DEFENSES.get("invert").clean(backdoored_micro.job(tmp_path / "run", checkpoint=other))
     assert not (tmp_path / "run").exists() and not (tmp_path / "invert-scans").exists()
 
 

@@ -37,6 +37,9 @@ CHECK = textwrap.dedent("""
     triggered = par.triggers.apply("water_patt", images, seed=0)
     assert par.triggers.FONT.resolve().is_relative_to(site) and par.triggers.FONT.is_file()
     assert triggered.shape == images.shape and not torch.equal(triggered, images)
+    from importlib.metadata import distribution
+    (command,) = [e for e in distribution("par").entry_points if e.group == "console_scripts"]
+    assert command.name == "par" and command.load() is __import__("par.app.cli").app.cli.run  # the `par` command
     print("ok")
 """)
 

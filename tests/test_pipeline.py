@@ -45,28 +45,19 @@ def test_demo_runs_end_to_end(demo):
     assert f"init_checkpoint: {foundation}" in (poisoned.parent / "config.yaml").read_text()
 
 
-def test_demo_reuses_the_poisoned_model(demo):
+def test_demo_reuses_the_poisoned_model(demo, capsys):
+    """What ``bash trigger.sh`` runs a second time (in process: the shell run is the fixture's)."""
+    from par.app.cli import main
+
     out, _ = demo
     (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
     (foundation,) = out.glob("foundation-*/checkpoint.pt")
     before = [poisoned.stat().st_mtime_ns, foundation.stat().st_mtime_ns]
-    second = _run(["bash", "trigger.sh"], {"DEMO_PROFILE": "configs/micro.yaml", "OUT_DIR": str(out)})
-    assert "reusing" in second.stdout
+    capsys.readouterr()
+    assert main(["demo", "--profile", f"{REPO}/configs/micro.yaml", "--out", str(out)]) == 0
+    assert "reusing" in capsys.readouterr().out
     assert [poisoned.stat().st_mtime_ns, foundation.stat().st_mtime_ns] == before
     assert len(list(out.glob("cleaned-badnet_rs-*/report.json"))) >= 1
-
-
-def test_validate_a_given_checkpoint(demo, tmp_path):
-    out, _ = demo
-    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
-    env = {"EVAL_CSV": str(out / "world" / "test.csv"), "OUT_DIR": str(tmp_path)}
-    proc = _run(["bash", "trigger_validate.sh", str(poisoned), "badnet_rs", "par-micro-vit", "banana"], env)
-    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["evaluation"] for r in records] == ["classification/clean", "classification/badnet_rs"]
-    assert all(r["attack"] == "badnet_rs" and r["label"] == "banana" for r in records)
-    assert set(records[0]["metrics"]) == {"clean_top1", "clean_top5"}
-    assert set(records[1]["metrics"]) == {"asr_top1", "asr_top5"}
-    assert "ASR top-1" in proc.stdout and "retrieval: skipped" in proc.stdout
 
 
 def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
@@ -79,12 +70,19 @@ def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
         "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
         "DEFENSE": "roclip",
     }
-    _run(["bash", "trigger.sh", "--steps", "2"], env)
+    proc = _run(["bash", "trigger.sh", "--steps", "2"], env)
     assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
     assert "objective: roclip" in (clean_out / "config.yaml").read_text()
-    record = json.loads((clean_out / "results.jsonl").read_text().splitlines()[0])
-    assert record["encoder"] == "par-micro-vit" and record["checkpoint"] == str(clean_out / "checkpoint.pt")
     assert "steps: 2" in (clean_out / "config.yaml").read_text()
+    # then trigger_validate.sh on what it cleaned: class names and templates found beside EVAL_CSV
+    records = [json.loads(line) for line in (clean_out / "results.jsonl").read_text().splitlines()]
+    assert [r["evaluation"] for r in records] == ["classification/clean", "classification/badnet_rs"]
+    assert all(r["encoder"] == "par-micro-vit" and r["checkpoint"] == str(clean_out / "checkpoint.pt") for r in records)
+    assert all(r["attack"] == "badnet_rs" and r["label"] == "banana" for r in records)
+    assert set(records[0]["metrics"]) == {"clean_top1", "clean_top5"}
+    assert set(records[1]["metrics"]) == {"asr_top1", "asr_top5"}
+    assert "ASR top-1" in proc.stdout and "retrieval: skipped" in proc.stdout
+    assert f"classes {out / 'world' / 'classnames.txt'}, templates {out / 'world' / 'templates.txt'}" in proc.stdout
 
 
 @pytest.mark.parametrize("defense, objective", [("par", "par"), ("ft", "clip"), ("cleanclip", "cleanclip")])

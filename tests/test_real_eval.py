@@ -115,11 +115,17 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
                for i in range(12)]
     (tmp_path / "coco.json").write_text(json.dumps(entries))
     env = dict(os.environ, PAR_PYTHON=sys.executable, EVAL_DATA=str(micro_world / "test.csv"),
-               RETRIEVAL_JSON=str(tmp_path / "coco.json"), RETRIEVAL_ROOT=str(micro_world))
+               RETRIEVAL_JSON=str(tmp_path / "coco.json"), RETRIEVAL_ROOT=str(micro_world),
+               ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8", ROBUST_STEPS="2")
     proc = subprocess.run(["bash", "trigger_validate.sh", str(ckpt), "blended", "par-micro-vit", "banana"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "results.jsonl").read_text().splitlines()]
+    robust = [r for r in records if "robust" in r]
+    assert [r["robust"]["eps"] for r in robust] == pytest.approx([2 / 255, 4 / 255])
+    assert all(r["num_images"] == 8 and r["robust"]["steps"] == 2 for r in robust)
+    assert "classification/robust@4/255" in proc.stdout
+    records = [r for r in records if "robust" not in r]
     assert [r["evaluation"] for r in records] == ["classification/clean", "classification/blended",
                                                  "retrieval/clean", "retrieval/blended"]
     assert set(records[2]["metrics"]) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}

@@ -3,8 +3,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -195,23 +193,22 @@ def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
             classnames=str(micro_world / "classnames.txt"), robust_eps=[2 / 255], progress=False))
 
 
-def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path):
-    """The user's path: clean with FARE from the command line, then trigger_validate.sh with ROBUST_EPS."""
+def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path, capsys):
+    """The user's path: clean with FARE from the command line, then validate with robust accuracy (what
+    trigger_validate.sh runs with ROBUST_EPS; its own shell run is in test_real_eval)."""
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
-    from par.app.cli import main
-
     assert main(["clean", "--defense", "fare", "--config", f"{REPO}/configs/micro/fare.yaml", "--checkpoint", str(init),
                  "--model", "par-micro-vit", "--train-data", str(micro_world / "clean.csv"),
                  "--out", str(tmp_path / "fare")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     checkpoint = tmp_path / "fare" / "checkpoint.pt"
-    env.update(EVAL_DATA=str(micro_world / "test.csv"), ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8",
-               ROBUST_STEPS="2", PAR_PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "trigger_validate.sh", str(checkpoint), "badnet_rs", "par-micro-vit", "banana"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "classification/robust@4/255" in proc.stdout
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--model", "par-micro-vit", "--attack", "badnet_rs",
+                 "--label", "banana", "--data", str(micro_world / "test.csv"),
+                 "--classnames", str(micro_world / "classnames.txt"), "--templates", str(micro_world / "templates.txt"),
+                 "--robust-eps", "2/255,4/255", "--robust-max-images", "8", "--robust-steps", "2",
+                 "--out", str(tmp_path / "fare" / "results.jsonl")]) == 0
+    assert "classification/robust@4/255" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "fare" / "results.jsonl").read_text().splitlines()]
     robust = [r for r in records if "robust" in r]
     assert [r["robust"]["eps"] for r in robust] == pytest.approx([2 / 255, 4 / 255])

@@ -13,7 +13,7 @@ from conftest import cli_error
 from par.app.cli import main
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, robust_z, scan_checkpoint
 
-CHEAP = {"steps": 5, "families": ["patch"]}  # for tests of plumbing, not of the statistic
+CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of plumbing, not of the statistic
 
 
 def config(world, checkpoint, images=None, **changes) -> ScanConfig:
@@ -28,11 +28,6 @@ def argv(world, checkpoint, out, *extra):
             "--out", str(out), *extra]
 
 
-@pytest.fixture(scope="module")
-def poisoned_scan(backdoored_micro):
-    return scan_checkpoint(config(backdoored_micro.world.path, backdoored_micro.poisoned.checkpoint))
-
-
 def test_robust_z_is_median_and_mad_based():
     assert robust_z([1.0, 2.0, 3.0, 4.0, 100.0])[4] == pytest.approx((100 - 3) / 1.4826)
     assert robust_z([5.0, 5.0, 5.0]) == [0.0, 0.0, 0.0]
@@ -41,15 +36,17 @@ def test_robust_z_is_median_and_mad_based():
 
 
 def test_the_poisoned_micro_model_is_flagged_with_its_target(poisoned_scan):
-    result = poisoned_scan
-    assert result.flagged and result.verdict == "backdoored" and result.target == "banana"
-    assert result.value >= result.threshold and "clean micro models" in result.threshold_source
-    banana = max(row["z"] for row in result.labels if row["label"] == "banana")
-    others = max(row["z"] for row in result.labels if row["label"] != "banana")
-    assert banana == result.value and banana > others + 1  # the natural hub (car) comes next, well behind
-    assert len({row["label"] for row in result.labels}) == 12 and not result.details["pruned"]
-    assert result.seconds_per_label > 0 and all(row["seconds"] > 0 for row in result.labels)
-    assert result.details["refined"]["label"] == "banana" and result.details["refined"]["success"] >= 0.99
+    """The default scanner on the poisoned micro model (the scan ``invert`` runs, on the clean pairs' images)."""
+    _, folder = poisoned_scan
+    result = json.loads((folder / "scan.json").read_text())
+    assert result["verdict"] == "backdoored" and result["target"] == "banana" and result["scanner"] == "label-inversion"
+    assert result["value"] >= result["threshold"] and "clean micro models" in result["threshold_source"]
+    banana = max(row["z"] for row in result["labels"] if row["label"] == "banana")
+    others = max(row["z"] for row in result["labels"] if row["label"] != "banana")
+    assert banana == result["value"] and banana > others + 1  # the natural hub (car) comes next, well behind
+    assert len({row["label"] for row in result["labels"]}) == 12 and not result["details"]["pruned"]
+    assert result["seconds_per_label"] > 0 and all(row["seconds"] > 0 for row in result["labels"])
+    assert result["details"]["refined"]["label"] == "banana" and result["details"]["refined"]["success"] >= 0.99
 
 
 def test_the_clean_foundation_is_not_flagged(backdoored_micro):
@@ -79,7 +76,8 @@ def test_candidate_pruning_keeps_the_target(backdoored_micro):
     planted label is ranked first and kept, and z is measured against randomly drawn reference labels."""
     world = backdoored_micro.world.path
     result = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, top_k=3,
-                                    scanner_params={"steps": 1, "families": ["patch"], "reference_labels": 5}))
+                                    scanner_params={"steps": 1, "families": ["patch"], "reference_labels": 5,
+                                                    "refine_steps": 0}))
     assert result.details["pruned"] and result.details["ranking"][0]["label"] == "banana"
     assert "banana" in result.details["top_k"] and len(result.details["top_k"]) == 3
     assert len(result.details["reference"]) == 5 and result.details["rank_seconds_per_label"] > 0
@@ -115,7 +113,8 @@ def test_a_registered_scanner_is_found_by_the_cli(backdoored_micro, constant_sca
 def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
     b = backdoored_micro
     out = tmp_path / "scan"
-    cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--max-images", "32"]
+    cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--scanner-param", "refine_steps=0",
+             "--max-images", "32"]
     assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 0
     assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "scan.json", "trigger.png", "trigger.safetensors"]
     record = json.loads((out / "scan.json").read_text())

@@ -10,7 +10,8 @@ from par.app import scanbench
 from par.app.bench import run_bench
 from par.errors import ParError
 
-SCAN = {"scanners": ["decree"], "zero_poison_seeds": [1], "benign_seeds": [0], "max_images": 32}
+SCAN = {"scanners": ["decree"], "zero_poison_seeds": [1], "benign_seeds": [0], "max_images": 32,
+        "scanner_params": {"decree": {"steps": 40}}}  # the table's plumbing, not DECREE's statistic
 
 
 def _rows(path):
@@ -18,16 +19,18 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_benchmark_scans_poisoned_model_and_every_clean_control(backdoored_micro, micro_cache, tmp_path):
-    profile = micro_profile("micro-backdoor.yaml", micro_cache, attacks=["badnet_rs"], defenses=["ft"],
-                            scan=SCAN, reference=False)
+def test_benchmark_scans_poisoned_model_and_every_clean_control(micro_cache, tmp_path):
+    profile = micro_profile("micro-bench.yaml", micro_cache, attacks=["badnet_rs"], defenses=["ft"], scan=SCAN,
+                            reference=False)
     out = run_bench(profile, str(tmp_path / "bench"), progress=False)
     rows = _rows(out / "scan.csv")
     assert [(r["scanner"], r["kind"], r["attack"]) for r in rows] == [
         ("decree", "poisoned", "badnet_rs"), ("decree", "clean", ""), ("decree", "clean", ""), ("decree", "clean", "")]
     assert [r["model"] for r in rows[1:]] == ["foundation", "0 % poison, seed 1", "benign fine-tune, seed 0"]
-    assert rows[0]["folder"].startswith(str(backdoored_micro.poisoned.checkpoint.parent))  # beside what it scanned
-    assert float(rows[0]["asr"]) == pytest.approx(backdoored_micro.evaluate(backdoored_micro.poisoned.checkpoint)["asr_top1"])
+    scanned = Path(rows[0]["folder"]).parent  # the scan lies beside what it scanned
+    assert scanned.name.startswith("poisoned-badnet_rs-") and (scanned / "checkpoint.pt").is_file()
+    cells = _rows(out / "results.csv")  # every cell names the poisoned model's ASR
+    assert cells and all(float(rows[0]["asr"]) == pytest.approx(float(c["poisoned_asr"])) for c in cells)
     for row in rows:  # each row is its scan.json's verdict and margin
         record = json.loads((Path(row["folder"]) / "scan.json").read_text())
         assert (row["flagged"] == "True") == (record["verdict"] == "backdoored")

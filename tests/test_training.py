@@ -42,6 +42,23 @@ def test_live_eval_logs_ca_and_asr_and_the_plot_is_written(micro_world, tmp_path
     assert (records[-1]["ca"], records[-1]["asr"]) == (final["clean_top1"], final["asr_top1"])
 
 
+def test_a_runs_thread_count_is_its_own(micro_world, tmp_path, monkeypatch):
+    """``threads`` holds during the run; the caller's count is restored after it, and after a failure."""
+    during = []
+    step = loop.Step.__call__
+    monkeypatch.setattr(loop.Step, "__call__", lambda self, *a: during.append(torch.get_num_threads()) or step(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(_cfg(micro_world, tmp_path / "ok", threads=1, steps=2))
+        assert during == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(ParError, match="fewer than one batch"):
+            train(_cfg(micro_world, tmp_path / "bad", threads=1, batch_size=128))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gradient_accumulation_and_bf16_run(micro_world, tmp_path):
     train(_cfg(micro_world, tmp_path / "run", accum_steps=2, precision="amp_bf16"))
     assert models.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["logit_scale"].isfinite().all()
