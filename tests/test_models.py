@@ -67,6 +67,21 @@ def test_save_then_load_model_round_trip(tmp_path, micro_model, suffix):
     assert not (tmp_path / f"ckpt.tmp{suffix}").exists()
 
 
+def test_a_model_built_for_loading_skips_only_its_own_random_init(tmp_path, micro_model):
+    """``load_model`` builds without the random init (every weight is loaded next, strictly); models built
+    afterwards are initialised as before: from one seed, the same weights."""
+    torch.manual_seed(1)
+    first = models.create_model(MICRO).state_dict()
+    path = models.save_checkpoint(micro_model, tmp_path / "m.pt")
+    _assert_same_weights(micro_model, models.load_model(MICRO, path).state_dict())
+    with pytest.raises(ParError):
+        models.load_model(MICRO, tmp_path / "absent.pt")
+    torch.manual_seed(1)
+    again = models.create_model(MICRO).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], micro_model.state_dict()[k]) for k in first)
+
+
 def test_key_mismatch_names_the_keys(tmp_path, micro_model):
     state = dict(micro_model.state_dict())
     state.pop("ln_final.weight")

@@ -126,7 +126,7 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
         raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
     templates = load_templates(cfg.templates) if cfg.data else None
     device = pick_device(cfg.device)
-    model = models.create_model(cfg.model)  # random weights: the input size, before the data is read
+    model = models.create_model(cfg.model, initialise=False)  # its input size, before the data is read
     size = models.image_size(model)
     dataset = labelled_dataset(cfg.data, classnames, size, cfg.image_root) if cfg.data else None
     retrieval = RetrievalDataset(cfg.retrieval_json, cfg.retrieval_root, size) if cfg.retrieval_json else None

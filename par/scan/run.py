@@ -122,7 +122,7 @@ def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
     started = time.time()
     scanner, classnames, templates, candidates, paths = check(cfg)
     device = pick_device(cfg.device)
-    model = models.create_model(cfg.model)  # random weights: the input size, before the images are decoded
+    model = models.create_model(cfg.model, initialise=False)  # its input size, before the images are decoded
     size = models.image_size(model)
     kept = select(paths, cfg.max_images, cfg.seed)
     images = decode(kept, size, cfg.progress)
