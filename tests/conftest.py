@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,8 +94,6 @@ def poisoned_scan(backdoored_micro, tmp_path_factory):
     """The poisoned micro model scanned once, as ``invert`` asks (its scan stage alone, on the clean pairs'
     images): (what the stage found, the scan folder). The scan tests read its record; the invert tests reuse
     the folder where a run or the scan table would leave it."""
-    from pathlib import Path
-
     from par.defenses import DEFENSES
 
     found = DEFENSES.get("invert").scan(backdoored_micro.job(tmp_path_factory.mktemp("scanned") / "run", steps=2), {})
