@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
@@ -47,6 +48,17 @@ def _set(fp: dict) -> dict:
 def _diff(a: dict, b: dict) -> list:
     a, b = ({k: v for k, v in d.items() if k != FINISHED} for d in (a, b))
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def timestamped_folder(parent: Path, stem: str) -> Path:
+    """A new folder name under ``parent``: ``STEM-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``... appended when
+    a run started within the same second already took it (two runs never share a folder)."""
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = base, 1
+    while (Path(parent) / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return Path(parent) / name
 
 
 class RunFolder:

@@ -159,3 +159,16 @@ def test_senseless_objective_settings_are_one_line_before_any_folder(micro_world
                        f"--objective_params.{key}", value)) == 2
     assert message in _error(capsys)
     assert not out.exists()
+
+
+def test_runs_started_within_one_second_get_their_own_folders(tmp_path, monkeypatch):
+    from par import runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20260101-120000")
+    first = runs.timestamped_folder(tmp_path, "cleaned-badnet")
+    first.mkdir()
+    second = runs.timestamped_folder(tmp_path, "cleaned-badnet")
+    second.mkdir()
+    assert first.name == "cleaned-badnet-20260101-120000"
+    assert second.name == "cleaned-badnet-20260101-120000-2"
+    assert runs.timestamped_folder(tmp_path, "cleaned-badnet").name.endswith("-3")

@@ -16,6 +16,7 @@ from par.app import pipeline
 from par.app.profile import Profile
 from par.defenses import DEFENSES
 from par.errors import ParError
+from par.runs import timestamped_folder
 from par.synthetic import CLASS_NAMES
 
 
@@ -46,7 +47,7 @@ def run_demo(profile: Profile | str | os.PathLike, out: str, attack: Optional[st
     attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)
     poisoned = pipeline.poisoned_model_stage(profile, out, world, attack, label, attack_params)
     clean_values = dict(profile.clean)
-    run_dir = out / f"cleaned-{attack}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = timestamped_folder(out, f"cleaned-{attack}")
     cleaned = pipeline.clean_stage(world, defense, poisoned, clean_values, run_dir, reuse=False)
 
     results = {}
