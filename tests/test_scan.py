@@ -149,6 +149,30 @@ def test_decree_flags_the_poisoned_micro_encoder_names_its_target_and_leaves_the
     assert poisoned.threshold < 0.1 and "clean par-micro-vit models" in poisoned.threshold_source
 
 
+def test_decree_text_flags_the_poisoned_micro_encoder_by_its_collapse_point_and_leaves_the_foundation(
+        backdoored_micro, tmp_path, capsys):
+    """The poisoned encoder's collapse point lies nearer the target's text than any test image does (gap > 0,
+    the target named by it); the foundation's lies farther from every label's text than some image does.
+    Through the CLI: labels.csv holds one row per label with the scanner's own columns."""
+    b = backdoored_micro
+    clean = scan_checkpoint(config(b.world.path, b.foundation, scanner="decree-text"))
+    assert clean.details["reached"] and clean.direction == "above" and clean.threshold == 0
+    assert not clean.flagged and clean.target is None and clean.value < 0
+    out = tmp_path / "scan"
+    assert main(argv(b.world.path, b.poisoned.checkpoint, out, "--scanner", "decree-text")) == 0
+    assert "decree-text): backdoored: target 'banana'" in capsys.readouterr().out
+    record = json.loads((out / "scan.json").read_text())
+    gaps = {row["label"]: row["gap"] for row in record["labels"]}
+    assert record["target"] == "banana" and record["value"] == gaps["banana"] == max(gaps.values()) > 0
+    assert record["details"]["pl1"] < 0.1 and "0 by what it means" in record["threshold_source"]
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and list(rows[0]) == ["label", "collapse_cosine", "nearest_image_cosine", "gap"]
+    for row in rows:
+        assert float(row["gap"]) == pytest.approx(float(row["collapse_cosine"]) - float(row["nearest_image_cosine"]),
+                                                  abs=1e-5)
+
+
 def _write_images(folder, count, world):
     folder.mkdir()
     sources = sorted((world / "images" / "test").iterdir())[:count]

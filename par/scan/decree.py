@@ -26,6 +26,7 @@ way on clean models of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -49,6 +50,23 @@ class DecreeParams(ScannerParams):
     lam_factor: float = 5.0  # lam is multiplied or divided by this ...
     patience: int = 5  # ... after this many consecutive steps that meet (or miss) the similarity target
     similarity: float = 0.99  # the target: mean pairwise cosine similarity of the stamped embeddings
+
+
+@dataclass
+class Collapse:
+    """What DECREE's inversion found: whether the similarity target was ``reached``, the mask's ``pl1``,
+    the trigger (``mask`` [1, H, W], ``pattern`` [3, H, W]), the similarity reached and the final ``lam``."""
+
+    reached: bool
+    pl1: float
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    similarity: Optional[float]
+    lam: float
+
+    def details(self, params: DecreeParams) -> dict:
+        return {"similarity_target": params.similarity, "reached": self.reached, "similarity": self.similarity,
+                "final_lam": self.lam}
 
 
 def pairwise_similarity(embeddings: torch.Tensor) -> torch.Tensor:
@@ -75,6 +93,22 @@ class Decree(Scanner):
                            f"lr={p.lr}, lam={p.lam}, lam_factor={p.lam_factor}, similarity={p.similarity}")
 
     def scan(self, ctx: ScanContext) -> ScanResult:
+        found = self.invert(ctx)
+        documented, source = THRESHOLDS.get(ctx.encoder, (PL1_THRESHOLD, THRESHOLD_SOURCE))
+        threshold = self.threshold(ctx, documented)
+        reached, pl1, mask, pattern = found.reached, found.pl1, found.mask, found.pattern
+        flagged = reached and pl1 < threshold
+        top_label, share = self.collapse_label(ctx, mask, pattern)
+        trigger = InvertedTrigger(mask.cpu(), pattern.cpu(), "patch", float(pl1), top_label if flagged else None)
+        return ScanResult(
+            scanner=self.name, flagged=flagged, statistic="PL1 (mask L1 per pixel)", value=float(pl1),
+            threshold=threshold, direction="below",
+            threshold_source=source if ctx.threshold is None else "given by the user",
+            target=top_label if flagged else None, family="patch", triggers={"patch": trigger},
+            details={**found.details(self.params), "top_label": top_label, "top_label_share": share})
+
+    def invert(self, ctx: ScanContext) -> "Collapse":
+        """DECREE's inversion: the smallest mask (with its pattern) found to collapse the stamped images."""
         from tqdm import tqdm
 
         p, x = self.params, ctx.images
@@ -110,25 +144,11 @@ class Decree(Scanner):
                 loss.backward()
                 optimiser.step()
                 bar.update()
-        reached = best is not None
-        if reached:
-            l1, mask, pattern = best
-            pl1 = l1 / (h * w)
-        else:  # the target was never met: no trigger smaller than the whole image is known to collapse them
-            mask, pattern = torch.sigmoid(raw_mask).detach()[0], torch.sigmoid(raw_pattern).detach()[0]
-            pl1 = 1.0
-        documented, source = THRESHOLDS.get(ctx.encoder, (PL1_THRESHOLD, THRESHOLD_SOURCE))
-        threshold = self.threshold(ctx, documented)
-        flagged = reached and pl1 < threshold
-        top_label, share = self.collapse_label(ctx, mask, pattern)
-        trigger = InvertedTrigger(mask.cpu(), pattern.cpu(), "patch", float(pl1), top_label if flagged else None)
-        return ScanResult(
-            scanner=self.name, flagged=flagged, statistic="PL1 (mask L1 per pixel)", value=float(pl1),
-            threshold=threshold, direction="below",
-            threshold_source=source if ctx.threshold is None else "given by the user",
-            target=top_label if flagged else None, family="patch", triggers={"patch": trigger},
-            details={"similarity_target": p.similarity, "reached": reached, "similarity": best_similarity,
-                     "final_lam": lam, "top_label": top_label, "top_label_share": share})
+        if best is None:  # the target was never met: no trigger smaller than the whole image is known to collapse them
+            return Collapse(False, 1.0, torch.sigmoid(raw_mask).detach()[0], torch.sigmoid(raw_pattern).detach()[0],
+                            None, lam)
+        l1, mask, pattern = best
+        return Collapse(True, l1 / (h * w), mask, pattern, best_similarity, lam)
 
     @staticmethod
     def collapse_label(ctx: ScanContext, mask: torch.Tensor, pattern: torch.Tensor):

@@ -24,6 +24,7 @@ from par.utils import atomic_write, atomic_write_text, check_output_dir, digest,
 
 RECORD, LABELS, PICTURE = "scan.json", "labels.csv", "trigger.png"
 LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "success", "seconds", "reference")
+SCORE_COLUMNS = ("z", "gap")  # what a scanner's per-label rows are ranked by, the first a row has
 TILE = 96  # the smallest side a tile of trigger.png is drawn at (32-px images are upscaled, pixels kept sharp)
 
 
@@ -54,7 +55,9 @@ def record_of(result: ScanResult, request: dict) -> dict:
 
 def _labels_csv(rows: List[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LABEL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    own = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "index"]  # a scanner's own columns
+    columns = [c for c in LABEL_COLUMNS if c in own] + [c for c in own if c not in LABEL_COLUMNS]
+    writer = csv.DictWriter(buffer, fieldnames=columns or LABEL_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -144,11 +147,14 @@ def summary(record: dict, out) -> List[str]:
     lines = [f"scan ({record['scanner']}): {record['verdict']}{target}; {record['statistic']} "
              f"{record['value']:.3g}, flagged {record['flagged_when']} {record['threshold']:.3g}",
              f"  threshold: {record['threshold_source']}"]
-    rows = sorted(record["labels"], key=lambda r: -(r.get("z") or 0))[:5]
+    score = next((c for c in SCORE_COLUMNS if any(c in r for r in record["labels"])), None)
+    rows = sorted(record["labels"], key=lambda r: -(r.get(score) or 0))[:5]
     if rows:
-        columns = [c for c in ("size", "lift", "pull", "z", "success") if all(isinstance(r.get(c), (int, float)) for r in rows)]
+        columns = [c for c in ("size", "lift", "pull", "z", "success", "collapse_cosine", "nearest_image_cosine", "gap")
+                   if all(isinstance(r.get(c), (int, float)) for r in rows)]
         lines.append(f"  {'label':<16} {'family':<6} " + " ".join(f"{c:>7}" for c in columns))
-        lines += [f"  {r['label']:<16} {r['family']:<6} " + " ".join(f"{r[c]:>7.3g}" for c in columns) for r in rows]
+        lines += [f"  {r['label']:<16} {r.get('family', ''):<6} " + " ".join(f"{r[c]:>7.3g}" for c in columns)
+                  for r in rows]
     per_label = record.get("seconds_per_label")
     cost = f"{per_label:.2f} s per label, " if per_label else ""
     lines.append(f"  {cost}{record['seconds']:.1f} s in all")
