@@ -12,6 +12,7 @@ import torch
 from conftest import cli_error
 from par.app.cli import main
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, robust_z, scan_checkpoint
+from par.scan import inversion
 
 CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of plumbing, not of the statistic
 
@@ -110,7 +111,7 @@ def test_a_registered_scanner_is_found_by_the_cli(backdoored_micro, constant_sca
     assert "always-clean" in capsys.readouterr().out
 
 
-def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
+def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys, monkeypatch):
     b = backdoored_micro
     out = tmp_path / "scan"
     cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--scanner-param", "refine_steps=0",
@@ -132,6 +133,9 @@ def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys):
     assert "another request" in error and "'seed'" in error
     error = cli_error(capsys, argv(b.world.path, b.foundation, out, *cheap))
     assert "checkpoint_digest" in error
+    monkeypatch.setitem(inversion.Z_THRESHOLDS, "patch", inversion.Z_THRESHOLDS["patch"] + 1)  # a new calibration
+    error = cli_error(capsys, argv(b.world.path, b.poisoned.checkpoint, out, *cheap))
+    assert "another request" in error and "'documented_threshold'" in error  # the old verdict is not served
     assert (out / "scan.json").stat().st_mtime_ns == stamp
 
 

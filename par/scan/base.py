@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -143,6 +143,12 @@ class Scanner:
     def check(self, labels: int, top_k: int) -> None:
         """Raises on settings this scanner cannot run with; ``labels`` is the number of candidate labels
         (0 for a label-free scanner), ``top_k`` how many of them a ranking pass may keep."""
+
+    def documented_threshold(self, encoder: Optional[str]) -> Tuple[Any, Optional[str]]:
+        """(the threshold this scanner flags by on ``encoder`` when the user gives none, where it comes from).
+        It is part of a scan's request, so a finished scan is not reused once its threshold has changed;
+        ``None`` for a scanner that keeps none apart from its ``scan``."""
+        return None, None
 
     def threshold(self, ctx: ScanContext, default: float) -> float:
         return default if ctx.threshold is None else float(ctx.threshold)

@@ -20,8 +20,10 @@ is for 224-px encoders; tiny encoders collapse under smaller masks whether or no
 px every micro model lies below 0.07), so ``par-micro-vit`` has its own: the smallest PL1 over the 24 clean
 models of the micro scan regime on three development worlds (seeds 0, 2 and 3 of
 ``configs/micro-scan.yaml``: per world the foundation, three 0 %-poison fine-tunes and four benign
-fine-tunes), less 5 %. Any other encoder gets 0.1 unless the user gives one (``threshold``), set the same
-way on clean models of it.
+fine-tunes), less 5 %; the 64-px ``par-tiny-vit`` has its own, set the same way on the 9 clean models of a
+development world in the benchmark's regime (world seed 1 of ``configs/bench.yaml``: the foundation,
+three 0 %-poison and five benign fine-tunes). Any other encoder gets 0.1 unless the user gives one
+(``threshold``), set the same way on clean models of it.
 """
 from __future__ import annotations
 
@@ -35,10 +37,14 @@ from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScannerParams,
 
 PL1_THRESHOLD = 0.1
 THRESHOLD_SOURCE = "the PL1 cut-off of DECREE's reproductions on 224-px encoders"
-CLEAN_MIN = {"par-micro-vit": 0.044}  # the smallest PL1 over clean models of the encoder (docstring above)
+CLEAN_MIN = {  # the smallest PL1 over clean models of the encoder (docstring above), and which models
+    "par-micro-vit": (0.044, "24 clean par-micro-vit models of 3 development worlds"),
+    "par-tiny-vit": (0.0237, "9 clean par-tiny-vit models of a development world in the benchmark's regime"),
+}
 BELOW_CLEAN = 0.95
-THRESHOLDS = {name: (round(pl1 * BELOW_CLEAN, 4), f"the smallest PL1 over 24 clean {name} models of 3 development "
-                     f"worlds ({pl1}) less {round(100 * (1 - BELOW_CLEAN))} %") for name, pl1 in CLEAN_MIN.items()}
+THRESHOLDS = {name: (round(pl1 * BELOW_CLEAN, 4),
+                     f"the smallest PL1 over {models} ({pl1}) less {round(100 * (1 - BELOW_CLEAN))} %")
+              for name, (pl1, models) in CLEAN_MIN.items()}
 
 
 @dataclass
@@ -92,9 +98,12 @@ class Decree(Scanner):
             raise ParError(f"decree needs lr > 0, lam > 0, lam_factor > 1 and a similarity target in (-1, 1); got "
                            f"lr={p.lr}, lam={p.lam}, lam_factor={p.lam_factor}, similarity={p.similarity}")
 
+    def documented_threshold(self, encoder):
+        return THRESHOLDS.get(encoder, (PL1_THRESHOLD, THRESHOLD_SOURCE))
+
     def scan(self, ctx: ScanContext) -> ScanResult:
         found = self.invert(ctx)
-        documented, source = THRESHOLDS.get(ctx.encoder, (PL1_THRESHOLD, THRESHOLD_SOURCE))
+        documented, source = self.documented_threshold(ctx.encoder)
         threshold = self.threshold(ctx, documented)
         reached, pl1, mask, pattern = found.reached, found.pl1, found.mask, found.pattern
         flagged = reached and pl1 < threshold

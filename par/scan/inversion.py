@@ -221,6 +221,11 @@ class LabelInversion(Scanner):
                 bar.update(len(chunk))
         return sorted(ranking, key=lambda r: (-r["lift"], r["index"]))
 
+    def documented_threshold(self, encoder):
+        """Per trigger family (the same for every encoder: set on the micro world's clean models)."""
+        families = self.params.families
+        return {f: Z_THRESHOLDS[f] for f in families}, {f: THRESHOLD_SOURCES[f] for f in families}
+
     def scan(self, ctx: ScanContext) -> ScanResult:
         from tqdm import tqdm
 
@@ -273,7 +278,8 @@ class LabelInversion(Scanner):
                     row[f"z_{key}"] = z
             for row in group:
                 row["z"] = row["z_lift"] + row["z_pull"]
-        thresholds = {family: self.threshold(ctx, Z_THRESHOLDS[family]) for family in p.families}
+        documented, sources = self.documented_threshold(ctx.encoder)
+        thresholds = {family: self.threshold(ctx, documented[family]) for family in p.families}
         top = max(rows, key=lambda r: (r["z"] - thresholds[r["family"]], r["z"]))  # the largest margin decides
         threshold = thresholds[top["family"]]
         flagged = top["z"] >= threshold
@@ -292,7 +298,7 @@ class LabelInversion(Scanner):
         return ScanResult(
             scanner=self.name, flagged=flagged, statistic="largest lift + pull z over labels", value=top["z"],
             threshold=threshold, direction="above",
-            threshold_source=THRESHOLD_SOURCES[top["family"]] if ctx.threshold is None else "given by the user",
+            threshold_source=sources[top["family"]] if ctx.threshold is None else "given by the user",
             target=top["label"] if flagged else None, family=top["family"], labels=rows,
             triggers=triggers,
             details={**details, "top_label": top["label"], "inverted": len(candidates)},

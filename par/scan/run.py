@@ -109,6 +109,8 @@ def scan_request(cfg: ScanConfig) -> dict:
                "model": models.canonical_model_name(cfg.model), "checkpoint_digest": file_digest(checkpoint),
                "images_digest": path_digest(cfg.images), "max_images": cfg.max_images, "seed": cfg.seed,
                "threshold": cfg.threshold,
+               "documented_threshold": None if cfg.threshold is not None else
+               scanner.documented_threshold(models.canonical_model_name(cfg.model))[0],
                "image_root_digest": path_digest(cfg.image_root) if cfg.image_root else None}
     if scanner.uses_labels:
         spec_digest = lambda spec, builtin: spec if spec == builtin else path_digest(spec)  # noqa: E731
