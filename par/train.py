@@ -270,9 +270,10 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; fused into one kernel per step on CUDA."""
+    """AdamW over ``param_groups``, fused into one kernel per step on CUDA and on the CPU (on the CPU it is
+    ~8x faster than the per-tensor loop: par-tiny-vit's 4.7M-entry token embedding is most of what it updates)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 @dataclass(eq=False)
