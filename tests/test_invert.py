@@ -1,6 +1,7 @@
 """invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,28 @@ def test_scan_flags_the_poisoned_model_and_unlearning_uses_its_trigger(backdoore
     assert list((tmp_path / "invert-scans").iterdir()) == [scan]  # the same request: the same scan
 
 
+def test_the_trigger_toward_the_scans_target_is_unlearnt_when_asked(backdoored_micro, tmp_path):
+    """``trigger_from: target``: Neural Cleanse's trigger toward the label the scan named (here decree-text's,
+    whose own trigger is DECREE's label-free one) is inverted once, kept beside the runs, shared by both
+    defenses, and unlearnt; it removes more of the backdoor than ``ft``."""
+    steps, toward = 40, {"invert": {"scanner": "decree-text", "trigger_from": "target"}}
+    inverted = DEFENSES.get("invert").clean(backdoored_micro.job(tmp_path / "run", toward, steps=steps))
+    report = json.loads((tmp_path / "run" / "defense-report.json").read_text())
+    assert report["unlearned"] and report["scan"]["target"] == "banana" and report["scan"]["trigger_from"] == "target"
+    scanned, trigger = Path(report["scan"]["folder"]), Path(report["scan"]["trigger"])
+    assert trigger.parent == scanned.parent == tmp_path / "invert-scans" and f"{scanned.name}-toward-" in trigger.name
+    mask, pattern = load_trigger(trigger)
+    decree_mask, _ = load_trigger(scanned / "trigger.safetensors")
+    assert mask.shape == (1, 32, 32) and float(mask.mean()) < 0.1 and not torch.equal(mask, decree_mask)
+    ft = DEFENSES.get("ft").clean(backdoored_micro.job(tmp_path / "ft", steps=steps))
+    asr_ft = backdoored_micro.evaluate(ft)["asr_top1"]
+    asr_target = backdoored_micro.evaluate(inverted)["asr_top1"]
+    assert asr_target < asr_ft - 0.2, (asr_target, asr_ft)
+    DEFENSES.get("par+invert").clean(backdoored_micro.job(tmp_path / "again", toward, steps=2))
+    again = json.loads((tmp_path / "again" / "defense-report.json").read_text())
+    assert again["scan"]["trigger"] == str(trigger) and len(list((tmp_path / "invert-scans").iterdir())) == 2
+
+
 def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro,
                                                                                         poisoned_scan, tmp_path):
     from par.scan.folder import run_scan, scan_folder
@@ -118,7 +141,7 @@ def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_ha
     ({"weight": -1}, "weight must be a finite number >= 0"), ({"weight": float("nan")}, "weight"),
     ({"reinvert_every": 0}, "reinvert_every must be a whole number of steps >= 1"),
     ({"reinvert_steps": 0}, "reinvert_steps"), ({"trigger": "/no/such.safetensors"}, "trigger file not found"),
-    ({"scanner": "nope"}, "nope")])
+    ({"scanner": "nope"}, "nope"), ({"trigger_from": "anywhere"}, "trigger_from must be one of")])
 def test_bad_settings_are_one_line_errors_before_any_work(backdoored_micro, tmp_path, settings, words):
     job = backdoored_micro.job(tmp_path / "run", {"invert": settings})
     with pytest.raises(ParError, match=words):

@@ -16,7 +16,9 @@ would only ask for the right caption among the batch's (the CLIP loss already as
 A backdoor can move under fine-tuning, so the trigger can be **re-inverted** against the model being
 cleaned every ``reinvert_every`` steps: ``reinvert_steps`` Adam steps of ascent on the same term with
 respect to the trigger (starting from the current one), less the scan's price on its size, so the term
-follows what the model still responds to. If the scan finds nothing, the defense says so in its report
+follows what the model still responds to. With ``trigger_from: target`` the trigger unlearnt is not the
+scanner's but Neural Cleanse's toward the label the scan named (``par.scan.trigger_toward``): the backdoor's
+shortcut to its target, where a label-free trigger may be any point the images collapse onto. If the scan finds nothing, the defense says so in its report
 (``defense-report.json``) and fine-tunes with the base objective alone. A trigger file can also be handed
 in (``invert: {trigger: FILE}``, a ``.safetensors`` of ``mask`` [1, H, W] and ``pattern`` [3, H, W] in
 [0, 1], as ``python -m par scan`` writes): the scan is then skipped.
@@ -42,7 +44,7 @@ from par.defenses.finetune import FineTune, defense
 from par.scan.files import TRIGGER_FILE, load_trigger
 from par.defenses.par import PARObjective, PARParams, par_distance
 from par.errors import ParError
-from par.utils import atomic_write_text
+from par.utils import atomic_write_text, digest
 
 
 def _check_unlearning(owner: str, weight, every, steps, lr, price) -> None:
@@ -214,12 +216,19 @@ OBJECTIVES.add("par-unlearn", ParUnlearn)
 UNLEARNING = {"clip": "clip-unlearn", "par": "par-unlearn"}
 
 
+TRIGGER_FROM = ("scan", "target")
+
+
 @dataclass
 class InvertParams:
     """``invert:`` in the cleaning settings."""
 
     scanner: str = "label-inversion"
     scanner_params: dict = field(default_factory=dict)
+    # the trigger unlearnt: "scan", the scanner's own; "target", Neural Cleanse's trigger toward the label the
+    # scan named (par.scan.trigger_toward), the backdoor's shortcut itself rather than wherever a label-free
+    # trigger makes the images collapse
+    trigger_from: str = "scan"
     max_images: int = 128  # of the clean pairs' images, as shadow images
     top_k: int = 10
     trigger: Optional[str] = None  # a trigger file handed in: no scan
@@ -230,6 +239,8 @@ class InvertParams:
     size_price: float = 5.0
 
     def __post_init__(self):
+        if self.trigger_from not in TRIGGER_FROM:
+            raise ParError(f"settings 'invert': trigger_from must be one of {list(TRIGGER_FROM)}, got {self.trigger_from!r}")
         _check_unlearning("settings 'invert'", self.weight, self.reinvert_every, self.reinvert_steps,
                           self.reinvert_lr, self.size_price)
 
@@ -290,9 +301,30 @@ class Invert(MultiStageDefense):
         record, _ = run_scan(cfg, folder)
         trigger = folder / TRIGGER_FILE
         found = record["verdict"] == "backdoored" and trigger.exists()
-        return {"verdict": record["verdict"], "target": record["target"], "family": record["family"],
-                "value": record["value"], "threshold": record["threshold"], "scanner": record["scanner"],
-                "seconds": record["seconds"], "folder": str(folder), "trigger": str(trigger) if found else None}
+        result = {"verdict": record["verdict"], "target": record["target"], "family": record["family"],
+                  "value": record["value"], "threshold": record["threshold"], "scanner": record["scanner"],
+                  "seconds": record["seconds"], "folder": str(folder), "trigger": str(trigger) if found else None,
+                  "trigger_from": "scan"}
+        if found and p.trigger_from == "target" and record["target"]:
+            result.update(self.toward_target(job, cfg, record["target"], Path(job.out).parent / "invert-scans" /
+                                             f"{name}-toward-{digest(record['target'])}.safetensors"))
+        return result
+
+    @staticmethod
+    def toward_target(job: CleaningJob, cfg, target: str, path: Path) -> dict:
+        """Neural Cleanse's trigger toward the scan's target, kept beside the run folder (seeds and both defenses
+        share it); the scanner's own trigger stays when no trigger reached the target."""
+        from par.scan import trigger_toward
+        from par.scan.files import save_trigger
+
+        if not path.exists():
+            trigger, success = trigger_toward(cfg, target)
+            if trigger is None:
+                print(f"{job.out}: no trigger toward {target!r} reached its target; unlearning the scanner's")
+                return {"trigger_from": "scan (no trigger toward the target reached it)"}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_trigger(path, trigger.mask, trigger.pattern)
+        return {"trigger": str(path), "trigger_from": "target"}
 
     def finetune(self, job: CleaningJob, outputs: dict) -> Path:
         found = outputs["scan"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -20,7 +20,7 @@ from par import models
 from par.data import load_classnames, load_templates
 from par.errors import ParError
 from par.eval.zeroshot import zero_shot_classifier
-from par.scan.base import SCANNERS, ScanContext, ScanResult, Scanner, make_scanner
+from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScanResult, Scanner, make_scanner
 from par.scan.images import decode, list_images, select
 from par.utils import check_device, file_digest, path_digest, pick_device
 
@@ -123,6 +123,17 @@ def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
     """Scans ``cfg.checkpoint`` with ``cfg.scanner`` on the shadow images ``cfg.images``."""
     started = time.time()
     scanner, classnames, templates, candidates, paths = check(cfg)
+    context, images, kept = _context(cfg, scanner, classnames, templates, candidates, paths)
+    result = scanner.scan(context)
+    result.examples = images[:EXAMPLES].cpu()
+    result.seconds = time.time() - started
+    result.settings = {**asdict(cfg), "images_used": len(kept), "images_listed": len(paths)}
+    return result
+
+
+def _context(cfg: ScanConfig, scanner: Scanner, classnames, templates, candidates, paths):
+    """(the scan context: the model and its shadow images decoded, its zero-shot classifier for a label
+    scanner; the images; the paths kept)."""
     device = pick_device(cfg.device)
     model = models.create_model(cfg.model, initialise=False)  # its input size, before the images are decoded
     size = models.image_size(model)
@@ -139,8 +150,22 @@ def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
         classifier = zero_shot_classifier(model, models.get_tokenizer(cfg.model), classnames, templates, device)
         context.classnames, context.candidates = classnames, candidates
         context.classifier = classifier.clone()  # out of inference mode: a constant of the inversion's graph
-    result = scanner.scan(context)
-    result.examples = images[:EXAMPLES].cpu()
-    result.seconds = time.time() - started
-    result.settings = {**asdict(cfg), "images_used": len(kept), "images_listed": len(paths)}
-    return result
+    return context, images, kept
+
+
+def trigger_toward(cfg: ScanConfig, label: str) -> Tuple[Optional[InvertedTrigger], Optional[float]]:
+    """Neural Cleanse's trigger toward ``label`` on ``cfg``'s checkpoint and shadow images: the smallest mask
+    (with its pattern) found to send ``success_target`` of the images to the label (``label-inversion``'s
+    refinement, its default settings; ``cfg``'s scanner is not used). A backdoor is the shortcut to its
+    target, so once a scan has named the target this inverts the shortcut itself, where a label-free
+    trigger may be any point the images collapse onto. (None, None) when no step reached the target."""
+    inversion = replace(cfg, scanner="label-inversion", scanner_params={}, labels=None)
+    scanner, classnames, templates, candidates, paths = check(inversion)
+    if label not in classnames:
+        raise ParError(f"label {label!r} is not a class in {cfg.classnames}")
+    context, _, _ = _context(inversion, scanner, classnames, templates, candidates, paths)
+    best = scanner.refine(context, classnames.index(label))
+    if best is None:
+        return None, None
+    size, mask, pattern, success = best
+    return InvertedTrigger(mask.cpu(), pattern.cpu(), "patch", float(size), label), float(success)
