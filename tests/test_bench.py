@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, micro_profile
-from par.app.bench import _cells, run_bench
+from par.app.bench import _cells, run_bench, write_markdown
 from par.app.profile import Profile, Robust
 from par.errors import ParError
 
@@ -117,6 +117,21 @@ def test_sweeps_run_only_on_sweep_attacks():
     every = [c[:3] for c in _cells(Profile(), ["badnet_rs", "blended"], ["par"], [0], {"par": {"objective_params.tau": [0.5]}}, [])]
     assert every == [("badnet_rs", "par", "default"), ("badnet_rs", "par", "tau=0.5"),
                      ("blended", "par", "default"), ("blended", "par", "tau=0.5")]
+
+
+def test_markdown_reports_a_sweep_beside_its_default(tmp_path):
+    def row(setting, seed, ca, asr):
+        return {"attack": "badnet_rs", "defense": "par", "setting": setting, "seed": seed, "status": "ok",
+                "poisoned_ca": 0.9, "poisoned_asr": 0.95, "poisoned_asr_top5": 1.0, "ca": ca, "asr": asr,
+                "asr_top5": 0.5}
+    rows = [row("default", 0, 0.85, 0.02), row("tau=0.5", 0, 0.89, 0.12), row("default", 1, 0.87, 0.04),
+            row("tau=0.5", 1, 0.91, 0.10)]
+    write_markdown(tmp_path / "tau.md", rows, ["badnet_rs"], ["par"], "banana")
+    text = (tmp_path / "tau.md").read_text()
+    assert "| attack | defense | poisoned | tau=0.5 | default |" in text
+    assert "| `badnet_rs` | par | 90.0 / 95.0 (100.0) | 90.0 ± 1.4 / 11.0 ± 1.4 (50.0) | 86.0 ± 1.4 / 3.0 ± 1.4 (50.0) |" in text
+    write_markdown(tmp_path / "plain.md", [r for r in rows if r["setting"] == "default"], ["badnet_rs"], ["par"], "banana")
+    assert "The sweep" not in (tmp_path / "plain.md").read_text()
 
 
 def test_cached_evaluations_are_keyed_by_trigger_settings(micro_world, tmp_path):

@@ -237,6 +237,7 @@ def write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: L
         lines.append("| " + " | ".join(line) + " |")
     if robust:
         lines += [""] + _robust_table(default, attacks, defenses, robust)
+    lines += _sweep_table(rows, attacks)
     for defense in dict.fromkeys(_registered(d) for d in defenses):  # what each defense reports about itself
         if defense is None:
             continue
@@ -248,6 +249,26 @@ def write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: L
         lines += ["", "Failed cells:"] + [f"- {r['attack']} / {r['defense']} ({r['setting']}, seed {r['seed']}): "
                                           f"{r['error']}" for r in failed]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _sweep_table(rows: List[Dict], attacks: List[str]) -> List[str]:
+    """A sweep's cells beside its defense's default, one ``CA / ASR (top-5)`` cell per setting: the
+    trade-off curve's numbers (empty when nothing was swept)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["defense"] != "never-poisoned"]
+    swept = list(dict.fromkeys((r["attack"], r["defense"]) for r in ok if r["setting"] != "default"))
+    if not swept:
+        return []
+    settings = list(dict.fromkeys(r["setting"] for r in ok if r["setting"] != "default")) + ["default"]
+    cell = lambda mine: (f"{_mean_std([r['ca'] for r in mine])} / {_asr(mine)}" if mine else "–")  # noqa: E731
+    lines = ["", "The sweep: CA / ASR top-1 (top-5 in brackets) in % per setting, mean ± std over the seeds run.", "",
+             "| attack | defense | poisoned | " + " | ".join(settings) + " |", "|" + "---|" * (3 + len(settings))]
+    for attack in attacks:
+        for defense in [d for a, d in swept if a == attack]:
+            mine = [r for r in ok if r["attack"] == attack and r["defense"] == defense]
+            poisoned = f"{_mean_std([mine[0]['poisoned_ca']])} / {_asr(mine[:1], 'poisoned_')}"
+            lines.append("| " + " | ".join([f"`{attack}`", defense, poisoned] +
+                                           [cell([r for r in mine if r["setting"] == s]) for s in settings]) + " |")
+    return lines
 
 
 def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], robust: dict) -> List[str]:
