@@ -77,6 +77,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Holds an exclusive lock on ``path`` (created if missing) while the block runs: two processes that
+    would build the same folder (a benchmark's cells side by side) take turns, and the second reuses it."""
+    import fcntl  # POSIX; the processes that share a folder run on one machine
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

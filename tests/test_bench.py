@@ -96,6 +96,27 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache):
     assert "Failed cells:" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_cells_side_by_side_are_the_one_thread_cells_in_order(tmp_path, micro_cache):
+    """jobs 2: the cells are cleaned in two processes of one thread each, and the rows are those of the same
+    one-thread cells cleaned one after another (one thread's arithmetic does not depend on the process)."""
+    profile = micro_profile("micro-bench.yaml", micro_cache, defenses=["ft", "par"], seeds=[0, 1],
+                            synthetic_cleaning=None, reference=False)
+    one_thread = replace(profile, clean={**profile.clean, "threads": 1})
+    run_bench(one_thread, str(tmp_path / "serial"), quick=True, progress=False)
+    run_bench(profile, str(tmp_path / "side-by-side"), quick=True, progress=False, jobs=2)
+    read = lambda out: [(r["defense"], r["seed"], r["status"], r["ca"], r["asr"], r["asr_top5"])  # noqa: E731
+                        for r in csv.DictReader((tmp_path / out / "results.csv").open())]
+    serial, side_by_side = read("serial"), read("side-by-side")
+    assert [r[:3] for r in serial] == [("ft", "0", "ok"), ("ft", "1", "ok"), ("par", "0", "ok"), ("par", "1", "ok")]
+    assert side_by_side == serial
+    for config in (tmp_path / "side-by-side").glob("cleaned-*/config.yaml"):
+        assert yaml.safe_load(config.read_text())["threads"] == 1
+    with pytest.raises(ParError, match="jobs must be a whole number >= 1"):
+        run_bench(profile, str(tmp_path / "none"), jobs=0)
+    with pytest.raises(ParError, match="profile key 'jobs'"):
+        micro_profile("micro-bench.yaml", micro_cache, jobs=0)
+
+
 def test_unknown_attack_or_defense_lists_known(tmp_path):
     with pytest.raises(ParError, match="unknown attack 'nope'.*badnet_rs"):
         run_bench(MICRO_BENCH, str(tmp_path), attacks=["nope"])

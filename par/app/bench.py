@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import os
 import re
 import statistics
@@ -73,8 +74,89 @@ def _cells(profile: Profile, attacks: List[str], defenses: List[str], seeds: Lis
                 yield attack, defense, "default", seed, {}, "synthetic"
 
 
+def _row(cell) -> Dict:
+    attack, defense, setting, seed, _, data = cell
+    label_name = defense + ("-synthetic" if data == "synthetic" else "")
+    return {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
+
+
+@dataclasses.dataclass
+class _Cell:
+    """One cell of the matrix with all it needs, so it can be cleaned and evaluated in another process."""
+    profile: Profile
+    out: Path
+    world: object
+    cell: tuple  # (attack, defense, setting, seed, overrides, cleaning data) from _cells
+    poisoned: tuple  # build_poisoned's (model, trigger params, metrics, prepared)
+    synthetic_csv: Optional[str]
+    synthetic_key: Optional[str]
+    robust: Optional[dict]
+    first_seed: int
+    progress: bool
+    jobs: int
+
+
+def _clean_and_evaluate(task: _Cell) -> Dict:
+    """The cell's row: clean the poisoned model (or reuse the cell's folder), evaluate it; a failure is
+    recorded in the row, not raised, so the other cells go on."""
+    attack, defense, setting, seed, override, data = task.cell
+    profile, world, label = task.profile, task.world, task.profile.label
+    row = _row(task.cell)
+    try:
+        model, params, poisoned, _ = task.poisoned
+        # cells trained side by side take one thread each (two threads each would oversubscribe the cores);
+        # the thread count changes the arithmetic's order, so it is part of the cell's settings and folder
+        threads = {"threads": 1} if task.jobs > 1 else {}
+        values = merge(_defense_settings(profile, defense),
+                       {**override, **threads, "seed": seed, "progress": task.progress})
+        train_data = task.synthetic_csv if data == "synthetic" else None
+        data_key = data if data == "world" else [data, task.synthetic_key]
+        run_dir = task.out / f"cleaned-{attack}-{row['defense']}-{digest([model.key, defense, values, data_key])}"
+        started = time.time()
+        cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_data=train_data)
+        cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.eval)
+        seconds = DEFENSES.get(defense).train_seconds(run_dir)
+        row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
+                   poisoned_asr_top5=poisoned["asr_top5"], ca=cleaned["clean_top1"],
+                   asr=cleaned["asr_top1"], asr_top5=cleaned["asr_top5"],
+                   train_seconds=round(time.time() - started, 1) if seconds is None else seconds,
+                   **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")})
+        if task.robust and setting == "default" and seed == task.first_seed:  # one seed: APGD costs more
+            row.update(_robust_columns("", world, cleaned_ckpt, task.robust, profile))
+        row.update(DEFENSES.get(defense).report(run_dir, label))
+    except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
+        row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        if task.progress or task.jobs > 1:
+            traceback.print_exc()
+    return row
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_cells(tasks: List[_Cell], jobs: int):
+    """The rows of ``tasks`` in their order: one after another, or ``jobs`` processes at once (one thread
+    each; spawned, since a forked copy of a process that has run OpenMP threads can hang)."""
+    if jobs == 1 or len(tasks) < 2:
+        yield from (_clean_and_evaluate(task) for task in tasks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        for task, row in zip(tasks, pool.map(_clean_and_evaluate, tasks)):
+            print(f"cell {row['attack']} / {row['defense']} / {row['setting']} / seed {row['seed']}: {row['status']}",
+                  flush=True)
+            yield row
+
+
 def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
-              defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results") -> Path:
+              defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results",
+              jobs: Optional[int] = None) -> Path:
     """Runs (or resumes) every cell of ``profile`` (a Profile, or its YAML file). ``report`` is the stem
     of the result files (``<report>.csv``, ``<report>.md``; the plot is ``tradeoff.png``, or
     ``<report>-tradeoff.png`` for another report; the scan table ``scan.csv/.md``, or ``<report>-scan.*``),
@@ -85,6 +167,10 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
         profile = Profile.load(profile)
     if quick:
         profile = profile.quick_profile()
+    if jobs is not None:  # the command line's, over the profile's
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ParError(f"bench jobs must be a whole number >= 1 (cells cleaned at once), got {jobs!r}")
+        profile = dataclasses.replace(profile, jobs=jobs)
     label = profile.label
     attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
     every = [d for d in DEFENSES.in_order() if not DEFENSES.get(d).needs_labels]  # the world's pairs have no labels
@@ -113,38 +199,26 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
 
     rows: List[Dict] = []
     poisoned_cache: Dict[str, tuple] = {}
-    for attack, defense, setting, seed, override, data in _cells(profile, attacks, defenses, seeds, sweeps, synthetic_defenses):
-        label_name = defense + ("-synthetic" if data == "synthetic" else "")
-        row = {"attack": attack, "defense": label_name, "setting": setting, "seed": seed, "status": "ok", "error": ""}
+    cells = list(_cells(profile, attacks, defenses, seeds, sweeps, synthetic_defenses))
+    for attack, group in itertools.groupby(cells, key=lambda cell: cell[0]):
         try:
             if attack not in poisoned_cache:
                 poisoned_cache[attack] = pipeline.build_poisoned(profile, out, world, attack, robust)
                 if profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
                     scanbench.scan_models(profile, world, scanbench.poisoned_entries({attack: poisoned_cache[attack]}),
                                           progress)
-            model, params, poisoned, _ = poisoned_cache[attack]
-            values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": progress})
-            train_data = synthetic_csv if data == "synthetic" else None
-            data_key = data if data == "world" else [data, synthetic_key]
-            run_dir = out / f"cleaned-{attack}-{label_name}-{digest([model.key, defense, values, data_key])}"
-            started = time.time()
-            cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_data=train_data)
-            cleaned = pipeline.evaluate_stage(world, cleaned_ckpt, attack, label, params, profile.eval)
-            seconds = DEFENSES.get(defense).train_seconds(run_dir)
-            row.update(poisoned_ca=poisoned["clean_top1"], poisoned_asr=poisoned["asr_top1"],
-                       poisoned_asr_top5=poisoned["asr_top5"], ca=cleaned["clean_top1"],
-                       asr=cleaned["asr_top1"], asr_top5=cleaned["asr_top5"],
-                       train_seconds=round(time.time() - started, 1) if seconds is None else seconds,
-                       **{k: v for k, v in poisoned.items() if k.startswith("poisoned_robust@")})
-            if robust and setting == "default" and seed == seeds[0]:  # one seed: APGD costs more than the cleaning
-                row.update(_robust_columns("", world, cleaned_ckpt, robust, profile))
-            row.update(DEFENSES.get(defense).report(run_dir, label))
-        except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
-            row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        except (ParError, RuntimeError, ValueError, OSError) as e:  # every cell of the attack fails with it
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
             if progress:
                 traceback.print_exc()
-        rows.append(row)
-        _write_results(out / f"{report}.csv", rows, fields)
+            rows += [{**_row(cell), "status": "failed", "error": error} for cell in group]
+            _write_results(out / f"{report}.csv", rows, fields)
+            continue
+        tasks = [_Cell(profile, out, world, cell, poisoned_cache[attack], synthetic_csv, synthetic_key, robust,
+                       seeds[0], progress and profile.jobs == 1, profile.jobs) for cell in group]
+        for row in _run_cells(tasks, profile.jobs):
+            rows.append(row)
+            _write_results(out / f"{report}.csv", rows, fields)
     reference = profile.reference
     if reference:
         rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache, robust)

@@ -114,6 +114,7 @@ class Profile:
     synthetic_cleaning: Optional[SyntheticCleaning] = None
     reference: bool = True  # also evaluate the never-poisoned foundation
     seeds: List[int] = field(default_factory=lambda: [0])
+    jobs: int = 1  # benchmark cells cleaned at once, each a process of one thread (their own cells: see README)
     eval: Optional[dict] = None  # EvalConfig keys
     robust: Optional[Robust] = None
     scan: Optional[ScanBench] = None  # the scan table (scanners on poisoned and clean models)
@@ -171,6 +172,8 @@ class Profile:
             from par.scan import SCANNERS
 
             read["scan"] = dataclasses.replace(read["scan"], scanners=[SCANNERS.canonical(n) for n in read["scan"].scanners])
+        if isinstance(plain.jobs, bool) or not isinstance(plain.jobs, int) or plain.jobs < 1:
+            raise ParError(f"profile key 'jobs' must be a whole number >= 1 (cells cleaned at once), got {plain.jobs!r}")
         profile = dataclasses.replace(plain, **read)
         profile.poisoning_mode()
         return profile

@@ -44,7 +44,7 @@ from par.defenses.finetune import FineTune, defense
 from par.scan.files import TRIGGER_FILE, load_trigger
 from par.defenses.par import PARObjective, PARParams, par_distance
 from par.errors import ParError
-from par.utils import atomic_write_text, digest
+from par.utils import atomic_write_text, digest, file_lock
 
 
 def _check_unlearning(owner: str, weight, every, steps, lr, price) -> None:
@@ -298,16 +298,17 @@ class Invert(MultiStageDefense):
         folder = Path(job.checkpoint).parent / name
         if not (folder / RECORD).exists():
             folder = Path(job.out).parent / "invert-scans" / name
-        record, _ = run_scan(cfg, folder)
-        trigger = folder / TRIGGER_FILE
-        found = record["verdict"] == "backdoored" and trigger.exists()
-        result = {"verdict": record["verdict"], "target": record["target"], "family": record["family"],
-                  "value": record["value"], "threshold": record["threshold"], "scanner": record["scanner"],
-                  "seconds": record["seconds"], "folder": str(folder), "trigger": str(trigger) if found else None,
-                  "trigger_from": "scan"}
-        if found and p.trigger_from == "target" and record["target"]:
-            result.update(self.toward_target(job, cfg, record["target"], Path(job.out).parent / "invert-scans" /
-                                             f"{name}-toward-{digest(record['target'])}.safetensors"))
+        with file_lock(Path(job.out).parent / "invert-scans.lock"):  # cells side by side share the scans
+            record, _ = run_scan(cfg, folder)
+            trigger = folder / TRIGGER_FILE
+            found = record["verdict"] == "backdoored" and trigger.exists()
+            result = {"verdict": record["verdict"], "target": record["target"], "family": record["family"],
+                      "value": record["value"], "threshold": record["threshold"], "scanner": record["scanner"],
+                      "seconds": record["seconds"], "folder": str(folder), "trigger": str(trigger) if found else None,
+                      "trigger_from": "scan"}
+            if found and p.trigger_from == "target" and record["target"]:
+                result.update(self.toward_target(job, cfg, record["target"], Path(job.out).parent / "invert-scans" /
+                                                 f"{name}-toward-{digest(record['target'])}.safetensors"))
         return result
 
     @staticmethod

@@ -13,7 +13,7 @@ from par.defenses.eftclip.detection import VIEWS, DetectConfig
 from par.defenses.base import CleaningJob, MultiStageDefense
 from par.defenses.finetune import FineTune, defense
 from par.errors import ParError
-from par.utils import atomic_write, atomic_write_text, digest, file_digest
+from par.utils import atomic_write, atomic_write_text, digest, file_digest, file_lock
 
 
 @dataclass
@@ -99,12 +99,13 @@ class EftCLIP(MultiStageDefense):
                   p.calibrate]
         # beside the run folder and keyed by what it depends on: a benchmark's seeds share one detection
         folder = Path(job.out).parent / "eftclip-detections" / digest(inputs)
-        summary = detect(DetectConfig(
-            checkpoint=job.checkpoint, model=job.model, data=job.poisoned_data, classnames=job.classnames,
-            templates=job.templates, out=str(folder), oracle=p.oracle, oracle_params=p.oracle_params,
-            clean_data=job.train_data, oracle_cache=str(Path(job.out).parent / "oracles"), image_root=job.image_root,
-            theta=p.theta, object_list_size=p.object_list_size, views=p.views, calibrate=p.calibrate,
-            progress=job.settings.get("progress", True)))
+        with file_lock(folder.parent.with_suffix(".lock")):  # cells side by side share detections and oracles
+            summary = detect(DetectConfig(
+                checkpoint=job.checkpoint, model=job.model, data=job.poisoned_data, classnames=job.classnames,
+                templates=job.templates, out=str(folder), oracle=p.oracle, oracle_params=p.oracle_params,
+                clean_data=job.train_data, oracle_cache=str(Path(job.out).parent / "oracles"),
+                image_root=job.image_root, theta=p.theta, object_list_size=p.object_list_size, views=p.views,
+                calibrate=p.calibrate, progress=job.settings.get("progress", True)))
         return {**summary, "folder": str(folder)}
 
     def curate(self, job: CleaningJob, outputs: dict) -> Path:
