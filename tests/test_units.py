@@ -229,3 +229,26 @@ def test_run_folder_knows_an_input_by_its_digest_not_its_path_spelling(tmp_path)
     assert RunFolder(out, same, Dist(), reuse=True).status == "finished"
     with pytest.raises(ParError, match=r"differs in \['train_data', 'train_data_digest'\]"):
         RunFolder(out, {**same, "train_data_digest": "def"}, Dist(), reuse=True)
+
+
+def test_file_lock_makes_a_second_process_wait_its_turn(tmp_path):
+    """Two benchmark cells side by side that need the same scan: the second waits until the first is done."""
+    import subprocess
+    import sys
+    import time
+
+    from par.utils import file_lock
+
+    lock, marks = tmp_path / "shared.lock", tmp_path / "marks.txt"
+    holder = ("import sys, time; from par.utils import file_lock\n"
+              f"with file_lock({str(lock)!r}):\n"
+              f"    open({str(marks)!r}, 'a').write('held\\n'); sys.stdout.write('in\\n'); sys.stdout.flush(); time.sleep(1.5)\n"
+              f"    open({str(marks)!r}, 'a').write('released\\n')\n")
+    child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert child.stdout.readline() == "in\n"  # the other process holds the lock now
+    started = time.monotonic()
+    with file_lock(lock):
+        waited = time.monotonic() - started
+        open(marks, "a").write("second\n")
+    assert child.wait(timeout=30) == 0
+    assert marks.read_text().splitlines() == ["held", "released", "second"] and waited > 0.5
