@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from par.attacks import TRIGGERS, get_trigger
 from par.app import pipeline, scanbench
-from par.app.profile import Profile
+from par.app.profile import Profile, check_jobs
 from par.config import merge
 from par.defenses import DEFENSES
 from par.errors import ParError
@@ -148,7 +148,7 @@ def _run_cells(tasks: List[_Cell], jobs: int):
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread) as pool:
-        for task, row in zip(tasks, pool.map(_clean_and_evaluate, tasks)):
+        for row in pool.map(_clean_and_evaluate, tasks):
             print(f"cell {row['attack']} / {row['defense']} / {row['setting']} / seed {row['seed']}: {row['status']}",
                   flush=True)
             yield row
@@ -168,8 +168,7 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     if quick:
         profile = profile.quick_profile()
     if jobs is not None:  # the command line's, over the profile's
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-            raise ParError(f"bench jobs must be a whole number >= 1 (cells cleaned at once), got {jobs!r}")
+        check_jobs(jobs, "bench jobs")
         profile = dataclasses.replace(profile, jobs=jobs)
     label = profile.label
     attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]

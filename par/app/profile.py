@@ -80,6 +80,12 @@ class ScanBench:
             raise ParError(f"profile 'scan' max_images must be a whole number >= 1, got {self.max_images!r}")
 
 
+def check_jobs(jobs, owner: str) -> None:
+    """A benchmark's ``jobs``: how many cells are cleaned at once."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ParError(f"{owner} must be a whole number >= 1 (cells cleaned at once), got {jobs!r}")
+
+
 @dataclass(frozen=True)
 class Profile:
     """What the demo (one attack, one defense) and the benchmark (every attack x every defense) run.
@@ -172,8 +178,7 @@ class Profile:
             from par.scan import SCANNERS
 
             read["scan"] = dataclasses.replace(read["scan"], scanners=[SCANNERS.canonical(n) for n in read["scan"].scanners])
-        if isinstance(plain.jobs, bool) or not isinstance(plain.jobs, int) or plain.jobs < 1:
-            raise ParError(f"profile key 'jobs' must be a whole number >= 1 (cells cleaned at once), got {plain.jobs!r}")
+        check_jobs(plain.jobs, "profile key 'jobs'")
         profile = dataclasses.replace(plain, **read)
         profile.poisoning_mode()
         return profile
