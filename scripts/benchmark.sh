@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 out=runs/bench
 args=()
-scan_args=()  # what the scan table takes of them: --quick, --attacks
+scan_args=()  # what the scan table takes of them: --quick, --attacks, --jobs
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -20,6 +20,8 @@ while [ $# -gt 0 ]; do
     --quick) args+=("$1"); scan_args+=("$1"); shift ;;
     --attacks) args+=("$1" "$2"); scan_args+=("$1" "$2"); shift 2 ;;
     --attacks=*) args+=("$1"); scan_args+=("$1"); shift ;;
+    --jobs) args+=("$1" "$2"); scan_args+=("$1" "$2"); shift 2 ;;
+    --jobs=*) args+=("$1"); scan_args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done

@@ -1,7 +1,7 @@
 """The scan table alone: every scanner of a profile's ``scan`` part on its poisoned models and clean controls.
 
     python scripts/scan_benchmark.py [--config configs/micro-scan.yaml] [--out runs/micro-scan] [--attacks a,b]
-                                     [--report scan] [--quick]
+                                     [--report scan] [--quick] [--jobs N]
 
 Builds (or reuses) the poisoned models and the clean controls, scans each, and writes ``<report>.csv`` and
 ``<report>.md`` (AUROC, TPR / FPR at the threshold, target named, seconds per scan). ``python -m par bench``
@@ -21,10 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--attacks", help="comma-separated subset (default: the profile's attacks)")
     parser.add_argument("--report", default="scan", help="stem of the tables' files (default scan)")
     parser.add_argument("--quick", action="store_true", help="the profile's quick variant")
+    parser.add_argument("--jobs", type=int, help="models trained at once, each a process of one thread (default: the "
+                                                 "profile's jobs, 1): the models `python -m par bench --jobs` trains")
     args = parser.parse_args(argv)
     try:
         out = run_scan_bench(args.config, args.out, args.attacks.split(",") if args.attacks else None,
-                             report=args.report, quick=args.quick)
+                             report=args.report, quick=args.quick, jobs=args.jobs)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

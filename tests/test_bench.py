@@ -96,18 +96,26 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache):
     assert "Failed cells:" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_cells_side_by_side_are_the_one_thread_cells_in_order(tmp_path, micro_cache):
-    """jobs 2: the cells are cleaned in two processes of one thread each, and the rows are those of the same
-    one-thread cells cleaned one after another (one thread's arithmetic does not depend on the process)."""
+def test_models_side_by_side_are_the_one_thread_models_in_order(tmp_path, micro_cache):
+    """jobs 2: the poisoned models and the cells are trained in two processes of one thread each, and the
+    rows are those of the same one-thread models trained one after another (one thread's arithmetic does
+    not depend on the process)."""
     profile = micro_profile("micro-bench.yaml", micro_cache, defenses=["ft", "par"], seeds=[0, 1],
-                            synthetic_cleaning=None, reference=False)
-    one_thread = replace(profile, clean={**profile.clean, "threads": 1})
+                            synthetic_cleaning=None, reference=False, quick={"attacks": ["badnet_rs", "blended"], "sweeps": {}})
+    one_thread = profile.one_thread()
+    assert one_thread.poison_finetune["threads"] == one_thread.clean["threads"] == 1
+    assert one_thread.foundation == profile.foundation  # trained alone, before the rest
+    one_thread_models = lambda: sorted(p for p in Path(micro_cache).glob("poisoned-*")  # noqa: E731
+                                       if yaml.safe_load((p / "config.yaml").read_text())["threads"] == 1)
     run_bench(one_thread, str(tmp_path / "serial"), quick=True, progress=False)
+    poisoned = one_thread_models()
+    assert len(poisoned) >= 2
     run_bench(profile, str(tmp_path / "side-by-side"), quick=True, progress=False, jobs=2)
+    assert one_thread_models() == poisoned  # the same models, reused
     read = lambda out: [(r["defense"], r["seed"], r["status"], r["ca"], r["asr"], r["asr_top5"])  # noqa: E731
                         for r in csv.DictReader((tmp_path / out / "results.csv").open())]
     serial, side_by_side = read("serial"), read("side-by-side")
-    assert [r[:3] for r in serial] == [("ft", "0", "ok"), ("ft", "1", "ok"), ("par", "0", "ok"), ("par", "1", "ok")]
+    assert [r[:3] for r in serial] == [(d, seed, "ok") for d in ("ft", "par") for seed in "01"] * 2
     assert side_by_side == serial
     for config in (tmp_path / "side-by-side").glob("cleaned-*/config.yaml"):
         assert yaml.safe_load(config.read_text())["threads"] == 1

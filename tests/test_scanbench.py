@@ -46,6 +46,20 @@ def test_benchmark_scans_poisoned_model_and_every_clean_control(micro_cache, tmp
     assert (again / "scanners.md").is_file() and not (again / "scan.csv").exists()
 
 
+def test_scan_table_side_by_side_trains_the_benchmarks_one_thread_models(micro_cache, tmp_path):
+    """jobs 2: the poisoned model and the controls are trained two at a time, one thread each: the models
+    the benchmark trains with the same jobs (what the table alone then reuses)."""
+    profile = micro_profile("micro-bench.yaml", micro_cache, attacks=["badnet_rs"], defenses=["ft"], scan=SCAN,
+                            reference=False, synthetic_cleaning=None)
+    with pytest.raises(ParError, match="scan jobs must be a whole number >= 1"):
+        scanbench.run_scan_bench(profile, str(tmp_path / "none"), jobs=0)
+    bench = _rows(run_bench(profile, str(tmp_path / "bench"), progress=False, jobs=2) / "scan.csv")
+    alone = _rows(scanbench.run_scan_bench(profile, str(tmp_path / "alone"), progress=False, jobs=2) / "scan.csv")
+    assert [r["folder"] for r in alone] == [r["folder"] for r in bench]  # the same scans of the same models
+    one_thread = [Path(r["folder"]).parent for r in bench if r["model"] != "foundation"]
+    assert len(one_thread) == 3 and all("threads: 1" in (m / "config.yaml").read_text() for m in one_thread)
+
+
 def test_summary_counts_auroc_rates_and_targets():
     row = lambda kind, margin, flagged, target="", asr=None: {  # noqa: E731
         "scanner": "s", "kind": kind, "margin": margin, "flagged": flagged, "named_target": target == "banana",

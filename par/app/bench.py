@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
+import functools
 import os
 import re
 import statistics
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from par.attacks import TRIGGERS, get_trigger
-from par.app import pipeline, scanbench
+from par.app import pipeline, scanbench, workers
 from par.app.profile import Profile, check_jobs
 from par.config import merge
 from par.defenses import DEFENSES
@@ -104,11 +104,7 @@ def _clean_and_evaluate(task: _Cell) -> Dict:
     row = _row(task.cell)
     try:
         model, params, poisoned, _ = task.poisoned
-        # cells trained side by side take one thread each (two threads each would oversubscribe the cores);
-        # the thread count changes the arithmetic's order, so it is part of the cell's settings and folder
-        threads = {"threads": 1} if task.jobs > 1 else {}
-        values = merge(_defense_settings(profile, defense),
-                       {**override, **threads, "seed": seed, "progress": task.progress})
+        values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": task.progress})
         train_data = task.synthetic_csv if data == "synthetic" else None
         data_key = data if data == "world" else [data, task.synthetic_key]
         run_dir = task.out / f"cleaned-{attack}-{row['defense']}-{digest([model.key, defense, values, data_key])}"
@@ -131,29 +127,6 @@ def _clean_and_evaluate(task: _Cell) -> Dict:
     return row
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _run_cells(tasks: List[_Cell], jobs: int):
-    """The rows of ``tasks`` in their order: one after another, or ``jobs`` processes at once (one thread
-    each; spawned, since a forked copy of a process that has run OpenMP threads can hang)."""
-    if jobs == 1 or len(tasks) < 2:
-        yield from (_clean_and_evaluate(task) for task in tasks)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread) as pool:
-        for row in pool.map(_clean_and_evaluate, tasks):
-            print(f"cell {row['attack']} / {row['defense']} / {row['setting']} / seed {row['seed']}: {row['status']}",
-                  flush=True)
-            yield row
-
-
 def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = False, attacks: Optional[List[str]] = None,
               defenses: Optional[List[str]] = None, progress: bool = True, report: str = "results",
               jobs: Optional[int] = None) -> Path:
@@ -170,6 +143,8 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     if jobs is not None:  # the command line's, over the profile's
         check_jobs(jobs, "bench jobs")
         profile = dataclasses.replace(profile, jobs=jobs)
+    if profile.jobs > 1:  # models trained side by side take one thread each (Profile.one_thread)
+        profile = profile.one_thread()
     label = profile.label
     attacks = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
     every = [d for d in DEFENSES.in_order() if not DEFENSES.get(d).needs_labels]  # the world's pairs have no labels
@@ -197,27 +172,33 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
         synthetic_csv, synthetic_key = str(styled.path / "clean.csv"), styled.key
 
     rows: List[Dict] = []
-    poisoned_cache: Dict[str, tuple] = {}
     cells = list(_cells(profile, attacks, defenses, seeds, sweeps, synthetic_defenses))
-    for attack, group in itertools.groupby(cells, key=lambda cell: cell[0]):
-        try:
-            if attack not in poisoned_cache:
-                poisoned_cache[attack] = pipeline.build_poisoned(profile, out, world, attack, robust)
-                if profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
-                    scanbench.scan_models(profile, world, scanbench.poisoned_entries({attack: poisoned_cache[attack]}),
-                                          progress)
-        except (ParError, RuntimeError, ValueError, OSError) as e:  # every cell of the attack fails with it
-            error = f"{type(e).__name__}: {e}".splitlines()[0]
-            if progress:
-                traceback.print_exc()
-            rows += [{**_row(cell), "status": "failed", "error": error} for cell in group]
-            _write_results(out / f"{report}.csv", rows, fields)
-            continue
-        tasks = [_Cell(profile, out, world, cell, poisoned_cache[attack], synthetic_csv, synthetic_key, robust,
-                       seeds[0], progress and profile.jobs == 1, profile.jobs) for cell in group]
-        for row in _run_cells(tasks, profile.jobs):
-            rows.append(row)
-            _write_results(out / f"{report}.csv", rows, fields)
+    # every poisoned model first (with the scan table's clean controls beside them), then every cell
+    beside = scanbench.control_trainings(profile, out, world) if profile.scan is not None else []
+    poisoned_cache: Dict[str, tuple] = {}
+    failed: Dict[str, str] = {}  # attack -> why its model could not be built or scanned: its cells fail with it
+    for attack, (built, error) in pipeline.build_poisoned_models(profile, out, world, attacks, robust, beside).items():
+        if not error and profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
+            _, error = workers.attempt(functools.partial(scanbench.scan_models, profile, world,
+                                                         scanbench.poisoned_entries({attack: built}), progress))
+        if error:
+            failed[attack] = error
+        else:
+            poisoned_cache[attack] = built
+    tasks = [_Cell(profile, out, world, cell, poisoned_cache[cell[0]], synthetic_csv, synthetic_key, robust,
+                   seeds[0], progress and profile.jobs == 1, profile.jobs) for cell in cells if cell[0] not in failed]
+    cleaned = workers.each(_clean_and_evaluate, tasks, profile.jobs)
+    for cell in cells:  # in the cells' order, each row written as it comes
+        if cell[0] in failed:
+            row = {**_row(cell), "status": "failed", "error": failed[cell[0]]}
+        else:
+            row = next(cleaned)
+            if profile.jobs > 1:
+                print(f"cell {row['attack']} / {row['defense']} / {row['setting']} / seed {row['seed']}: "
+                      f"{row['status']}", flush=True)
+        rows.append(row)
+        _write_results(out / f"{report}.csv", rows, fields)
+    next(cleaned, None)  # the workers' pool closes
     reference = profile.reference
     if reference:
         rows += _never_poisoned_rows(profile, out, world, label, poisoned_cache, robust)

@@ -415,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defenses", help="comma-separated subset of defenses")
     p.add_argument("--report", default="results", help="stem of the result files (REPORT.csv, REPORT.md): a side "
                                                       "profile shares --out with the main one, reusing its cells")
-    p.add_argument("--jobs", type=int, help="cells cleaned at once, each a process of one thread (default: the "
-                                        "profile's jobs, 1); with more than 1 the cells are other cells (their "
-                                        "arithmetic runs in another order), kept in folders of their own")
+    p.add_argument("--jobs", type=int, help="models (poisoned ones, clean controls, cells) trained at once, each a "
+                                        "process of one thread (default: the profile's jobs, 1); with more than 1 "
+                                        "they are other models (their arithmetic runs in another order), kept in "
+                                        "folders of their own")
 
     p = sub.add_parser("demo", help="offline demo: world, poison, poisoned CLIP, PAR, CA/ASR table")
     p.add_argument("--profile", default="configs/demo.yaml")

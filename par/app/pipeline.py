@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from par import attacks
+from par.app import workers
 from par.app.profile import Profile, Robust
 from par.config import build
 from par.defenses import CleaningJob, clean
@@ -164,6 +166,19 @@ def build_poisoned(profile: Profile, out: Path, world: World, attack: str, robus
         accuracy = robust_stage(world, model.checkpoint, robust, profile.eval)
         metrics = {**metrics, **{f"poisoned_robust@{eps}": value for eps, value in accuracy.items()}}
     return model, params, metrics, artifacts
+
+
+def build_poisoned_models(profile: Profile, out: Path, world: World, attacks: List[str], robust: Optional[dict] = None,
+                          beside: Sequence[Callable[[], object]] = ()) -> Dict[str, Tuple[Optional[tuple], str]]:
+    """``(build_poisoned's tuple, "")``, or ``(None, its one-line error)``, per attack, ``profile.jobs`` models
+    trained at once; the trainings ``beside`` (the scan table's clean controls) take turns with them, their
+    failures left for whoever reuses them to meet. With more than one job the foundation is trained first,
+    alone: every other model starts from it."""
+    if profile.jobs > 1:
+        foundation_stage(profile, out, world)
+    tasks = [partial(build_poisoned, profile, out, world, attack, robust) for attack in attacks] + list(beside)
+    done = list(workers.each(workers.attempt, tasks, profile.jobs))  # every task, those beside included
+    return dict(zip(attacks, done))
 
 
 def check_encoder(checkpoint: Path, model: str) -> None:

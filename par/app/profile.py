@@ -81,9 +81,9 @@ class ScanBench:
 
 
 def check_jobs(jobs, owner: str) -> None:
-    """A benchmark's ``jobs``: how many cells are cleaned at once."""
+    """A benchmark's ``jobs``: how many models (poisoned ones, clean controls, cells) are trained at once."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ParError(f"{owner} must be a whole number >= 1 (cells cleaned at once), got {jobs!r}")
+        raise ParError(f"{owner} must be a whole number >= 1 (models trained at once), got {jobs!r}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Profile:
     synthetic_cleaning: Optional[SyntheticCleaning] = None
     reference: bool = True  # also evaluate the never-poisoned foundation
     seeds: List[int] = field(default_factory=lambda: [0])
-    jobs: int = 1  # benchmark cells cleaned at once, each a process of one thread (their own cells: see README)
+    jobs: int = 1  # benchmark stages trained at once, each a process of one thread (their own models: one_thread)
     eval: Optional[dict] = None  # EvalConfig keys
     robust: Optional[Robust] = None
     scan: Optional[ScanBench] = None  # the scan table (scanners on poisoned and clean models)
@@ -182,6 +182,14 @@ class Profile:
         profile = dataclasses.replace(plain, **read)
         profile.poisoning_mode()
         return profile
+
+    def one_thread(self) -> "Profile":
+        """The profile as ``jobs`` > 1 runs it: every stage trained beside another (a poisoning fine-tune, a
+        clean control, a cell) takes one thread. The thread count changes the order of the arithmetic, so
+        these are other models than the profile's own, kept in folders of their own (the foundation,
+        trained alone before them, is the same)."""
+        return dataclasses.replace(self, **{key: {**getattr(self, key), "threads": 1} for key in
+                                            ("poison_finetune", "pretrain", "clean") if getattr(self, key)})
 
     def quick_profile(self) -> "Profile":
         """The ``--quick`` variant: minutes, not hours."""

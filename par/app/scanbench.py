@@ -16,15 +16,17 @@ Every model and scan lands in a folder named by what it depends on, so a re-run 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from par.app import pipeline
 from par.attacks import TRIGGERS
-from par.app.profile import Profile, ScanBench
+from par.app.profile import Profile, ScanBench, check_jobs
 from par.config import build
 from par.errors import ParError
 from par.eval.metrics import auroc
@@ -50,16 +52,27 @@ class Scanned:
 
 def clean_controls(profile: Profile, out: Path, world: pipeline.World) -> List[Scanned]:
     """The foundation, its 0 %-poison fine-tunes and its benign fine-tunes (trained once, then reused)."""
+    foundation, controls = _controls(profile, out, world)
+    return [Scanned("foundation", "clean", Path(foundation))] + [Scanned(name, "clean", train()) for name, train in controls]
+
+
+def control_trainings(profile: Profile, out: Path, world: pipeline.World) -> List[Callable[[], Path]]:
+    """The clean controls' trainings (each returns its checkpoint), to run before ``clean_controls`` reuses them."""
+    return [train for _, train in _controls(profile, out, world)[1]]
+
+
+def _controls(profile: Profile, out: Path, world: pipeline.World) -> Tuple[Path, List[Tuple[str, Callable[[], Path]]]]:
+    """(the foundation, [(name, its training)]) of the clean controls."""
     part: ScanBench = profile.scan
     foundation, foundation_key = pipeline.foundation_stage(profile, out, world)
     shared = world.cache or Path(out)
-    models = [Scanned("foundation", "clean", Path(foundation))]
+    controls = []
     scratch = profile.poisoning_mode() == "scratch"
     recipe = dict(profile.pretrain) if scratch else {**profile.poison_finetune, "init_checkpoint": str(foundation)}
     for seed in part.zero_poison_seeds:
         values = {**recipe, "seed": seed}
         folder = shared / f"zero-poison-{digest([world.key, foundation_key, values])}"
-        models.append(Scanned(f"0 % poison, seed {seed}", "clean", _train(world, values, "train", folder)))
+        controls.append((f"0 % poison, seed {seed}", functools.partial(_train, world, values, "train", folder)))
     if part.benign_seeds and not profile.clean:
         raise ParError("profile 'scan' benign_seeds fine-tune with the 'clean' budget: the profile has none")
     benign = {**profile.clean, "objective": "clip", "augment": "none", "objective_params": {"train_logit_scale": False},
@@ -67,8 +80,8 @@ def clean_controls(profile: Profile, out: Path, world: pipeline.World) -> List[S
     for seed in part.benign_seeds:
         values = {**benign, "seed": seed}
         folder = shared / f"benign-{digest([world.key, foundation_key, values])}"
-        models.append(Scanned(f"benign fine-tune, seed {seed}", "clean", _train(world, values, "clean", folder)))
-    return models
+        controls.append((f"benign fine-tune, seed {seed}", functools.partial(_train, world, values, "clean", folder)))
+    return Path(foundation), controls
 
 
 def _train(world: pipeline.World, values: dict, split: str, folder: Path) -> Path:
@@ -186,9 +199,11 @@ def write_scan_tables(out: Path, rows: List[dict], label: str, report: str = "sc
 
 
 def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]] = None,
-                   progress: bool = True, report: str = "scan", quick: bool = False) -> Path:
+                   progress: bool = True, report: str = "scan", quick: bool = False,
+                   jobs: Optional[int] = None) -> Path:
     """The scan table alone: the profile's poisoned models (built or reused) and clean controls, scanned.
-    Writes ``<report>.csv`` and ``<report>.md`` in ``out`` (``scan``: the names the benchmark gives its own)."""
+    Writes ``<report>.csv`` and ``<report>.md`` in ``out`` (``scan``: the names the benchmark gives its own).
+    ``jobs`` (default: the profile's) trains that many models at once, as the benchmark does (the same models)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", report or ""):
         raise ParError(f"scan report must be a file stem (letters, digits, . _ -), got {report!r}")
     if not isinstance(profile, Profile):
@@ -197,11 +212,21 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
         profile = profile.quick_profile()
     if profile.scan is None:
         raise ParError("the profile has no 'scan' part (scanners, clean controls): nothing to scan")
+    if jobs is not None:  # the caller's, over the profile's
+        check_jobs(jobs, "scan jobs")
+        profile = dataclasses.replace(profile, jobs=jobs)
+    if profile.jobs > 1:
+        profile = profile.one_thread()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
     names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
-    built = {attack: pipeline.build_poisoned(profile, out, world, attack) for attack in names}
+    built = {}
+    for attack, (model, error) in pipeline.build_poisoned_models(profile, out, world, names,
+                                                                 beside=control_trainings(profile, out, world)).items():
+        if error:
+            raise ParError(f"the poisoned model of {attack} could not be built: {error}")
+        built[attack] = model
     rows = scan_rows(profile, out, world, poisoned_entries(built), progress)
     write_scan_tables(out, rows, profile.label, report)
     print(f"scan results: {out / f'{report}.md'}")
