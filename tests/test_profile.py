@@ -157,3 +157,4 @@ def test_the_side_benchmarks_extend_the_main_one():
         assert (profile.world, profile.poison_rates, profile.clean, profile.cache, profile.poison_finetune) == \
             (main.world, main.poison_rates, main.clean, main.cache, main.poison_finetune)
         assert profile.scan is None and set(profile.defenses).isdisjoint({"invert", "par+invert"})
+        assert profile.jobs == main.jobs == 2  # the same one-thread models as the main matrix's
