@@ -120,8 +120,8 @@ def _clean_and_evaluate(task: _Cell) -> Dict:
         if task.robust and setting == "default" and seed == task.first_seed:  # one seed: APGD costs more
             row.update(_robust_columns("", world, cleaned_ckpt, task.robust, profile))
         row.update(DEFENSES.get(defense).report(run_dir, label))
-    except (ParError, RuntimeError, ValueError, OSError) as e:  # record the failed cell, go on with the rest
-        row.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+    except workers.stage_errors() as e:  # record the failed cell, go on with the rest
+        row.update(status="failed", error=workers.one_line(e))
         if task.progress or task.jobs > 1:
             traceback.print_exc()
     return row

@@ -34,13 +34,22 @@ def each(fn: Callable[[Task], Result], tasks: Iterable[Task], jobs: int) -> Iter
         yield from pool.map(fn, tasks)
 
 
-def attempt(task: Callable[[], Result]) -> Tuple[Optional[Result], str]:
-    """``(task(), "")``, or ``(None, its one-line error)`` when it fails the way a stage fails (bad settings,
-    a failed run, a missing file), so that the tasks beside it go on."""
+def stage_errors() -> tuple:
+    """The exceptions a stage fails with (bad settings, a failed run, a missing file): recorded, not raised,
+    so that the work beside it goes on."""
     from par.errors import ParError
 
+    return ParError, RuntimeError, ValueError, OSError
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def attempt(task: Callable[[], Result]) -> Tuple[Optional[Result], str]:
+    """``(task(), "")``, or ``(None, its one-line error)`` when it fails as a stage fails."""
     try:
         return task(), ""
-    except (ParError, RuntimeError, ValueError, OSError) as e:
+    except stage_errors() as e:
         traceback.print_exc()
-        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+        return None, one_line(e)
