@@ -1,11 +1,15 @@
 """The measurement scripts run end to end on tiny inputs (their figures are benchmarks, not tests)."""
+import csv
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+from par.errors import ParError
 
 
 def _script(name):
@@ -215,3 +219,36 @@ def test_invert_quality_holds_hard_attacks_to_the_floor_and_the_others_to_par(tm
                       ("random", "invert"): False, ("random", "par+invert"): True}
     assert "bar met on 2 of 2 attacks" in out
     assert _script("invert_quality.py").main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_patch_overlap_measures_the_mask_on_the_planted_patch():
+    import torch
+
+    overlap = _script("scan_overlap.py").patch_overlap
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 4:8, 4:8] = 1.0  # all of it on a 4-px patch at (4, 4)
+    assert overlap(mask, 4, 4, 4) == {"patch_share": 1.0, "over_uniform": 16.0, "top_pixels_on_patch": 1.0}
+    half = mask.clone()
+    half[0, 12:16, 12:16] = 1.0  # half of it elsewhere
+    got = overlap(half, 4, 4, 4)
+    assert got["patch_share"] == 0.5 and got["over_uniform"] == 8.0
+    assert overlap(torch.full((16, 16), 0.3), 0, 8, 4)["over_uniform"] == pytest.approx(1.0)  # uniform: 1
+    with pytest.raises(ParError, match="does not fit"):
+        overlap(mask, 14, 0, 4)
+
+
+def test_scan_overlap_plants_the_patch_where_asked_and_reports_each_trigger(tmp_path, capsys):
+    out = tmp_path / "overlap"
+    stdout = _run(["scripts/scan_overlap.py", "--config", f"{REPO}/configs/micro-backdoor.yaml", "--out", out,
+                   "--places", "12,12", "--scanners", "decree"], capsys)
+    with open(out / "overlap.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trigger"].split(" ")[0] for r in rows] == ["toward-target", "decree"]
+    assert all(r["place"] == "12,12" and float(r["asr"]) >= 0.9 for r in rows)  # the backdoor was learnt there
+    for r in rows:
+        assert 0 <= float(r["patch_share"]) <= 1 and float(r["over_uniform"]) == pytest.approx(
+            float(r["patch_share"]) * 16, rel=1e-6)  # an 8-px patch is 1/16 of the 32-px image
+    assert "| 12,12 |" in stdout and (out / "overlap.md").exists()
+    poisoned = [p for p in out.iterdir() if p.name.startswith("poison-badnet_rs-")]
+    manifest = next(poisoned[0].glob("*.json")).read_text()
+    assert '"top": 12' in manifest and '"left": 12' in manifest
