@@ -31,7 +31,6 @@ from par.config import load_yaml
 from par.errors import ParError
 from par.scan import ScanConfig, scan_checkpoint, trigger_toward
 
-REPO = Path(__file__).resolve().parent.parent
 COLUMNS = ["place", "asr", "ca", "trigger", "size", "patch_share", "over_uniform", "top_pixels_on_patch", "seconds"]
 
 
@@ -129,13 +128,13 @@ def main(argv=None) -> int:
             raise ParError(f"no patch_size for {args.attack!r} in {config}: give --patch-size")
         places = parse_places(args.places)
         scanners = [s for s in args.scanners.split(",") if s]
+        note = (f"`python scripts/scan_overlap.py --config {args.config} --attack {args.attack} --patch-size {patch}"
+                f" --places '{args.places}' --scanners '{args.scanners}'`: a {patch}-px patch toward "
+                f"`{base.get('label')}`, sizes in % of the image")
         rows = []
-        for place in places:
+        for place in places:  # the tables rewritten after each place: a long run's finished places are kept
             print(f"== {args.attack} {patch} px at {place}", flush=True)
             rows += measure_place(base, config.resolve().parent, out, args.attack, patch, place, scanners, args.images)
-            note = (f"`python scripts/scan_overlap.py --config {args.config} --attack {args.attack} --patch-size {patch}"
-                    f" --places '{args.places}' --scanners '{args.scanners}'`: a {patch}-px patch toward "
-                    f"`{base.get('label')}`, sizes in % of the image")
             text = write(out, rows, note)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
