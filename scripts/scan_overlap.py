@@ -13,8 +13,8 @@ its clean accuracy and ASR, then
 * each of ``--scanners``: the trigger its scan shows (``trigger.png``).
 For each trigger: its size (mean mask), the share of the mask's mass on the planted patch and that share
 over the patch's share of the image (1 = no better than a uniform mask), and how many of the mask's
-largest pixels, as many as the patch has, fall on the patch. Writes ``overlap.csv`` and ``overlap.md`` in
---out. The places are a grid fixed in advance, not chosen by the result.
+largest pixels, as many as the patch has, fall on the patch, and the mask's centre of mass. Writes
+``overlap.csv`` and ``overlap.md`` in --out. The places are a grid fixed in advance, not chosen by the result.
 """
 import argparse
 import csv
@@ -31,13 +31,15 @@ from par.config import load_yaml
 from par.errors import ParError
 from par.scan import ScanConfig, scan_checkpoint, trigger_toward
 
-COLUMNS = ["place", "asr", "ca", "trigger", "size", "patch_share", "over_uniform", "top_pixels_on_patch", "seconds"]
+COLUMNS = ["place", "asr", "ca", "trigger", "size", "patch_share", "over_uniform", "top_pixels_on_patch", "centre",
+           "seconds"]
 
 
 def patch_overlap(mask: torch.Tensor, top: int, left: int, size: int) -> dict:
     """How much of ``mask`` (``[1, H, W]`` or ``[H, W]``, non-negative) lies on the ``size`` x ``size`` patch at
     (``top``, ``left``): its share of the mask's mass, that share over the patch's share of the image, and
-    the fraction of the mask's ``size**2`` largest pixels that fall on the patch."""
+    the fraction of the mask's ``size**2`` largest pixels that fall on the patch, and the mask's centre of
+    mass ("row,column"): the same centre at every planted place is a trigger the patch did not decide."""
     mask = mask.detach().float().reshape(mask.shape[-2:])
     height, width = mask.shape
     if not (0 <= top <= height - size and 0 <= left <= width - size):
@@ -47,8 +49,11 @@ def patch_overlap(mask: torch.Tensor, top: int, left: int, size: int) -> dict:
     total = float(mask.sum())
     share = float(mask[on_patch].sum()) / total if total > 0 else 0.0
     largest = mask.flatten().topk(size * size).indices
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    centre = (f"{float((mask * rows).sum()) / total:.1f},{float((mask * columns).sum()) / total:.1f}"
+              if total > 0 else "")
     return {"patch_share": share, "over_uniform": share / (size * size / (height * width)),
-            "top_pixels_on_patch": float(on_patch.flatten()[largest].float().mean())}
+            "top_pixels_on_patch": float(on_patch.flatten()[largest].float().mean()), "centre": centre}
 
 
 def parse_places(text: str) -> list:
@@ -96,12 +101,12 @@ def write(out: Path, rows: list, note: str) -> str:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [note, "", "| place | ASR | trigger | size | mass on patch | x uniform | largest pixels on patch | s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [note, "", "| place | ASR | trigger | size | mass on patch | x uniform | largest pixels on patch | "
+             "mask centre | s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['place']} | {100 * r['asr']:.1f} | {r['trigger']} | {100 * r['size']:.2f} % | "
                      f"{100 * r['patch_share']:.1f} % | {r['over_uniform']:.1f} | {100 * r['top_pixels_on_patch']:.0f} % "
-                     f"| {r['seconds']:.0f} |")
+                     f"| {r['centre']} | {r['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "overlap.md").write_text(text)
     return text

@@ -227,11 +227,12 @@ def test_patch_overlap_measures_the_mask_on_the_planted_patch():
     overlap = _script("scan_overlap.py").patch_overlap
     mask = torch.zeros(1, 16, 16)
     mask[0, 4:8, 4:8] = 1.0  # all of it on a 4-px patch at (4, 4)
-    assert overlap(mask, 4, 4, 4) == {"patch_share": 1.0, "over_uniform": 16.0, "top_pixels_on_patch": 1.0}
+    assert overlap(mask, 4, 4, 4) == {"patch_share": 1.0, "over_uniform": 16.0, "top_pixels_on_patch": 1.0,
+                                      "centre": "5.5,5.5"}
     half = mask.clone()
     half[0, 12:16, 12:16] = 1.0  # half of it elsewhere
     got = overlap(half, 4, 4, 4)
-    assert got["patch_share"] == 0.5 and got["over_uniform"] == 8.0
+    assert got["patch_share"] == 0.5 and got["over_uniform"] == 8.0 and got["centre"] == "9.5,9.5"
     assert overlap(torch.full((16, 16), 0.3), 0, 8, 4)["over_uniform"] == pytest.approx(1.0)  # uniform: 1
     with pytest.raises(ParError, match="does not fit"):
         overlap(mask, 14, 0, 4)
