@@ -235,7 +235,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.tokens[i], i
 
 
-class LabelledImageDataset(torch.utils.data.Dataset):
+class _LabelledImages(torch.utils.data.Dataset):
+    """``(uint8 image, label)`` pairs: subclasses set ``paths``, ``labels`` (a tensor) and ``transform``."""
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+class LabelledImageDataset(_LabelledImages):
     """``(uint8 image, label)`` from an ``image,label`` CSV with integer labels."""
 
     def __init__(self, csv_path, num_classes: int, size: int, image_root=None):
@@ -244,12 +254,6 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         self.paths = image_paths(frame, csv_path, image_root)
         self.labels = torch.tensor(labels)
         self.transform = eval_transform(size)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -274,7 +278,7 @@ def load_classnames(spec: str) -> List[str]:
     return names
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(_LabelledImages):
     """``(uint8 image, label)`` from a class-folder tree (``root/<class>/<image>``).
 
     Folders named like the class names map by name (CIFAR-style trees); otherwise the sorted
@@ -306,12 +310,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ParError(f"no images under {root}")
         self.labels = torch.tensor(labels)
         self.transform = eval_transform(size)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
 class ImageFolderCaptions(torch.utils.data.Dataset):
