@@ -29,7 +29,7 @@ from par.app import pipeline
 from par.app.profile import Profile
 from par.config import load_yaml
 from par.errors import ParError
-from par.scan import ScanConfig, scan_checkpoint, trigger_toward
+from par.scan import ScanConfig, mask_place, scan_checkpoint, trigger_toward
 
 COLUMNS = ["place", "asr", "ca", "trigger", "size", "patch_share", "over_uniform", "top_pixels_on_patch", "centre",
            "seconds"]
@@ -49,9 +49,8 @@ def patch_overlap(mask: torch.Tensor, top: int, left: int, size: int) -> dict:
     total = float(mask.sum())
     share = float(mask[on_patch].sum()) / total if total > 0 else 0.0
     largest = mask.flatten().topk(size * size).indices
-    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    centre = (f"{float((mask * rows).sum()) / total:.1f},{float((mask * columns).sum()) / total:.1f}"
-              if total > 0 else "")
+    place = mask_place(mask)
+    centre = f"{place['centre'][0]:.1f},{place['centre'][1]:.1f}" if place else ""
     return {"patch_share": share, "over_uniform": share / (size * size / (height * width)),
             "top_pixels_on_patch": float(on_patch.flatten()[largest].float().mean()), "centre": centre}
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import cli_error
 from par.app.cli import main
-from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, robust_z, scan_checkpoint
+from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, mask_place, robust_z, scan_checkpoint
 from par.scan import inversion
 
 CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of plumbing, not of the statistic
@@ -34,6 +34,15 @@ def test_robust_z_is_median_and_mad_based():
     assert robust_z([5.0, 5.0, 5.0]) == [0.0, 0.0, 0.0]
     z = robust_z([9.0, 1.0], reference=[1.0, 2.0, 3.0])  # against another set's median and MAD
     assert z == pytest.approx([(9 - 2) / 1.4826, (1 - 2) / 1.4826])
+
+
+def test_mask_place_is_the_centre_of_mass_and_the_box_of_the_strong_pixels():
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 4:8, 10:14] = 1.0
+    mask[0, 0, 0] = 0.2  # weak: moves the centre, not the box
+    assert mask_place(mask) == {"centre": [5.4, 11.4], "box": [4, 10, 7, 13]}  # (16 * 5.5) / 16.2, (16 * 11.5) / 16.2
+    assert mask_place(torch.full((1, 8, 8), 0.3)) == {"centre": [3.5, 3.5], "box": [0, 0, 7, 7]}  # a blend's mask
+    assert mask_place(torch.zeros(8, 8)) is None
 
 
 def test_the_poisoned_micro_model_is_flagged_with_its_target(poisoned_scan):
@@ -121,6 +130,9 @@ def test_the_cli_writes_reuses_and_refuses(backdoored_micro, tmp_path, capsys, m
     record = json.loads((out / "scan.json").read_text())
     assert record["verdict"] in ("backdoored", "clean") and record["threshold_source"]
     assert record["settings"]["scanner_params"]["steps"] == 5 and record["seconds_per_label"] > 0
+    top, left, bottom, right = record["trigger"]["place"]["box"]
+    assert 0 <= top <= bottom < 32 and 0 <= left <= right < 32  # where trigger.png's trigger lies, in pixels
+    assert f"rows {top}-{bottom}, columns {left}-{right}" in capsys.readouterr().out
     with open(out / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and set(rows[0]) >= {"label", "family", "size", "z", "success", "seconds"}

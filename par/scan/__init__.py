@@ -7,9 +7,9 @@ zero-shot per-label trigger inversion, the default), ``decree`` (DECREE, label-f
 is one class and one registration (see ``base``), here or in a plugin.
 """
 from par.scan.base import (SCANNERS, InvertedTrigger, ScanContext, ScannerParams, ScanResult, Scanner,  # noqa: F401
-                           make_scanner, robust_z)
+                           make_scanner, mask_place, robust_z)
 from par.scan import inversion, decree, decree_text  # noqa: F401,E402  (registration)
 from par.scan.run import ScanConfig, check, scan_checkpoint, scan_request, trigger_toward  # noqa: F401,E402
 
 __all__ = ["SCANNERS", "InvertedTrigger", "ScanConfig", "ScanContext", "ScanResult", "Scanner", "ScannerParams",
-           "check", "make_scanner", "robust_z", "scan_checkpoint", "scan_request", "trigger_toward"]
+           "check", "make_scanner", "mask_place", "robust_z", "scan_checkpoint", "scan_request", "trigger_toward"]

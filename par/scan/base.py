@@ -59,6 +59,25 @@ class InvertedTrigger:
         mask, pattern = self.mask.to(images), self.pattern.to(images)
         return (1 - mask) * images + mask * pattern
 
+    @property
+    def place(self) -> Optional[dict]:
+        return mask_place(self.mask)
+
+
+def mask_place(mask: torch.Tensor) -> Optional[dict]:
+    """Where a mask (``[..., H, W]``, non-negative) lies: the centre of its mass as ``[row, column]`` and the
+    ``box`` ``[top, left, bottom, right]`` (inclusive) of its pixels at half its largest value or more, in
+    pixels of the image; None for an empty mask. A blended trigger's constant mask spans the whole image."""
+    mask = mask.detach().float().cpu().reshape(mask.shape[-2:])
+    total = float(mask.sum())
+    if total <= 0:
+        return None
+    rows, columns = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
+    strong = (mask >= 0.5 * mask.max()).nonzero()
+    (top, left), (bottom, right) = strong.min(0).values.tolist(), strong.max(0).values.tolist()
+    return {"centre": [round(float((mask * rows).sum()) / total, 1), round(float((mask * columns).sum()) / total, 1)],
+            "box": [top, left, bottom, right]}
+
 
 @dataclass
 class ScanResult:

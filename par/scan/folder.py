@@ -45,7 +45,8 @@ def record_of(result: ScanResult, request: dict) -> dict:
         "scanner": result.scanner, "verdict": result.verdict, "statistic": result.statistic, "value": result.value,
         "threshold": result.threshold, "flagged_when": f"{result.direction} the threshold",
         "threshold_source": result.threshold_source, "target": result.target, "family": result.family,
-        "trigger": {"family": trigger.family, "label": trigger.label, "size": trigger.size} if trigger else None,
+        "trigger": {"family": trigger.family, "label": trigger.label, "size": trigger.size,
+                    "place": trigger.place} if trigger else None,
         "labels": result.labels, "details": result.details, "seconds": round(result.seconds, 2),
         "seconds_per_label": result.seconds_per_label, "config": {k: v for k, v in result.settings.items()
                                                                  if k != "progress"},
@@ -155,6 +156,12 @@ def summary(record: dict, out) -> List[str]:
         lines.append(f"  {'label':<16} {'family':<6} " + " ".join(f"{c:>7}" for c in columns))
         lines += [f"  {r['label']:<16} {r.get('family', ''):<6} " + " ".join(f"{r[c]:>7.3g}" for c in columns)
                   for r in rows]
+    trigger = record.get("trigger")
+    if trigger and trigger.get("place"):
+        (top, left, bottom, right), centre = trigger["place"]["box"], trigger["place"]["centre"]
+        toward = f" toward {trigger['label']!r}" if trigger.get("label") else ""
+        lines.append(f"  trigger.png: a {trigger['family']} trigger{toward} (size {trigger['size']:.3g}) at rows "
+                     f"{top}-{bottom}, columns {left}-{right} (centre {centre[0]:g}, {centre[1]:g})")
     per_label = record.get("seconds_per_label")
     cost = f"{per_label:.2f} s per label, " if per_label else ""
     lines.append(f"  {cost}{record['seconds']:.1f} s in all")
