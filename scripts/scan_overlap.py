@@ -3,7 +3,7 @@ poisoned model's trigger inverted, and the share of the mask that lies on the pl
 
     python scripts/scan_overlap.py [--config configs/micro-backdoor.yaml] [--out runs/overlap-micro]
                                    [--attack badnet_rs] [--patch-size N] [--places 22,22;4,4;...]
-                                   [--scanners decree-text,...] [--images clean]
+                                   [--scanners decree-text,...] [--images clean] [--stamp-at 0,0;...]
 
 Per place (rows/columns of the patch's top-left pixel): the profile's poisoning with the patch fixed there,
 its clean accuracy and ASR, then
@@ -15,6 +15,10 @@ For each trigger: its size (mean mask), the share of the mask's mass on the plan
 over the patch's share of the image (1 = no better than a uniform mask), and how many of the mask's
 largest pixels, as many as the patch has, fall on the patch, and the mask's centre of mass. Writes
 ``overlap.csv`` and ``overlap.md`` in --out. The places are a grid fixed in advance, not chosen by the result.
+
+With ``--stamp-at``, each poisoned model is also evaluated with its own patch stamped at each of those places
+(``stamped.csv``, ``stamped.md``: the ASR per planted and stamped place). Where the backdoor fires as well away
+from its place, nothing in the checkpoint says where it was planted, and no inversion can be asked to find it.
 """
 import argparse
 import csv
@@ -27,10 +31,12 @@ import torch
 
 from par.app import pipeline
 from par.app.profile import Profile
-from par.config import load_yaml
+from par.config import build, load_yaml
 from par.errors import ParError
 from par.scan import ScanConfig, mask_place, scan_checkpoint, trigger_toward
+from par.synthetic import WorldConfig
 
+STAMPED_COLUMNS = ["planted", "stamped", "asr"]
 COLUMNS = ["place", "asr", "ca", "trigger", "size", "patch_share", "over_uniform", "top_pixels_on_patch", "centre",
            "seconds"]
 
@@ -55,25 +61,29 @@ def patch_overlap(mask: torch.Tensor, top: int, left: int, size: int) -> dict:
             "top_pixels_on_patch": float(on_patch.flatten()[largest].float().mean()), "centre": centre}
 
 
-def parse_places(text: str) -> list:
+def parse_places(text: str, option: str = "--places") -> list:
     try:
         places = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
     except ValueError:
         places = []
     if not places or any(len(p) != 2 or min(p) < 0 for p in places):
-        raise ParError(f"--places must be 'top,left;top,left;...' of whole numbers >= 0, got {text!r}")
+        raise ParError(f"{option} must be 'top,left;top,left;...' of whole numbers >= 0, got {text!r}")
     return places
 
 
 def measure_place(base: dict, configs: Path, out: Path, attack: str, patch: int, place: tuple, scanners: list,
-                  images: str) -> list:
+                  images: str, stamp_at: list = ()) -> tuple:
     """The rows of one place: the poisoned model built (or reused) with the patch fixed at ``place``, then
-    every trigger's overlap."""
+    every trigger's overlap; and the model's ASR with its patch stamped at each of ``stamp_at``."""
     params = dict((base.get("attack_params") or {}).get(attack) or {})
     params.update(patch_size=patch, top=place[0], left=place[1])
     profile = Profile.from_mapping({**base, "attack": attack, "attack_params": {attack: params}}, str(configs))
     world = pipeline.make_world_stage(profile, out)
     model, _, metrics, _ = pipeline.build_poisoned(profile, out, world, attack)
+    stamped = [{"planted": f"{place[0]},{place[1]}", "stamped": f"{top},{left}",
+                 "asr": pipeline.evaluate_stage(world, model.checkpoint, attack, profile.label,
+                                                {**params, "top": top, "left": left}, profile.eval)["asr_top1"]}
+               for top, left in stamp_at]
     shadow = world.path / f"{images}.csv"
     scan = ScanConfig(checkpoint=str(model.checkpoint), model=world.model, images=str(shadow),
                       classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
@@ -92,7 +102,25 @@ def measure_place(base: dict, configs: Path, out: Path, attack: str, patch: int,
         rows.append({**common, "trigger": f"{scanner} ({result.verdict}, {result.target or result.details.get('top_label')})",
                      "size": float(shown.mask.mean()), "seconds": time.time() - started,
                      **patch_overlap(shown.mask.expand(1, *shown.pattern.shape[-2:]), *place, patch)})
-    return rows
+    return rows, stamped
+
+
+def write_stamped(out: Path, rows: list, note: str) -> str:
+    """The ASR of each planted place's model with its patch stamped at each place asked: one row per planted
+    place, one column per stamped place."""
+    with open(out / "stamped.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=STAMPED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    stamped = list(dict.fromkeys(r["stamped"] for r in rows))
+    asr = {(r["planted"], r["stamped"]): r["asr"] for r in rows}
+    lines = [note, "", "ASR (%) with the planted patch stamped at (row, column):", "",
+             "| planted at | " + " | ".join(stamped) + " |", "|---|" + "---|" * len(stamped)]
+    for planted in dict.fromkeys(r["planted"] for r in rows):
+        lines.append(f"| {planted} | " + " | ".join(f"{100 * asr[planted, s]:.0f}" for s in stamped) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "stamped.md").write_text(text)
+    return text
 
 
 def write(out: Path, rows: list, note: str) -> str:
@@ -121,25 +149,37 @@ def main(argv=None) -> int:
                         help="'top,left;...' (default: a 3 x 3 grid of the 32-px micro images)")
     parser.add_argument("--scanners", default="label-inversion,decree", help="comma-separated; '' for none")
     parser.add_argument("--images", default="clean", help="the world's split whose images are the shadow images")
+    parser.add_argument("--stamp-at", default="", help="'top,left;...': also the ASR of each model's patch stamped "
+                                                       "at these places (stamped.md)")
     args = parser.parse_args(argv)
     try:
         config = Path(args.config)
         base = load_yaml(str(config))
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         patch = args.patch_size or int(((base.get("attack_params") or {}).get(args.attack) or {}).get("patch_size", 0))
         if patch < 1:
             raise ParError(f"no patch_size for {args.attack!r} in {config}: give --patch-size")
         places = parse_places(args.places)
+        stamp_at = parse_places(args.stamp_at, "--stamp-at") if args.stamp_at else []
+        size = build(WorldConfig, base.get("world") or {}, "profile 'world'").image_size
+        for top, left in places + stamp_at:  # checked before any model is built
+            if max(top, left) + patch > size:
+                raise ParError(f"a {patch}-px patch at ({top}, {left}) does not fit the world's {size}-px images")
+        out.mkdir(parents=True, exist_ok=True)
         scanners = [s for s in args.scanners.split(",") if s]
+        stamp = f" --stamp-at '{args.stamp_at}'" if stamp_at else ""
         note = (f"`python scripts/scan_overlap.py --config {args.config} --attack {args.attack} --patch-size {patch}"
-                f" --places '{args.places}' --scanners '{args.scanners}'`: a {patch}-px patch toward "
+                f" --places '{args.places}'{stamp} --scanners '{args.scanners}'`: a {patch}-px patch toward "
                 f"`{base.get('label')}`, sizes in % of the image")
-        rows = []
+        rows, stamped = [], []
         for place in places:  # the tables rewritten after each place: a long run's finished places are kept
             print(f"== {args.attack} {patch} px at {place}", flush=True)
-            rows += measure_place(base, config.resolve().parent, out, args.attack, patch, place, scanners, args.images)
+            found, asr = measure_place(base, config.resolve().parent, out, args.attack, patch, place, scanners,
+                                       args.images, stamp_at)
+            rows, stamped = rows + found, stamped + asr
             text = write(out, rows, note)
+            if stamp_at:
+                text += "\n" + write_stamped(out, stamped, note)
     except ParError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

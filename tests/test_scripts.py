@@ -241,9 +241,14 @@ def test_patch_overlap_measures_the_mask_on_the_planted_patch():
 def test_scan_overlap_plants_the_patch_where_asked_and_reports_each_trigger(tmp_path, capsys):
     out = tmp_path / "overlap"
     stdout = _run(["scripts/scan_overlap.py", "--config", f"{REPO}/configs/micro-backdoor.yaml", "--out", out,
-                   "--places", "12,12", "--scanners", "decree"], capsys)
+                   "--places", "12,12", "--scanners", "decree", "--stamp-at", "12,12;0,0"], capsys)
     with open(out / "overlap.csv") as f:
         rows = list(csv.DictReader(f))
+    with open(out / "stamped.csv") as f:
+        stamped = list(csv.DictReader(f))
+    assert [(r["planted"], r["stamped"]) for r in stamped] == [("12,12", "12,12"), ("12,12", "0,0")]
+    assert float(stamped[0]["asr"]) == pytest.approx(float(rows[0]["asr"]))  # stamped where planted: the model's ASR
+    assert 0 <= float(stamped[1]["asr"]) <= 1 and "| 12,12 | " in (out / "stamped.md").read_text()
     assert [r["trigger"].split(" ")[0] for r in rows] == ["toward-target", "decree"]
     assert all(r["place"] == "12,12" and float(r["asr"]) >= 0.9 for r in rows)  # the backdoor was learnt there
     for r in rows:
@@ -253,3 +258,13 @@ def test_scan_overlap_plants_the_patch_where_asked_and_reports_each_trigger(tmp_
     poisoned = [p for p in out.iterdir() if p.name.startswith("poison-badnet_rs-")]
     manifest = next(poisoned[0].glob("*.json")).read_text()
     assert '"top": 12' in manifest and '"left": 12' in manifest
+
+
+@pytest.mark.parametrize("option", [["--places", "25,0"], ["--stamp-at", "0,0;0,25"], ["--stamp-at", "0;1"]])
+def test_scan_overlap_refuses_a_place_the_patch_does_not_fit_before_any_work(option, tmp_path, capsys):
+    out = tmp_path / "overlap"
+    code = _script("scan_overlap.py").main(["--config", f"{REPO}/configs/micro-backdoor.yaml", "--out", str(out),
+                                            *option])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()  # checked before anything is made
