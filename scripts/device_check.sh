@@ -3,7 +3,7 @@
 #
 #   OUT=runs/device-check bash scripts/device_check.sh [STAGE ...]
 #
-# Stages, in order of what they settle (default: all): env throughput tests compile loader memory encoders.
+# Stages, in order of what they settle (default: all): env throughput tests compile loader memory encoders scan.
 #   env         nvidia-smi, torch, CUDA, the carried packages
 #   throughput  PAR step, ViT-B-32 @ 224, batch 256, fp32 / amp / amp_bf16 (the 40 % MFU bar) + profile
 #   tests       pytest -m cuda (every CUDA-marked test)
@@ -11,10 +11,13 @@
 #   loader      decoded images/s from JPEG shards and CSV, 1 and 12 workers, beside the best step rate
 #   memory      ViT-L-14-336 PAR at batch 512, amp_bf16 + gradient checkpointing: peak memory
 #   encoders    RN50 and ViT-L-14-336 PAR steps, amp_bf16
+#   scan        one ViT-B-32 checkpoint scan over ImageNet's 1,000 class names on 500 images, timed beside
+#               its estimate (scripts/scan_cost.py --run; random weights and images, in /tmp/scan-run)
 # Stages that would start with under 30 s of DEVICE_CHECK_BUDGET_S (default 540 s) left are skipped and
 # named in summary.md, so a time-limited run returns with what it measured; run the skipped stages in a
-# second call. Everything lands in $OUT (default runs/device-check; seven files): device_check.log,
-# env.txt, cuda_tests.log, train_throughput.jsonl, loader_throughput.jsonl, profile.txt, summary.md.
+# second call. Everything lands in $OUT (default runs/device-check; eight files): device_check.log,
+# env.txt, cuda_tests.log, train_throughput.jsonl, loader_throughput.jsonl, profile.txt, scan_cost.json,
+# summary.md.
 #
 # On a GPU machine without network access whose Python has torch and torchvision only: wheels of the
 # other dependencies downloaded beforehand into .whl (scripts/device_wheels.sh) are installed from there
@@ -32,10 +35,13 @@ exec > >(tee -a "$OUT/device_check.log") 2>&1
 if [[ ${DEVICE_CHECK_DRY:-0} == 1 ]]; then
     DEV=cpu; B32=par-micro-vit; RN=par-micro-vit; L14=par-micro-vit; BATCH=8; MID=8; BIG=8; STEPS=2; WARM=1
     JPEGS=24; JPEG_PX=40; PX=32; WORKERS="0 1"
+    SCAN_LABELS=30; SCAN_IMAGES=8; SCAN_EXTRA="--timing-images 4 --timing-steps 1 --scanner-param steps=2
+        --scanner-param rank_steps=1 --scanner-param refine_steps=2"
     TESTS="env PAR_CUDA_TESTS_DEVICE=cpu $PY -m pytest -q -m cuda --collect-only -p no:cacheprovider tests/test_cuda.py"
 else
     DEV=cuda; B32=ViT-B-32; RN=RN50; L14=ViT-L-14-336; BATCH=256; MID=128; BIG=512; STEPS=20; WARM=5
     JPEGS=4000; JPEG_PX=400; PX=224; WORKERS="1 12"
+    SCAN_LABELS=1000; SCAN_IMAGES=500; SCAN_EXTRA=""
     TESTS="$PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py"
     if [[ -d .whl ]]; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -67,16 +73,21 @@ stage_memory() { $TRAIN --model $L14 --batch $BIG --precision amp_bf16 --grad-ch
 stage_encoders() {
     $TRAIN --model $RN --batch $BATCH --precision amp_bf16 && $TRAIN --model $L14 --batch $MID --precision amp_bf16
 }
+stage_scan() {
+    "$PY" scripts/scan_cost.py --model $B32 --labels $SCAN_LABELS --images $SCAN_IMAGES --device $DEV $SCAN_EXTRA \
+        --run /tmp/scan-run --out "$OUT/scan_cost.json"
+}
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env throughput tests compile loader memory encoders)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(env throughput tests compile loader memory encoders scan)
 for stage in "${STAGES[@]}"; do
     if ! declare -F "stage_$stage" > /dev/null; then
-        echo "unknown stage '$stage'; known: env throughput tests compile loader memory encoders"; exit 2
+        echo "unknown stage '$stage'; known: env throughput tests compile loader memory encoders scan"; exit 2
     fi
 done
-export -f stage_env stage_throughput stage_tests stage_compile stage_loader stage_memory stage_encoders
-export OUT PY DEV B32 RN L14 BATCH MID BIG STEPS WARM JPEGS JPEG_PX PX WORKERS TRAIN TESTS
+export -f stage_env stage_throughput stage_tests stage_compile stage_loader stage_memory stage_encoders stage_scan
+export OUT PY DEV B32 RN L14 BATCH MID BIG STEPS WARM JPEGS JPEG_PX PX WORKERS TRAIN TESTS SCAN_LABELS SCAN_IMAGES \
+    SCAN_EXTRA
 for stage in "${STAGES[@]}"; do
     left=$((BUDGET - (SECONDS - START)))
     if ((left < 30)); then SKIPPED+=("$stage"); echo "== $stage: skipped, ${left}s of the budget left"; continue; fi
@@ -92,6 +103,7 @@ done
     echo; echo "done: ${DONE[*]:-none}; failed: ${FAILED[*]:-none}; skipped (run again with these): ${SKIPPED[*]:-none}"
     echo; "$PY" scripts/throughput_table.py --train "$OUT/train_throughput.jsonl" --loader "$OUT/loader_throughput.jsonl"
     [[ -f $OUT/cuda_tests.log ]] && { echo; echo "CUDA tests: $(tail -1 "$OUT/cuda_tests.log")"; }
+    [[ -f $OUT/scan_cost.json ]] && { echo; grep -h "^one real scan" "$OUT/device_check.log" | tail -1; }
 } > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
 ((${#FAILED[@]} == 0))

@@ -12,6 +12,13 @@ random images for each family, per stamped image, and multiplies by each phase's
 the scanner's settings; the zero-shot classifier (every label's templates through the text tower) is timed
 on one label's templates. Time per image does not depend on the weights, so random ones give the real figure.
 Prints a table and, with ``--out``, writes it as JSON.
+
+``--run DIR`` also runs one real scan (``python -m par scan``'s code) of a random-weights checkpoint on
+``--images`` random images and the first ``--labels`` of ImageNet's class names, all written in DIR, and
+reports its wall time beside the estimate (``run`` in the JSON): the timed scan the estimate is checked by.
+Its verdict means nothing (random weights); its cost is a real scan's.
+
+    python scripts/scan_cost.py --model ViT-B-32 --labels 1000 --images 500 --device cuda --run /tmp/scan-run
 """
 import argparse
 import json
@@ -25,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from par import models  # noqa: E402
 from par.data import load_templates  # noqa: E402
+from par.data import load_classnames  # noqa: E402
+from par.scan import ScanConfig, scan_checkpoint  # noqa: E402
 from par.scan.base import ScanContext, make_scanner  # noqa: E402
-from par.utils import pick_device  # noqa: E402
+from par.utils import autocast, inference_precision, pick_device  # noqa: E402
 
 
 def per_stamped_image(scanner, ctx: ScanContext, family: str, labels: int, steps: int) -> float:
@@ -43,8 +52,9 @@ def per_stamped_image(scanner, ctx: ScanContext, family: str, labels: int, steps
 
 
 def estimate(model_name: str, labels: int, images: int, timing_images: int, timing_steps: int, device: str,
-             scanner_params: dict, top_k: int, templates: str) -> dict:
+             scanner_params: dict, top_k: int, templates: str, precision: str = "auto") -> dict:
     device = pick_device(device)
+    precision = inference_precision(device) if precision == "auto" else precision  # as a scan resolves it
     model = models.create_model(model_name).to(device).eval().requires_grad_(False)
     size = models.image_size(model)
     mean, std = models.image_mean_std(model)
@@ -56,14 +66,15 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
     classifier = torch.nn.functional.normalize(torch.randn(width, labels, generator=generator), dim=0).to(device)
     ctx = ScanContext(model=model, images=torch.rand(timing_images, 3, size, size, generator=generator).to(device),
                       mean=mean, std=std, device=device, classnames=[f"label {i}" for i in range(labels)],
-                      classifier=classifier, candidates=list(range(labels)), top_k=top_k, progress=False)
+                      classifier=classifier, candidates=list(range(labels)), top_k=top_k, progress=False,
+                      precision=precision)
     chunk = max(1, min(labels, p.batch_images // images))  # labels inverted together in a real scan
     chunk_for_timing = max(1, min(chunk, p.batch_images // timing_images))
     seconds = {family: per_stamped_image(scanner, ctx, family, chunk_for_timing, timing_steps) for family in p.families}
 
     tokenizer = models.get_tokenizer(model_name)
     prompts = [t("banana") for t in load_templates(templates)]  # templates are callables, as open_clip's
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         model.encode_text(tokenizer(prompts[:1]).to(device))  # warm-up
         started = time.perf_counter()
         model.encode_text(tokenizer(prompts).to(device))
@@ -85,7 +96,8 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
         phases.append(("refinement (flagged label)", count, count * seconds["patch"], "stamped images"))
     total = sum(s for _, _, s, _ in phases)
     per_label = sum(s for name, _, s, _ in phases if name.startswith("full")) / inverted
-    return {"model": model_name, "image_size": size, "device": str(device), "labels": labels, "images": images,
+    return {"model": model_name, "image_size": size, "device": str(device), "precision": precision,
+            "labels": labels, "images": images,
             "pruned": pruned, "inverted_fully": inverted, "scanner_params": {k: getattr(p, k) for k in
                                                                               ("steps", "rank_steps", "refine_steps",
                                                                                "batch_images", "reference_labels")},
@@ -95,6 +107,35 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
             "seconds_per_label_inverted": round(per_label, 2),
             "seconds_per_label_ranked": round(p.rank_steps * images * seconds["patch"], 3) if pruned else None,
             "total_seconds": round(total, 1)}
+
+
+def timed_scan(model_name: str, labels: int, images: int, device: str, precision: str, scanner_params: dict,
+               top_k: int, templates: str, folder: Path) -> dict:
+    """One real scan, timed: a random-weights checkpoint, ``images`` random JPEGs and the first ``labels``
+    ImageNet class names written in ``folder``, scanned as ``python -m par scan`` would scan them."""
+    from PIL import Image
+
+    model = models.create_model(model_name)
+    checkpoint = models.save_checkpoint(model, folder / "random-weights.pt")
+    size = models.image_size(model)
+    pictures = folder / "images"
+    pictures.mkdir(parents=True, exist_ok=True)
+    for earlier in pictures.glob("*.jpg"):  # a folder reused: only this run's images
+        earlier.unlink()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(images):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(pictures / f"{i:05d}.jpg", quality=90)
+    names = folder / "classnames.txt"
+    names.write_text("\n".join(load_classnames("imagenet")[:labels]) + "\n")
+    started = time.perf_counter()
+    result = scan_checkpoint(ScanConfig(checkpoint=str(checkpoint), model=model_name, images=str(pictures),
+                                        classnames=str(names), templates=templates, top_k=top_k, max_images=images,
+                                        device=device, precision=precision, scanner_params=scanner_params))
+    return {"seconds": round(time.perf_counter() - started, 1), "precision": result.settings["precision_used"],
+            "images": result.settings["images_used"], "labels": labels, "inverted_fully": result.details["inverted"],
+            "rank_seconds_per_label": result.details.get("rank_seconds_per_label"),
+            "seconds_per_label_inverted": round(result.seconds_per_label, 3), "refined": "refined" in result.details}
 
 
 def main(argv=None) -> int:
@@ -111,20 +152,37 @@ def main(argv=None) -> int:
     parser.add_argument("--scanner-param", action="append", default=[], metavar="KEY=VALUE",
                         help="label-inversion setting, e.g. steps=60 (as python -m par scan takes it)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto (a scan's default: bf16 autocast on CUDA, fp32 on "
+                                                            "the CPU) | fp32 | amp | amp_bf16")
+    parser.add_argument("--run", metavar="DIR", help="also run one real scan on random weights and images written "
+                                                     "here, timed")
     parser.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
     from par.app.cli import parse_key_values  # the scan command's own reading of KEY=VALUE
 
-    record = estimate(args.model, args.labels, args.images, args.timing_images or args.images, args.timing_steps, args.device,
-                      parse_key_values(args.scanner_param, "--scanner-param"), args.top_k, args.templates)
-    print(f"label-inversion on {record['model']} ({record['image_size']} px, {record['device']}), "
-          f"{record['labels']} labels, {record['images']} shadow images:")
+    params = parse_key_values(args.scanner_param, "--scanner-param")
+    if args.run and args.labels > len(load_classnames("imagenet")):
+        print(f"error: --run names its labels from ImageNet's 1,000 classes; --labels {args.labels} is more",
+              file=sys.stderr)
+        return 2
+    record = estimate(args.model, args.labels, args.images, args.timing_images or args.images, args.timing_steps,
+                      args.device, params, args.top_k, args.templates, args.precision)
+    if args.run:
+        record["run"] = timed_scan(args.model, args.labels, args.images, args.device, args.precision, params,
+                                   args.top_k, args.templates, Path(args.run))
+    print(f"label-inversion on {record['model']} ({record['image_size']} px, {record['device']}, "
+          f"{record['precision']}), {record['labels']} labels, {record['images']} shadow images:")
     print("| phase | count | seconds |\n|---|---|---|")
     for phase in record["phases"]:
         print(f"| {phase['phase']} | {phase['count']:,} {phase['unit']} | {phase['seconds']:,.1f} |")
     print(f"| **total** | | **{record['total_seconds']:,.1f}** ({record['total_seconds'] / 60:,.1f} min) |")
     print(f"per label inverted fully: {record['seconds_per_label_inverted']} s"
           + (f"; per label ranked: {record['seconds_per_label_ranked']} s" if record["pruned"] else ""))
+    if "run" in record:
+        run = record["run"]
+        print(f"one real scan ({run['labels']} labels, {run['images']} images, {run['precision']}, random weights): "
+              f"{run['seconds']:,.1f} s ({run['seconds'] / 60:,.1f} min) against {record['total_seconds']:,.1f} s "
+              f"estimated")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

@@ -108,13 +108,22 @@ def test_compile_trains(gpu_world, tmp_path):
     assert len(losses) == 12 and losses[-1] < losses[0]
 
 
-def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path):
+def _stopped(*args):
+    raise KeyboardInterrupt
+
+
+def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path, monkeypatch):
+    from par import train as loop
+
     torch.manual_seed(0)
     init = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "init.pt")
     common = dict(objective="par", init_checkpoint=str(init), augment="par", save_every=10)
     _micro_run(gpu_world, tmp_path / "full", **common)
-    _micro_run(gpu_world, tmp_path / "cut", **common)
-    (tmp_path / "cut" / "checkpoint.pt").unlink()  # as if it had stopped after its state at step 10
+    with monkeypatch.context() as m:  # stopped after its state at step 10 was saved, before the checkpoint
+        m.setattr(loop, "finish", _stopped)
+        with pytest.raises(KeyboardInterrupt):
+            _micro_run(gpu_world, tmp_path / "cut", **common)
+    assert (tmp_path / "cut" / "state-latest.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()
     resumed = train(train_config(dict(
         model="par-micro-vit", train_data=str(gpu_world / "train.csv"), out=str(tmp_path / "cut"), steps=12, warmup=2,
         batch_size=32, lr=1e-3, log_every=1, device=DEVICE, progress=False, **common)), resume="latest")
@@ -137,6 +146,26 @@ def test_bf16_evaluation_agrees_with_fp32(gpu_world, tmp_path):
     assert results["cpu"]["clean_top1"] > 0.3  # a model that has learnt something, so ties are rare
     assert abs(results["cuda"]["clean_top1"] - results["cpu"]["clean_top1"]) <= 0.005
     assert abs(results["cuda"]["asr_top1"] - results["cpu"]["asr_top1"]) <= 0.005
+
+
+def test_scan_on_the_device_agrees_with_the_cpu(gpu_world, tmp_path):
+    """A checkpoint scan on the device (its default precision: bf16 autocast on CUDA) and in exact fp32 on
+    the CPU: the same verdict and label, every label's lift within bf16's noise."""
+    from par.scan import ScanConfig, scan_checkpoint
+
+    checkpoint = _micro_run(gpu_world, tmp_path / "run", steps=100, warmup=10, batch_size=64, log_every=50)
+    results = {}
+    for device in (DEVICE, "cpu"):
+        results[device] = scan_checkpoint(ScanConfig(
+            checkpoint=str(checkpoint), model="par-micro-vit", images=str(gpu_world / "test.csv"),
+            classnames=str(gpu_world / "classnames.txt"), templates=str(gpu_world / "templates.txt"), max_images=64,
+            device=device, progress=False))
+    on_device, exact = results[DEVICE], results["cpu"]
+    assert on_device.settings["precision_used"] == ("amp_bf16" if DEVICE == "cuda" else "fp32")
+    assert exact.settings["precision_used"] == "fp32"
+    assert (on_device.verdict, on_device.details["top_label"]) == (exact.verdict, exact.details["top_label"])
+    lifts = torch.tensor([[r["lift"] for r in result.labels] for result in (on_device, exact)])
+    assert torch.corrcoef(lifts)[0, 1] > 0.99, lifts
 
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

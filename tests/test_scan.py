@@ -3,8 +3,10 @@ rows/columns 22..29 toward ``banana``) is flagged with its target, its clean fou
 scan's inputs, folder and registry behave as the CLI promises."""
 import csv
 import json
+import math
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import cli_error
 from par.app.cli import main
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, mask_place, robust_z, scan_checkpoint
 from par.scan import inversion
+from par.scan.run import scan_request
 
 CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of plumbing, not of the statistic
 
@@ -79,6 +82,20 @@ def test_the_statistic_does_not_depend_on_the_order_of_the_images(backdoored_mic
     folder = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, world / "images" / "test", **settings))
     assert [(r["label"], r["lift"], r["z"]) for r in listed.labels] == [(r["label"], r["lift"], r["z"]) for r in folder.labels]
     assert listed.value == folder.value and listed.settings["images_used"] == 48
+
+
+def test_a_bf16_scan_runs_and_is_not_the_same_scan_as_fp32(backdoored_micro):
+    """bf16 autocast (the default on CUDA) on the CPU: the stamped images' embeddings come out in fp32 and the
+    scan completes; the precision is part of the request, so a folder of the other precision is not reused."""
+    world = backdoored_micro.world.path
+    exact = config(world, backdoored_micro.poisoned.checkpoint, scanner_params=CHEAP, max_images=16)
+    assert "precision" not in scan_request(exact)  # auto on the CPU: fp32
+    bf16 = replace(exact, precision="amp_bf16")
+    assert scan_request(bf16) == {**scan_request(exact), "precision": "amp_bf16"}
+    result = scan_checkpoint(bf16)
+    assert result.settings["precision_used"] == "amp_bf16" and result.settings["precision"] == "amp_bf16"
+    assert len(result.labels) == 12 and all(math.isfinite(r["lift"]) and math.isfinite(r["z"]) for r in result.labels)
+    assert result.trigger.pattern.dtype == torch.float32
 
 
 def test_candidate_pruning_keeps_the_target(backdoored_micro):
@@ -227,6 +244,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_
     assert "['grape']" in error("--labels", "banana,grape,apple,kite,car")
     assert "more than once" in error("--labels", "banana,banana,apple,kite,car")
     assert "at least 5 candidate labels" in error("--labels", "banana,apple")
+    assert "precision must be auto or one of" in error("--precision", "fp8")
     state = torch.load(b.foundation, map_location="cpu", weights_only=True)
     state["state_dict"]["logit_scale"] = torch.tensor(1e4)  # finite, but its exp overflows: infinite logits
     hot = tmp_path / "hot.pt"

@@ -160,12 +160,14 @@ def test_loader_throughput_measures_csv_and_shards(tmp_path, capsys):
 def test_device_check_runs_its_stages_and_reports_them(tmp_path):
     """scripts/device_check.sh, every GPU check in one command, dry-run on the CPU (micro model)."""
     env = {**os.environ, "DEVICE_CHECK_DRY": "1", "PY": sys.executable, "OUT": str(tmp_path / "out")}
-    run = subprocess.run(["bash", "scripts/device_check.sh", "env", "throughput", "tests"], cwd=REPO, env=env,
+    run = subprocess.run(["bash", "scripts/device_check.sh", "env", "throughput", "tests", "scan"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "out"
     summary = (out / "summary.md").read_text()
-    assert "done: env throughput tests; failed: none; skipped (run again with these): none" in summary
+    assert "done: env throughput tests scan; failed: none; skipped (run again with these): none" in summary
+    assert "one real scan (30 labels, 8 images, fp32, random weights)" in summary
+    assert json.loads((out / "scan_cost.json").read_text())["run"]["rank_seconds_per_label"] > 0  # 30 > top_k + 10
     assert "| cpu | par-micro-vit | par | 8 | amp_bf16 | no | no | synthetic |" in summary
     assert "tests collected" in (out / "cuda_tests.log").read_text()
     assert "torch" in (out / "env.txt").read_text() and (out / "profile.txt").is_file()
@@ -191,11 +193,29 @@ def test_scan_cost_counts_each_phase_at_the_scanners_settings(tmp_path, capsys):
     assert phases["ranking pass"] == 40 * 10 * 16
     assert phases["full inversion (patch)"] == phases["full inversion (blend)"] == 20 * 8 * 16
     assert phases["refinement (flagged label)"] == 200 * 16 and phases["zero-shot classifier"] == 40 * 80
-    assert record["total_seconds"] > 0 and "| **total** |" in stdout
+    assert record["total_seconds"] > 0 and "| **total** |" in stdout and record["precision"] == "fp32"
     small = json.loads(out.read_text()) if _run(["scripts/scan_cost.py", "--model", "par-micro-vit", "--labels", "12",
                                                  "--images", "16", "--timing-images", "4", "--timing-steps", "1",
                                                  "--device", "cpu", "--out", str(out)], capsys) else None
     assert not small["pruned"] and small["inverted_fully"] == 12 and "ranking pass" not in str(small["phases"])
+
+
+
+def test_scan_cost_runs_one_real_scan_beside_its_estimate(tmp_path, capsys):
+    stdout = _run(["scripts/scan_cost.py", "--model", "par-micro-vit", "--labels", "25", "--images", "8",
+                   "--timing-images", "4", "--timing-steps", "1", "--device", "cpu", "--scanner-param", "steps=2",
+                   "--scanner-param", "refine_steps=3", "--run", tmp_path / "run", "--out", tmp_path / "cost.json"],
+                  capsys)
+    run = json.loads((tmp_path / "cost.json").read_text())["run"]
+    assert run["images"] == 8 and run["labels"] == 25 and run["precision"] == "fp32" and run["seconds"] > 0
+    # 25 > top_k 10 + 10 reference labels: all ranked, then the top 10 and the reference ones not among them
+    assert 10 < run["inverted_fully"] <= 20 and run["rank_seconds_per_label"] > 0
+    assert len(list((tmp_path / "run" / "images").glob("*.jpg"))) == 8
+    assert len((tmp_path / "run" / "classnames.txt").read_text().split("\n")) == 26  # 25 names and the last newline
+    assert "one real scan (25 labels, 8 images, fp32, random weights)" in stdout
+    assert _script("scan_cost.py").main(["--model", "par-micro-vit", "--labels", "1001", "--run",
+                                         str(tmp_path / "never")]) == 2
+    assert "ImageNet's 1,000 classes" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_invert_quality_holds_hard_attacks_to_the_floor_and_the_others_to_par(tmp_path, capsys):

@@ -172,7 +172,7 @@ def cmd_scan(args) -> None:
     from par.scan import ScanConfig
 
     values = _given(args, "checkpoint", "model", "images", "scanner", "classnames", "templates", "top_k", "max_images",
-                    "threshold", "image_root", "seed", "device")
+                    "threshold", "image_root", "seed", "device", "precision")
     if args.labels is not None:
         values["labels"] = [label.strip() for label in args.labels.split(",")]
     values["scanner_params"] = parse_key_values(args.scanner_param, "--scanner-param")
@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default) | cpu | cuda")
+    p.add_argument("--precision", help="auto (default: bf16 autocast on CUDA, fp32 on the CPU) | fp32 | amp | amp_bf16")
 
     p = sub.add_parser("badclip", help="optimise a BadCLIP patch against a (clean) CLIP")
     p.add_argument("--checkpoint", required=True)

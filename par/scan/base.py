@@ -137,10 +137,15 @@ class ScanContext:
     logit_scale: float = 100.0
     threshold: Optional[float] = None  # the user's threshold, replacing the scanner's documented one
     encoder: Optional[str] = None  # the encoder's canonical name: a scanner may keep thresholds per encoder
+    precision: str = "fp32"  # the image tower's autocast (par.utils.PRECISIONS); embeddings come out in fp32
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings of ``[0, 1]`` images, differentiable with respect to the images."""
-        return self.model.encode_image(normalize(images, self.mean, self.std), normalize=True)
+        from par.utils import autocast
+
+        with autocast(self.precision, self.device):
+            features = self.model.encode_image(normalize(images, self.mean, self.std))
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits at the model's temperature (what its training calibrated)."""
