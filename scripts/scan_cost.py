@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from par import models  # noqa: E402
-from par.data import load_templates  # noqa: E402
-from par.data import load_classnames  # noqa: E402
+from par.data import load_classnames, load_templates  # noqa: E402
 from par.scan import ScanConfig, scan_checkpoint  # noqa: E402
 from par.scan.base import ScanContext, make_scanner  # noqa: E402
 from par.utils import autocast, inference_precision, pick_device  # noqa: E402

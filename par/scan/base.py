@@ -30,6 +30,7 @@ from par.augment import normalize
 from par.config import build
 from par.errors import ParError
 from par.registry import Registry
+from par.utils import autocast
 
 SCANNERS: Registry = Registry("scanner", builtins="par.scan")
 
@@ -141,8 +142,6 @@ class ScanContext:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings of ``[0, 1]`` images, differentiable with respect to the images."""
-        from par.utils import autocast
-
         with autocast(self.precision, self.device):
             features = self.model.encode_image(normalize(images, self.mean, self.std))
         return torch.nn.functional.normalize(features.float(), dim=-1)
