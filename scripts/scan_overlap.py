@@ -17,8 +17,8 @@ largest pixels, as many as the patch has, fall on the patch, and the mask's cent
 ``overlap.csv`` and ``overlap.md`` in --out. The places are a grid fixed in advance, not chosen by the result.
 
 With ``--stamp-at``, each poisoned model is also evaluated with its own patch stamped at each of those places
-(``stamped.csv``, ``stamped.md``: the ASR per planted and stamped place). Where the backdoor fires as well away
-from its place, nothing in the checkpoint says where it was planted, and no inversion can be asked to find it.
+(``stamped.csv``, ``stamped.md``: the ASR per planted and stamped place). Where the backdoor fires about as well
+away from its place, the checkpoint hardly says where it was planted, and an inversion cannot be expected to find it.
 """
 import argparse
 import csv

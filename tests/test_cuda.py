@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, stop_before_checkpoint
 from par import models
 from par.augment import AUGMENTATIONS
 from par.data import to_float
@@ -108,10 +108,6 @@ def test_compile_trains(gpu_world, tmp_path):
     assert len(losses) == 12 and losses[-1] < losses[0]
 
 
-def _stopped(*args):
-    raise KeyboardInterrupt
-
-
 def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path, monkeypatch):
     from par import train as loop
 
@@ -120,7 +116,7 @@ def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path, monke
     common = dict(objective="par", init_checkpoint=str(init), augment="par", save_every=10)
     _micro_run(gpu_world, tmp_path / "full", **common)
     with monkeypatch.context() as m:  # stopped after its state at step 10 was saved, before the checkpoint
-        m.setattr(loop, "finish", _stopped)
+        m.setattr(loop, "finish", stop_before_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             _micro_run(gpu_world, tmp_path / "cut", **common)
     assert (tmp_path / "cut" / "state-latest.pt").is_file() and not (tmp_path / "cut" / "checkpoint.pt").exists()

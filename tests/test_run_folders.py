@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, stop_before_checkpoint
 from par import models
 from par import train as loop
 from par.app.cli import main
@@ -42,16 +42,12 @@ def _error(capsys) -> str:
     return lines[0]
 
 
-def _stopped(*args):
-    raise KeyboardInterrupt  # as a run stopped after its last state, before its checkpoint
-
-
 @pytest.fixture
 def stopped_run(micro_world, tmp_path, monkeypatch):
     """A run stopped after its state of step 4 (of 6): a state, no checkpoint."""
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
-        m.setattr(loop, "finish", _stopped)
+        m.setattr(loop, "finish", stop_before_checkpoint)
         assert main(_train(micro_world, out)) == 130
     assert (out / "state-latest.pt").exists() and not (out / "checkpoint.pt").exists()
     return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import stop_before_checkpoint
 from par import models
 from par.errors import ParError
 from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
@@ -127,10 +128,6 @@ class WeightedClip(ClipObjective):
         self.steps_done = state["steps_done"]
 
 
-def _stopped(*args):
-    raise KeyboardInterrupt  # as a run stopped after its last state, before its checkpoint
-
-
 if "weighted_clip_test" not in OBJECTIVES:
     OBJECTIVES.add("weighted_clip_test", WeightedClip)
 
@@ -152,7 +149,7 @@ def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_re
 
     cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
     with monkeypatch.context() as m:  # stopped after the state of step 4, before the checkpoint
-        m.setattr(loop, "finish", _stopped)
+        m.setattr(loop, "finish", stop_before_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             train(cut)
     EVENTS.clear()
