@@ -58,6 +58,7 @@ def setup_distributed(device_name: str):
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device.type == "cuda":
             device = torch.device("cuda", local)
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local), device
     info = init_distributed_device_so(device=device.type)
     return (Dist(info["global_rank"], info["world_size"], info["local_rank"], owns_group=True),
@@ -67,7 +68,7 @@ def setup_distributed(device_name: str):
 def replica_drift(model: torch.nn.Module) -> float:
     """Largest difference between ranks of per-tensor parameter checksums: 0 when DDP kept them in sync."""
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()] +
-                       [p.detach().double().abs().sum() for p in model.parameters()]).cpu()
-    gathered = [torch.zeros_like(sums) for _ in range(torch.distributed.get_world_size())]
+                       [p.detach().double().abs().sum() for p in model.parameters()])  # on the model's device: NCCL
+    gathered = [torch.zeros_like(sums) for _ in range(torch.distributed.get_world_size())]  # gathers no CPU tensor
     torch.distributed.all_gather(gathered, sums)
     return max((g - gathered[0]).abs().max().item() for g in gathered)

@@ -230,9 +230,9 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     run.claim()  # the data and the initial weights are usable: the folder is this run's from here on
 
     # ---- resume: weights, optimiser, loss scale, data position and random streams
-    step, epoch, skip = 0, 0, 0
+    step, epoch, skip, before = 0, 0, 0, 0.0  # before: seconds the resumed state had trained for
     if run.status == "resume":
-        step, epoch, skip = restore_resumable(run.found, one_step, dist)
+        step, epoch, skip, before = restore_resumable(run.found, one_step, dist)
         if dist.main:
             print(f"resuming {run.out} at step {step}")
 
@@ -251,21 +251,22 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                 bar.update(1)
 
                 if step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                    one_step.finite.check(run.state, dist)
+                    one_step.finite.check(run.state, dist, step)
                     record = {"step": step, "epoch": epoch, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                               **{k: dist.mean(v).item() for k, v in terms.items()}}
                     if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                         record.update(evaluator(model, ctx.tokenizer, ctx.mean, ctx.std))
-                    record.update(samples_per_s=seen / (time.time() - start), elapsed_s=time.time() - start)
+                    record.update(samples_per_s=seen / (time.time() - start), elapsed_s=before + time.time() - start)
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # after evaluating (it draws)
-                    save_resumable(run, one_step, {"step": step, "epoch": epoch, "batches_done": batches_done}, dist)
+                    save_resumable(run, one_step, {"step": step, "epoch": epoch, "batches_done": batches_done,
+                                                   "elapsed_s": before + time.time() - start}, dist)
                 if step >= cfg.steps:
                     break
             epoch, skip = epoch + 1, 0
     bar.close()
-    one_step.finite.check(run.state, dist)
+    one_step.finite.check(run.state, dist, step)
     return finish(cfg, run, dist, model, one_step.objective, step, time.time() - start, step - first_step)
 
 
@@ -326,7 +327,7 @@ class Step:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.objective.after_step(self.model)
-        self.finite.watch(totals["loss"], step)
+        self.finite.watch(totals["loss"], step + 1)  # numbered as the log numbers it: the first step is 1
         return totals
 
 
@@ -339,7 +340,7 @@ def make_step(cfg: TrainConfig, dist: Dist, device: torch.device) -> Step:
     return Step(model, wrapped, objective, make_optimizer(cfg, model, device),
                 torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp"), AUGMENTATIONS.get(cfg.augment),
                 torch.Generator(device).manual_seed(cfg.seed + 1 + dist.rank), cfg.precision, cfg.accum_steps,
-                device, dist.world_size > 1, FiniteWatch(device, cfg.lr))
+                device, dist.world_size > 1, FiniteWatch(device, cfg.lr, model.parameters()))
 
 
 def epoch_batches(data, epoch: int, skip: int):
@@ -361,9 +362,10 @@ def epoch_batches(data, epoch: int, skip: int):
 
 def save_resumable(run: RunFolder, step: Step, progress: dict, dist: Dist) -> None:
     """Writes ``run.state`` (one file, atomically): weights, optimiser, loss scale, the data position
-    ``progress`` (step, epoch, batches done in it), every rank's random streams and the run's fingerprint,
-    so that only the same run resumes it. The loss is checked first: a saved state is always a good one."""
-    step.finite.check(run.state, dist)
+    ``progress`` (step, epoch, batches done in it, seconds trained), every rank's random streams and the
+    run's fingerprint, so that only the same run resumes it. The loss and the weights are checked first: a
+    saved state is always a good one."""
+    step.finite.check(run.state, dist, progress["step"])
     rng = dist.gather_to_main(rng_state({"augment": step.generator}, step.objective))
     if dist.main:
         save_state(run.state, {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
@@ -371,26 +373,28 @@ def save_resumable(run: RunFolder, step: Step, progress: dict, dist: Dist) -> No
                                "fingerprint": run.fingerprint})
 
 
-def restore_resumable(path: Path, step: Step, dist: Dist) -> Tuple[int, int, int]:
+def restore_resumable(path: Path, step: Step, dist: Dist) -> Tuple[int, int, int, float]:
     """The inverse of ``save_resumable`` (the run folder has checked the state belongs to this run):
     restores ``step``'s weights, optimiser, loss scale and this rank's random streams; returns the data
-    position (step, epoch, batches done in it)."""
+    position (step, epoch, batches done in it) and the seconds trained up to it."""
     state = load_state(path)
     step.model.load_state_dict(state["model"])
     step.optimizer.load_state_dict(state["optimizer"])
     step.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][dist.rank], {"augment": step.generator}, step.objective)
-    return state["step"], state["epoch"], state["batches_done"]
+    return state["step"], state["epoch"], state["batches_done"], state.get("elapsed_s", 0.0)  # 0: older states
 
 
 class FiniteWatch:
     """Remembers the first step whose loss was not finite, on the device: checking every step would make
     the CPU wait for the GPU at every step. ``check`` (before logging, saving a state, and the checkpoint)
-    raises, so no state or checkpoint is written from a diverged model; ``lr`` is the configured one, for
-    the message."""
+    raises, so no state or checkpoint is written from a diverged model; it also checks ``parameters``, as
+    without a loss scaler (fp32, bf16) one overflowing backward pass writes NaN into the weights under a
+    finite loss. ``lr`` is the configured one, for the message."""
 
-    def __init__(self, device: torch.device, lr: float):
+    def __init__(self, device: torch.device, lr: float, parameters=()):
         self.lr = lr
+        self.parameters = list(parameters)
         self.step = torch.full((), -1, dtype=torch.long, device=device)
         self.value = torch.zeros((), device=device)
 
@@ -399,8 +403,9 @@ class FiniteWatch:
         self.step = torch.where(first, step, self.step)
         self.value = torch.where(first, loss.float(), self.value)
 
-    def check(self, state: Path, dist: Optional[Dist] = None) -> None:
-        """Raises on every process if any process saw a non-finite loss (so none waits on the others)."""
+    def check(self, state: Path, dist: Optional[Dist] = None, at: Optional[int] = None) -> None:
+        """Raises on every process if any process saw a non-finite loss (so none waits on the others), or
+        if the weights (the same on every process) are no longer finite at step ``at``."""
         step = self.step.clone()
         if dist is not None and dist.world_size > 1:
             never = torch.iinfo(torch.long).max
@@ -412,6 +417,11 @@ class FiniteWatch:
             value = self.value.item() if int(self.step) == first else "not finite on another process"
             where = f"; the last good state is {state}" if state.exists() else ""
             raise ParError(f"loss became {value} at step {first}; lower lr (now {self.lr}) or check the data{where}")
+        if self.parameters and not bool(torch.stack([p.detach().isfinite().all() for p in self.parameters]).all()):
+            where = f"; the last good state is {state}" if state.exists() else ""
+            raise ParError(f"weights became non-finite by step {at} under a finite loss (an overflowing "
+                           f"gradient); lower lr (now {self.lr}) or train in amp, whose loss scaler skips such "
+                           f"steps{where}")
 
 
 def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step: int, seconds: float,

@@ -1,6 +1,7 @@
 """EftCLIP: oracles, the CLIP-oracle disagreement rule, victim ranking, detection metrics, the eftclip defense."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +243,14 @@ def test_eftclip_defense_drops_flagged_pairs_and_fine_tunes(micro_world, poisone
     assert len(curated) == len(flagged) - sum(flagged) + report["victim_pairs_upweighted"] == report["curated_pairs"]
     assert list(ORACLES) == ["torchvision-detector", "world-classifier"]
     assert (tmp_path / "oracles").is_dir()  # oracles are kept beside the run folder, shared by a benchmark's cells
+    # the same folder asked again under another detection setting: its curated pairs are not taken for the new
+    # detection's; they are curated anew, and the fine-tune on the old ones is refused, not reused
+    other = {**settings, "eftclip": {**settings["eftclip"], "object_list_size": 3}}
+    with pytest.raises(ParError, match=r"made with other settings \(differs in \['train_data_digest'\]\)"):
+        DEFENSES.get("eftclip").clean(CleaningJob(**{**vars(job), "settings": other, "reuse": True}))
+    again = json.loads((tmp_path / "eft" / "defense-report.json").read_text())
+    assert again["detection"]["folder"] != str(detection) and Path(again["detection"]["folder"]).parent == detection.parent
+    assert len(list(csv.DictReader((tmp_path / "eft" / "curate" / "curated.csv").open()))) == again["curated_pairs"]
     # a barely trained oracle (1 epoch, BatchNorm statistics left lagging) contradicts every pair
     everything = {**settings, "eftclip": {"oracle_params": {"epochs": 1, "precise_bn": False}, "object_list_size": 1, "theta": 0.01}}
     with pytest.raises(ParError, match="flagged all 96 pairs: nothing is left"):

@@ -132,6 +132,7 @@ BAD_OBJECTIVE = [  # (objective, setting, value, what the error names)
     ("par", "tau", "0", "objective_params.tau must be a finite number > 0, got 0.0"),
     ("par", "tau", "nan", "objective_params.tau must be a finite number > 0, got nan"),
     ("par", "tau", "-2.15", "objective_params.tau must be a finite number > 0, got -2.15"),
+    ("par", "train_logit_scale", "true", "par treats the temperature as a constant"),
     ("cleanclip", "unimodal_weight", "-1", "objective_params.unimodal_weight must be a finite number >= 0, got -1.0"),
     ("cleanclip", "unimodal_weight", "inf", "objective_params.unimodal_weight must be a finite number >= 0, got inf"),
     ("roclip", "pool_size", "0", "objective_params.pool_size must be at least 1, got 0"),

@@ -70,7 +70,7 @@ def test_non_finite_loss_stops_with_a_clear_message(micro_world, tmp_path):
     with torch.no_grad():
         model.visual.proj.fill_(1e38)  # finite weights (NaN ones are refused at load) whose features overflow
     ckpt = models.save_checkpoint(model, tmp_path / "huge.pt")
-    with pytest.raises(ParError, match="loss became nan at step 0"):
+    with pytest.raises(ParError, match="loss became nan at step 1;"):  # numbered as metrics.jsonl numbers steps
         train(_cfg(micro_world, tmp_path / "run", init_checkpoint=str(ckpt)))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -84,6 +84,17 @@ def test_finite_watch_reports_the_first_bad_step_when_checked(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"")
     with pytest.raises(ParError, match=r"loss became nan at step 3; lower lr \(now 0.001\).*last good state is"):
         watch.check(tmp_path / "state.pt")
+
+
+def test_finite_watch_refuses_non_finite_weights_under_a_finite_loss(tmp_path):
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    watch = FiniteWatch(torch.device("cpu"), lr=1e-3, parameters=weights)
+    watch.watch(torch.tensor(1.5), 1)
+    watch.check(tmp_path / "state.pt", at=1)  # finite loss, finite weights: no error
+    with torch.no_grad():
+        weights[1][0] = float("inf")  # what an overflowing backward pass leaves after the optimiser step
+    with pytest.raises(ParError, match="weights became non-finite by step 2 under a finite loss"):
+        watch.check(tmp_path / "state.pt", at=2)
 
 
 def test_too_few_rows_for_a_batch(micro_world, tmp_path):
@@ -152,9 +163,13 @@ def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_re
         m.setattr(loop, "finish", stop_before_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             train(cut)
+    (state,) = (tmp_path / "cut").glob("state*.pt")
+    trained = torch.load(state, weights_only=True)["elapsed_s"]
     EVENTS.clear()
     train(cut, resume="latest")
     assert EVENTS == [("loaded", 4), ("epoch", 1), ("step", 5), ("step", 6)]
+    last = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert trained > 0 and last["elapsed_s"] > trained  # the time before the resume is counted
     resumed = models.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     with pytest.raises(ParError, match=r"objective_params of 'weighted_clip_test'.*\['tau'\]"):

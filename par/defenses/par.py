@@ -145,6 +145,8 @@ class PARParams(ObjectiveParams):
     def __post_init__(self):
         if not (math.isfinite(self.tau) and self.tau > 0):  # at <= 0 no distance is ever kept: plain fine-tuning
             raise ParError(f"par: objective_params.tau must be a finite number > 0, got {self.tau}")
+        if self.train_logit_scale:  # its loss detaches the scale: the setting would do nothing (and stall DDP)
+            raise ParError("par treats the temperature as a constant: set objective_params.train_logit_scale: false")
 
 
 @defense("par")

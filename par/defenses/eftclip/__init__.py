@@ -113,10 +113,10 @@ class EftCLIP(MultiStageDefense):
 
         from par.data import image_paths, load_classnames, mentions_label, read_csv
 
-        path = Path(job.out) / "curate" / "curated.csv"
-        if path.exists():  # curated before from the same detection (the run folder is keyed by the job)
-            return path
+        path, report = Path(job.out) / "curate" / "curated.csv", Path(job.out) / "defense-report.json"
         p, summary = self.params(job), outputs["detect"]
+        if path.exists() and report.exists() and json.loads(report.read_text())["detection"]["folder"] == summary["folder"]:
+            return path  # curated before from the same detection (its folder is keyed by all it depends on)
         victims = [v["label"] for v in summary["victims"][: p.victims] if v["excess"] > 0]
         flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(bool).tolist()
         frame = read_csv(job.poisoned_data, ["image", "caption"])
@@ -128,14 +128,15 @@ class EftCLIP(MultiStageDefense):
         names = set(load_classnames(job.classnames))
         victim_rows = kept[[any(mentions_label(c, v) for v in victims if v in names) for c in kept["caption"]]]
         curated = pd.concat([kept] + [victim_rows] * (p.victim_weight - 1), ignore_index=True)
-        atomic_write_text(Path(job.out) / "defense-report.json", json.dumps({
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: curated.to_csv(tmp, index=False))
+        # the report last: it says which detection the curated pairs above came from
+        atomic_write_text(report, json.dumps({
             "detection": {"rows": summary["rows"], "flagged": summary["flagged"], "victim": summary["victim"],
                           "victims": summary["victims"], "metrics": summary.get("metrics"),
                           "folder": summary["folder"]},
             "curated_pairs": len(curated), "dropped": int(sum(flagged)),
             "victim_pairs_upweighted": len(victim_rows)}, indent=1) + "\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: curated.to_csv(tmp, index=False))
         return path
 
     def finetune(self, job: CleaningJob, outputs: dict) -> Path:
