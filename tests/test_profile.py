@@ -56,6 +56,17 @@ def test_an_unknown_key_in_synthetic_cleaning_or_robust_is_named(tmp_path):
     assert "unknown profile 'synthetic_cleaning.world' key(s) ['colour']" in message
 
 
+def test_scan_settings_are_read_under_the_scanners_registered_names_and_checked_before_any_work(tmp_path):
+    profile = Profile.load(_write(tmp_path / "a", scan={"scanners": ["inversion", "decree"],
+                                                         "scanner_params": {"label_inversion": {"steps": 7}}}))
+    assert profile.scan.scanners == ["label-inversion", "decree"]
+    assert profile.scan.scanner_params == {"label-inversion": {"steps": 7}}
+    message = _error(_write(tmp_path / "b", scan={"scanners": ["decree"], "scanner_params": {"inversion": {"steps": 7}}}))
+    assert "settings for ['label-inversion'], which its scanners ['decree'] do not list" in message
+    message = _error(_write(tmp_path / "c", scan={"scanners": ["decree"], "scanner_params": {"decree": {"stepz": 7}}}))
+    assert "scanner_params of 'decree'" in message and "stepz" in message
+
+
 def test_a_stage_path_that_does_not_resolve_names_the_key_and_the_path(tmp_path):
     message = _error(_write(tmp_path, foundation="micro/foundation.yaml"))  # relative to the profile, not the repo
     assert message.startswith("profile key 'foundation': no file micro/foundation.yaml")

@@ -206,6 +206,19 @@ def test_decree_text_flags_the_poisoned_micro_encoder_by_its_collapse_point_and_
                                                   abs=1e-5)
 
 
+def test_the_request_digests_the_images_used_by_their_bytes_and_top_k_only_where_read(backdoored_micro, tmp_path):
+    b = backdoored_micro
+    folder = _write_images(tmp_path / "shadow", 10, b.world.path)
+    request = scan_request(config(b.world.path, b.foundation, images=folder))
+    (folder / "notes.txt").write_text("not an image")  # not a shadow image: the same scan
+    assert scan_request(config(b.world.path, b.foundation, images=folder)) == request
+    first, second = sorted(folder.iterdir())[:2]
+    first.write_bytes(second.read_bytes())  # a picture replaced under its name: another scan
+    assert scan_request(config(b.world.path, b.foundation, images=folder))["images_digest"] != request["images_digest"]
+    assert request["top_k"] == 10  # label-inversion ranks labels; DECREE's target is read off, nothing ranked
+    assert "top_k" not in scan_request(config(b.world.path, b.foundation, images=folder, scanner="decree"))
+
+
 def _write_images(folder, count, world):
     folder.mkdir()
     sources = sorted((world / "images" / "test").iterdir())[:count]
@@ -245,6 +258,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_
     assert "more than once" in error("--labels", "banana,banana,apple,kite,car")
     assert "at least 5 candidate labels" in error("--labels", "banana,apple")
     assert "precision must be auto or one of" in error("--precision", "fp8")
+    assert "threshold must be a finite number, got nan" in error("--threshold", "nan")
+    assert "must be finite numbers, got {'mask_init': inf}" in error("--scanner-param", "mask_init=.inf")
+    message = error("--max-images", "3")
+    assert "at least 8 images" in message and "of which max_images keeps 3" in message
+    twice_listed = tmp_path / "twice.csv"
+    first = (world / "test.csv").read_text().splitlines()[:11]
+    twice_listed.write_text("\n".join(first + [first[1]]) + "\n")  # ten images, the first listed again
+    (twice_listed.parent / "images").symlink_to(world / "images")
+    assert "lines 2 and 12 name the same image" in error(images=twice_listed)
     state = torch.load(b.foundation, map_location="cpu", weights_only=True)
     state["state_dict"]["logit_scale"] = torch.tensor(1e4)  # finite, but its exp overflows: infinite logits
     hot = tmp_path / "hot.pt"

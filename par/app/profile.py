@@ -80,6 +80,23 @@ class ScanBench:
             raise ParError(f"profile 'scan' max_images must be a whole number >= 1, got {self.max_images!r}")
 
 
+def _canonical_scan(scan: ScanBench) -> ScanBench:
+    """``scan`` with its scanners (and the keys of ``scanner_params``) under their registered names, every
+    scanner built with its settings: an unknown scanner or setting is an error before any model is trained."""
+    from par.scan import SCANNERS, make_scanner
+
+    names = [SCANNERS.canonical(n) for n in scan.scanners]
+    params = {SCANNERS.canonical(k): dict(v or {}) for k, v in scan.scanner_params.items()}
+    if len(params) != len(scan.scanner_params):
+        raise ParError(f"profile 'scan' scanner_params names one scanner twice: {list(scan.scanner_params)}")
+    stray = sorted(set(params) - set(names))
+    if stray:
+        raise ParError(f"profile 'scan' scanner_params has settings for {stray}, which its scanners {names} do not list")
+    for name in names:
+        make_scanner(name, params.get(name))
+    return dataclasses.replace(scan, scanners=names, scanner_params=params)
+
+
 def check_jobs(jobs, owner: str) -> None:
     """A benchmark's ``jobs``: how many models (poisoned ones, clean controls, cells) are trained at once."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -174,10 +191,7 @@ class Profile:
             read["robust"] = build(Robust, _mapping(values["robust"], "robust"), "profile 'robust'")
             read["robust"].eval_settings()
         if values.get("scan"):
-            read["scan"] = build(ScanBench, _mapping(values["scan"], "scan"), "profile 'scan'")
-            from par.scan import SCANNERS
-
-            read["scan"] = dataclasses.replace(read["scan"], scanners=[SCANNERS.canonical(n) for n in read["scan"].scanners])
+            read["scan"] = _canonical_scan(build(ScanBench, _mapping(values["scan"], "scan"), "profile 'scan'"))
         check_jobs(plain.jobs, "profile key 'jobs'")
         profile = dataclasses.replace(plain, **read)
         profile.poisoning_mode()

@@ -160,10 +160,9 @@ def summarize(rows: List[dict], label: str) -> List[dict]:
         summary.append({
             "scanner": scanner, "poisoned": len(poisoned), "backdoored": len(backdoored), "clean": len(clean),
             "auroc": area(poisoned), "auroc_backdoored": area(backdoored),
-            "tpr": sum(r["flagged"] for r in poisoned) / max(len(poisoned), 1),
+            "flagged": sum(r["flagged"] for r in poisoned), "tpr": sum(r["flagged"] for r in poisoned) / max(len(poisoned), 1),
             "clean_flagged": sum(r["flagged"] for r in clean),
             "named": sum(r["named_target"] for r in poisoned),
-            "top_label_right": sum(r["top_label"] == label for r in poisoned),
             "seconds": statistics.mean(r["seconds"] for r in mine) if mine else None})
     return summary
 
@@ -184,7 +183,7 @@ def write_scan_tables(out: Path, rows: List[dict], label: str, report: str = "sc
              "|---|---|---|---|---|---|---|"]
     for s in summarize(rows, label):
         lines.append(f"| `{s['scanner']}` | {fmt(s['auroc'])} | {fmt(s['auroc_backdoored'])} | "
-                     f"{s['tpr'] * s['poisoned']:.0f} / {s['poisoned']} | {s['clean_flagged']} / {s['clean']} | "
+                     f"{s['flagged']} / {s['poisoned']} | {s['clean_flagged']} / {s['clean']} | "
                      f"{s['named']} / {s['poisoned']} | {fmt(s['seconds'], '{:.1f}')} |")
     lines += ["", "| scanner | model | ASR | verdict | margin | target (top label) | family |",
               "|---|---|---|---|---|---|---|"]
@@ -217,10 +216,10 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
         profile = dataclasses.replace(profile, jobs=jobs)
     if profile.jobs > 1:
         profile = profile.one_thread()
+    names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]  # before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
-    names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]
     built = {}
     for attack, (model, error) in pipeline.build_poisoned_models(profile, out, world, names,
                                                                  beside=control_trainings(profile, out, world)).items():

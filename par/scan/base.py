@@ -21,7 +21,7 @@ zero-shot classifier built from the class names and templates. Settings of a sca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -158,6 +158,7 @@ class Scanner:
     paper_name = ""
     Params = ScannerParams
     uses_labels = False  # needs class names and templates (the zero-shot classifier)
+    ranks_labels = False  # ranks the candidates in a cheap pass and inverts only the top_k of them
     min_images = 8  # fewer shadow images than this are refused before any work
 
     def __init__(self, params: ScannerParams):
@@ -181,8 +182,14 @@ class Scanner:
 
 
 def make_scanner(name: str, values: Optional[dict] = None) -> Scanner:
-    cls = SCANNERS.get(name)
-    return cls(build(cls.Params, dict(values or {}), f"scanner_params of {SCANNERS.canonical(name)!r}"))
+    """The scanner registered as ``name`` with its ``Params`` filled from ``values``; a NaN or infinite
+    setting is refused here, for every scanner, before its own ``check``."""
+    cls, what = SCANNERS.get(name), f"scanner_params of {SCANNERS.canonical(name)!r}"
+    params = build(cls.Params, dict(values or {}), what)
+    bad = {k: v for k, v in asdict(params).items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise ParError(f"{what} must be finite numbers, got {bad}")
+    return cls(params)
 
 
 def robust_z(values: Sequence[float], reference: Optional[Sequence[float]] = None) -> List[float]:

@@ -11,9 +11,9 @@ images that show it. The statistic is the **collapse gap**: over the candidate l
 
 with the collapse point the normalised mean embedding of the images stamped with DECREE's trigger, and
 the label's text embedding its zero-shot classifier column (the class names through the templates). The
-model is flagged when the gap is above 0, a threshold set by what it means, not fitted: the collapse
-point lies nearer a label's text than every shadow image does. The label with the largest gap is the
-target.
+model is flagged when the gap is above the encoder's threshold, which is never below 0, what the gap
+means: the collapse point lies nearer a label's text than every shadow image does. The label with the
+largest gap is the target.
 
 **Thresholds** are per encoder, set on clean models only: the largest gap over clean models of the
 encoder plus a margin of 0.01, and never below 0. On the 24 clean ``par-micro-vit`` models of the micro

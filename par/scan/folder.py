@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from par.errors import ParError
-from par.scan import ScanConfig, ScanResult, scan_checkpoint, scan_request
+from par.scan import ScanConfig, ScanResult, check, scan_checkpoint, scan_request
 from par.scan.base import finite_number
 from par.scan.files import TRIGGER_FILE, save_trigger
 from par.utils import atomic_write, atomic_write_text, check_output_dir, digest, to_pil
@@ -100,7 +100,8 @@ def draw_trigger(result: ScanResult, path: Path) -> Path:
 def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
     """(scan.json's record, whether it was reused) for ``cfg`` in folder ``out``."""
     folder = check_output_dir(out, "scan folder")
-    request = json.loads(json.dumps(scan_request(cfg)))
+    checked = check(cfg)  # every setting and input, before the checkpoint is hashed for the request
+    request = json.loads(json.dumps(scan_request(cfg, checked)))
     record_path = folder / RECORD
     if record_path.exists():
         try:
@@ -117,16 +118,17 @@ def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
     if leftovers:
         raise ParError(f"scan folder {folder} holds {leftovers} but no {RECORD} (not written by a finished scan); "
                        "choose another --out")
-    result = scan_checkpoint(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    result = scan_checkpoint(cfg, checked)
     record = record_of(result, request)
-    atomic_write_text(folder / LABELS, _labels_csv(result.labels))
+    text, labels = json.dumps(record, indent=2) + "\n", _labels_csv(result.labels)  # before any file is written
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / LABELS, labels)
     if result.trigger is not None and result.examples is not None:
         draw_trigger(result, folder / PICTURE)
         size = result.examples.shape[-2:]
         save_trigger(folder / TRIGGER_FILE, result.trigger.mask.expand(1, *size).clamp(0, 1),
                      result.trigger.pattern.expand(3, *size).clamp(0, 1))
-    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(record_path, text)  # last: a folder with it holds a finished scan
     return record, False
 
 

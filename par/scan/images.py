@@ -33,6 +33,11 @@ def list_images(spec: str | os.PathLike, image_root: Optional[str | os.PathLike]
         if empty:
             raise ParError(f"{path}: line {empty[0] + 2} has an empty image path ({len(empty)} such rows)")
         paths = image_paths(frame, path, image_root)
+        seen = {}
+        for row, image in enumerate(paths):
+            first = seen.setdefault(Path(image).resolve(), row)
+            if first != row:  # one picture twice would count as two shadow images (and two agreeing embeddings)
+                raise ParError(f"{path}: lines {first + 2} and {row + 2} name the same image {image}")
     else:
         raise ParError(f"images not found: {path} (give a CSV with an 'image' column or a folder of images)")
     return sorted(paths, key=str)

@@ -119,6 +119,7 @@ class LabelInversion(Scanner):
     paper_name = "per-label trigger inversion (Neural Cleanse, zero-shot)"
     Params = LabelInversionParams
     uses_labels = True
+    ranks_labels = True
 
     def check(self, labels: int, top_k: int) -> None:
         p = self.params

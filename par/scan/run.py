@@ -5,10 +5,12 @@ settings, scanner and its parameters, class names, templates and candidate label
 the encoder (a checkpoint saved for another encoder is refused by its metadata before its weights
 are read), every shadow image decoded, then the weights (strictly: any key mismatch is an error;
 non-finite weights are refused). ``scan_request`` is what makes two scans the same scan (settings and
-the digests of the checkpoint, images, class names and templates), for reusing finished ones.
+the digests of the checkpoint, the bytes of the images used, class names and templates), for reusing
+finished ones; it runs the checks first, so no checkpoint is hashed for a request that would be refused.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +24,8 @@ from par.errors import ParError
 from par.eval.zeroshot import zero_shot_classifier
 from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScanResult, Scanner, make_scanner
 from par.scan.images import decode, list_images, select
-from par.utils import PRECISIONS, autocast, check_device, file_digest, inference_precision, path_digest, pick_device
+from par.utils import (PRECISIONS, autocast, check_device, digest, file_digest, inference_precision, path_digest,
+                       pick_device)
 
 EXAMPLES = 8  # clean images kept in the result, to show the trigger on
 
@@ -54,6 +57,9 @@ class ScanConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ParError(f"scan {name} must be a whole number of at least {low}, got {value!r}")
         check_device(self.device)
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real)
+                                           or not math.isfinite(self.threshold)):
+            raise ParError(f"scan threshold must be a finite number, got {self.threshold!r}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ParError(f"scan precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.labels is not None:
@@ -87,9 +93,10 @@ def check(cfg: ScanConfig):
     classnames, templates, candidates = _label_space(cfg, scanner)
     scanner.check(len(candidates) if candidates is not None else 0, cfg.top_k)
     paths = list_images(cfg.images, cfg.image_root)
-    if len(paths) < scanner.min_images:
+    if min(len(paths), cfg.max_images) < scanner.min_images:
+        kept = f" of which max_images keeps {cfg.max_images}" if cfg.max_images < len(paths) else ""
         raise ParError(f"scanner {scanner.name!r} needs at least {scanner.min_images} images; {cfg.images} lists "
-                       f"{len(paths)}")
+                       f"{len(paths)}{kept}")
     if not models.has_vision_tower(cfg.model):
         raise ParError(f"a scan inverts triggers on images, but encoder {cfg.model!r} has no vision tower config")
     checkpoint = Path(cfg.checkpoint)
@@ -106,36 +113,40 @@ def scan_precision(cfg: ScanConfig) -> str:
     return inference_precision(pick_device(cfg.device)) if cfg.precision == "auto" else cfg.precision
 
 
-def scan_request(cfg: ScanConfig) -> dict:
+def images_digest(paths: List[Path]) -> str:
+    """The digest of the shadow images a scan uses, by their names and bytes: a CSV or folder whose images
+    were replaced under the same names is another scan (and a folder's other files change nothing)."""
+    return digest([(path.name, file_digest(path)) for path in paths])
+
+
+def scan_request(cfg: ScanConfig, checked=None) -> dict:
     """What makes two scans the same: the settings that change the result and the digests of the inputs.
-    Settings a scanner does not read (class names for a label-free one) are left out."""
-    scanner = make_scanner(cfg.scanner, cfg.scanner_params)
-    checkpoint = Path(cfg.checkpoint)
-    if not checkpoint.is_file():
-        raise ParError(f"checkpoint not found: {checkpoint}")
-    if not Path(cfg.images).exists():
-        raise ParError(f"images not found: {cfg.images}")
+    Settings a scanner does not read (class names for a label-free one, ``top_k`` for one that ranks no
+    labels) are left out. ``checked``: ``check(cfg)``'s answer, when the caller has it."""
+    scanner, _, _, _, paths = checked or check(cfg)
     request = {"scanner": SCANNERS.canonical(cfg.scanner), "scanner_params": asdict(scanner.params),
-               "model": models.canonical_model_name(cfg.model), "checkpoint_digest": file_digest(checkpoint),
-               "images_digest": path_digest(cfg.images), "max_images": cfg.max_images, "seed": cfg.seed,
-               "threshold": cfg.threshold,
+               "model": models.canonical_model_name(cfg.model), "checkpoint_digest": file_digest(cfg.checkpoint),
+               "images_digest": images_digest(select(paths, cfg.max_images, cfg.seed)),
+               "max_images": cfg.max_images, "seed": cfg.seed, "threshold": cfg.threshold,
                "documented_threshold": None if cfg.threshold is not None else
-               scanner.documented_threshold(models.canonical_model_name(cfg.model))[0],
-               "image_root_digest": path_digest(cfg.image_root) if cfg.image_root else None}
+               scanner.documented_threshold(models.canonical_model_name(cfg.model))[0]}
     precision = scan_precision(cfg)
     if precision != "fp32":  # fp32 left out, so a scan made before precision was a setting is still the same scan
         request["precision"] = precision
     if scanner.uses_labels:
         spec_digest = lambda spec, builtin: spec if spec == builtin else path_digest(spec)  # noqa: E731
         request.update(classnames=spec_digest(cfg.classnames, "imagenet"),
-                       templates=spec_digest(cfg.templates, "openai"), labels=cfg.labels, top_k=cfg.top_k)
+                       templates=spec_digest(cfg.templates, "openai"), labels=cfg.labels)
+    if scanner.ranks_labels:
+        request["top_k"] = cfg.top_k
     return request
 
 
-def scan_checkpoint(cfg: ScanConfig) -> ScanResult:
-    """Scans ``cfg.checkpoint`` with ``cfg.scanner`` on the shadow images ``cfg.images``."""
+def scan_checkpoint(cfg: ScanConfig, checked=None) -> ScanResult:
+    """Scans ``cfg.checkpoint`` with ``cfg.scanner`` on the shadow images ``cfg.images`` (``checked``:
+    ``check(cfg)``'s answer, when the caller has it)."""
     started = time.time()
-    scanner, classnames, templates, candidates, paths = check(cfg)
+    scanner, classnames, templates, candidates, paths = checked or check(cfg)
     context, images, kept = _context(cfg, scanner, classnames, templates, candidates, paths)
     result = scanner.scan(context)
     result.examples = images[:EXAMPLES].cpu()
