@@ -107,6 +107,19 @@ class Objective:
         """Reference lines for the training plot, e.g. PAR's threshold on the embedding distance."""
         return {}
 
+    def second_view(self, batch: Batch, image_transform, rng) -> tuple:
+        """(normalised images, token ids): every raw image through ``image_transform`` on the device and
+        every caption rewritten by EDA drawing from ``rng``, the augmented view CleanCLIP and RoCLIP train on."""
+        from par.augment import normalize
+        from par.data import to_float
+        from par.text_augment import eda_batch
+
+        if batch.captions is None:
+            raise RuntimeError(f"{type(self).__name__} needs the batch's captions")
+        augmented = torch.stack([image_transform(image) for image in batch.raw_images])  # per image: its own draws
+        return (normalize(to_float(augmented), self.context.mean, self.context.std),
+                self.context.tokenizer(eda_batch(batch.captions, rng)).to(batch.tokens.device))
+
 
 def objective_params(name: str, values: Optional[dict] = None) -> ObjectiveParams:
     """The typed settings of objective ``name`` from a config's ``objective_params`` mapping."""

@@ -8,12 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from par.augment import normalize
-from par.data import to_float
 from par.defenses.base import Objective, ObjectiveParams, _as_tuple
 from par.defenses.finetune import defense
 from par.errors import ParError
-from par.text_augment import eda_batch
 
 
 @dataclass
@@ -41,13 +38,8 @@ class CleanCLIPObjective(Objective):
         self.rng = random.Random(context.seed)  # EDA's choices
 
     def __call__(self, model, batch):
-
-        if batch.captions is None:
-            raise RuntimeError("cleanclip needs the batch's captions")
         ctx = self.context
-        augmented = torch.stack([self.autoaugment(img) for img in batch.raw_images])  # per image, on the device
-        aug_images = normalize(to_float(augmented), ctx.mean, ctx.std)
-        aug_tokens = ctx.tokenizer(eda_batch(batch.captions, self.rng)).to(batch.tokens.device)
+        aug_images, aug_tokens = self.second_view(batch, self.autoaugment, self.rng)
         n = batch.images.shape[0]
         image, text, scale = model(torch.cat([batch.images, aug_images]), torch.cat([batch.tokens, aug_tokens]))
         clip = ctx.contrastive(image[:n], text[:n], scale)

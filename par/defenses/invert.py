@@ -201,13 +201,8 @@ class ParUnlearn(Unlearning, PARObjective):
     Params = ParUnlearnParams
 
     def __call__(self, model, batch):
-        from par.defenses.par import par_terms
-
         image, text, scale, unlearn = self.unlearning_terms(model, batch, batch.images)
-        with torch.no_grad():
-            frozen_image, frozen_text, _ = self.frozen(batch.images, batch.tokens)
-        terms = par_terms(image, text, frozen_image, frozen_text, scale, self.params.tau, self.context.contrastive,
-                          self.context.reduce_mean)
+        terms = self.against_frozen(batch, image, text, scale)
         return {**terms, "loss": terms["loss"] + self.params.weight * unlearn, "unlearn": unlearn}
 
 

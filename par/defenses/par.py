@@ -157,8 +157,11 @@ class PARObjective(Objective):
     needs_frozen = True
 
     def __call__(self, model, batch):
-
         image, text, scale = model(batch.images, batch.tokens)
+        return self.against_frozen(batch, image, text, scale)
+
+    def against_frozen(self, batch, image, text, scale):
+        """PAR's terms for the trainable model's embeddings of ``batch``, against the frozen model's."""
         with torch.no_grad():
             frozen_image, frozen_text, _ = self.frozen(batch.images, batch.tokens)
         # distributed: the threshold is decided on the global batch mean, as in a single process

@@ -7,13 +7,10 @@ from typing import Optional
 
 import torch
 
-from par.augment import normalize
-from par.data import to_float
 from par.defenses.base import Objective, ObjectiveParams, _as_tuple
 from par.defenses.finetune import defense
 from par.errors import ParError
 from par.models import image_size
-from par.text_augment import eda_batch
 
 
 @dataclass
@@ -66,11 +63,7 @@ class RoCLIPObjective(Objective):
         ctx = self.context
         images, tokens = batch.images, batch.tokens
         if self.params.augment:
-            if batch.captions is None:
-                raise RuntimeError("roclip needs the batch's captions")
-            augmented = torch.stack([self.image_augment(img) for img in batch.raw_images])  # on the device
-            images = normalize(to_float(augmented), ctx.mean, ctx.std)
-            tokens = ctx.tokenizer(eda_batch(batch.captions, self.rng)).to(tokens.device)
+            images, tokens = self.second_view(batch, self.image_augment, self.rng)
         image, text, scale = model(images, tokens)
         matched = self.matching and self.pool is not None
         if matched:
