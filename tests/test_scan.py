@@ -263,10 +263,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_
     message = error("--max-images", "3")
     assert "at least 8 images" in message and "of which max_images keeps 3" in message
     twice_listed = tmp_path / "twice.csv"
-    first = (world / "test.csv").read_text().splitlines()[:11]
-    twice_listed.write_text("\n".join(first + [first[1]]) + "\n")  # ten images, the first listed again
+    first = (world / "test.csv").read_text().splitlines()[:8]
+    twice_listed.write_text("\n".join(first + [first[1]]) + "\n")  # seven images in eight rows: one image, twice
     (twice_listed.parent / "images").symlink_to(world / "images")
-    assert "lines 2 and 12 name the same image" in error(images=twice_listed)
+    assert "needs at least 8 images; " + f"{twice_listed} names 7 distinct ones" in error(images=twice_listed)
     state = torch.load(b.foundation, map_location="cpu", weights_only=True)
     state["state_dict"]["logit_scale"] = torch.tensor(1e4)  # finite, but its exp overflows: infinite logits
     hot = tmp_path / "hot.pt"

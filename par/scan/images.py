@@ -18,8 +18,8 @@ from par.errors import ParError
 
 
 def list_images(spec: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:
-    """Every image a CSV (column ``image``, paths relative to ``image_root`` or the CSV's folder) or a folder
-    (image files at any depth) names, sorted by path."""
+    """Every distinct image a CSV (column ``image``, paths relative to ``image_root`` or the CSV's folder) or a
+    folder (image files at any depth) names, sorted by path."""
     path = Path(spec)
     if path.is_dir():
         if image_root:
@@ -32,12 +32,13 @@ def list_images(spec: str | os.PathLike, image_root: Optional[str | os.PathLike]
         empty = [i for i, p in enumerate(frame["image"].astype(str)) if not p.strip()]
         if empty:
             raise ParError(f"{path}: line {empty[0] + 2} has an empty image path ({len(empty)} such rows)")
-        paths = image_paths(frame, path, image_root)
-        seen = {}
-        for row, image in enumerate(paths):
-            first = seen.setdefault(Path(image).resolve(), row)
-            if first != row:  # one picture twice would count as two shadow images (and two agreeing embeddings)
-                raise ParError(f"{path}: lines {first + 2} and {row + 2} name the same image {image}")
+        # each image once, however many rows name it (a CSV with several captions per image): one picture
+        # twice would count as two shadow images, and as two embeddings that agree
+        paths, seen = [], set()
+        for image in image_paths(frame, path, image_root):
+            if Path(image).resolve() not in seen:
+                seen.add(Path(image).resolve())
+                paths.append(image)
     else:
         raise ParError(f"images not found: {path} (give a CSV with an 'image' column or a folder of images)")
     return sorted(paths, key=str)

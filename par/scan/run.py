@@ -95,8 +95,8 @@ def check(cfg: ScanConfig):
     paths = list_images(cfg.images, cfg.image_root)
     if min(len(paths), cfg.max_images) < scanner.min_images:
         kept = f" of which max_images keeps {cfg.max_images}" if cfg.max_images < len(paths) else ""
-        raise ParError(f"scanner {scanner.name!r} needs at least {scanner.min_images} images; {cfg.images} lists "
-                       f"{len(paths)}{kept}")
+        raise ParError(f"scanner {scanner.name!r} needs at least {scanner.min_images} images; {cfg.images} names "
+                       f"{len(paths)} distinct ones{kept}")
     if not models.has_vision_tower(cfg.model):
         raise ParError(f"a scan inverts triggers on images, but encoder {cfg.model!r} has no vision tower config")
     checkpoint = Path(cfg.checkpoint)
