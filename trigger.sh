@@ -10,7 +10,7 @@
 #   ENCODER (modeln)         open_clip name or OpenAI spelling (RN50, ViT-B/32, ViT-L/14@336px, ...)
 #   TRAIN_DATA (trainData)   clean pairs to clean with: image,caption CSV, class-folder tree or shards
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
-#   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo)
+#   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo; both in this folder)
 #   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
 #   DEFENSE                  registered defense (default par; every name `python -m par clean --help` lists)
 #   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
@@ -20,9 +20,11 @@
 #                            the objective_params given as arguments apply.
 #   DEMO_PROFILE             demo settings (default configs/demo.yaml)
 # Validation data for a real checkpoint: see trigger_validate.sh (EVAL_CSV, EVAL_CLASSNAMES, ...).
+# Relative paths given are the caller's (this script does not change directory).
 set -euo pipefail
-cd "$(dirname "$0")"
-source scripts/setup.sh
+ROOT="$(cd "$(dirname "$0")" && pwd)"
+source "$ROOT/scripts/setup.sh"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 CHECKPOINT="${CHECKPOINT:-${modelPath:-}}"
 ENCODER="${ENCODER:-${modeln:-}}"
@@ -33,15 +35,19 @@ ATTACK="${ATTACK:-}"
 LABEL="${LABEL:-}"
 
 if [ -z "$CHECKPOINT" ]; then
-    exec "$PY" -m par demo --profile "${DEMO_PROFILE:-configs/demo.yaml}" --out "${OUT_DIR:-runs/demo}" \
+    exec "$PY" -m par demo --profile "${DEMO_PROFILE:-$ROOT/configs/demo.yaml}" --out "${OUT_DIR:-$ROOT/runs/demo}" \
         ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"} ${DEFENSE:+--defense "$DEFENSE"}
 fi
 
 : "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
 : "${TRAIN_DATA:?set TRAIN_DATA (trainData) to clean image,caption pairs (CSV, class-folder tree or shards)}"
-OUT_DIR="${OUT_DIR:-runs/clean-$(date +%Y%m%d-%H%M%S)}"
+OUT_DIR="${OUT_DIR:-$ROOT/runs/clean-$(date +%Y%m%d-%H%M%S)}"
+export OUT_DIR  # validation writes its results.jsonl here (a multi-stage defense's checkpoint lies deeper)
 # the backdoor and the validation inputs are checked before the (long) cleaning, not after it
-bash trigger_validate.sh --check "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
-"$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-configs/par.yaml}" --model "$ENCODER" \
-    --checkpoint "$CHECKPOINT" --train-data "$TRAIN_DATA" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} --out "$OUT_DIR" "$@"
-bash trigger_validate.sh "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
+bash "$ROOT/trigger_validate.sh" --check "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
+# the cleaned checkpoint is where `par clean` says it is (a multi-stage defense's last stage keeps it)
+cleaned="$("$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-$ROOT/configs/par.yaml}" \
+    --model "$ENCODER" --checkpoint "$CHECKPOINT" --train-data "$TRAIN_DATA" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} \
+    --out "$OUT_DIR" "$@" | tee /dev/stderr | sed -n 's/^cleaned checkpoint ([^)]*): //p')"
+[ -n "$cleaned" ] || { echo "error: par clean named no cleaned checkpoint" >&2; exit 1; }
+bash "$ROOT/trigger_validate.sh" "$cleaned" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"

@@ -16,14 +16,15 @@
 #   EVAL_IMAGE_ROOT   folder the CSV's image paths are relative to (default: the CSV's folder)
 #   RETRIEVAL_JSON    retrieval: COCO Karpathy-style JSON list of {image, caption: [...]}
 #   RETRIEVAL_ROOT    folder the retrieval image paths are relative to
-#   ATTACK_PARAMS     trigger parameters, e.g. "patch_size=16" or "patch=badclip_patch.png"
+#   ATTACK_PARAMS     trigger parameters, separated by spaces, e.g. "patch_size=16" or "patch=badclip_patch.png"
 #   OUT_DIR           folder of the results file results.jsonl (default: beside the checkpoint)
 #   EVAL_OUT          the results file itself (overrides OUT_DIR)
 #   ROBUST_EPS        also robust accuracy (APGD-CE + APGD-T) at these radii, e.g. "2/255,4/255"
 #   ROBUST_MAX_IMAGES images attacked (default 1000); ROBUST_STEPS iterations per attack (default 100)
-# With no data configured, classification runs on the demo world's test split (runs/demo/world).
+# With no data configured, classification runs on the demo world's test split (runs/demo/world in this
+# folder). Relative paths given are the caller's (this script does not change directory).
 set -euo pipefail
-cd "$(dirname "$0")"
+ROOT="$(cd "$(dirname "$0")" && pwd)"
 check=()
 if [ "${1:-}" = "--check" ]; then check=(--dry-run); shift; fi
 if [ $# -ne 4 ]; then
@@ -31,7 +32,8 @@ if [ $# -ne 4 ]; then
     exit 2
 fi
 CHECKPOINT=$1 ATTACK=$2 ENCODER=$3 LABEL=$4
-source scripts/setup.sh
+source "$ROOT/scripts/setup.sh"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 say() { [ ${#check[@]} -gt 0 ] || echo "$@"; }
 
 if [ -n "${VALIDATE_CONFIG:-}" ]; then
@@ -43,7 +45,7 @@ if [ -n "${VALIDATE_CONFIG:-}" ]; then
 fi
 EVAL_DATA="${EVAL_DATA:-${EVAL_CSV:-}}"
 if [ -z "$EVAL_DATA" ] && [ -z "${RETRIEVAL_JSON:-}" ]; then
-    EVAL_DATA=runs/demo/world/test.csv
+    EVAL_DATA="$ROOT/runs/demo/world/test.csv"
     if [ ! -f "$EVAL_DATA" ]; then
         echo "error: no evaluation data: set EVAL_DATA and/or RETRIEVAL_JSON (or run 'bash trigger.sh' once for the demo world)" >&2
         exit 2
@@ -66,7 +68,8 @@ if [ -n "${RETRIEVAL_JSON:-}" ]; then
     args+=(--retrieval-json "$RETRIEVAL_JSON" --retrieval-root "${RETRIEVAL_ROOT:?set RETRIEVAL_ROOT for $RETRIEVAL_JSON}")
     say "retrieval: $RETRIEVAL_JSON"
 fi
-for p in ${ATTACK_PARAMS:-}; do args+=(--attack-param "$p"); done
+read -ra attack_params <<< "${ATTACK_PARAMS:-}"  # split on spaces, never glob-expanded
+for p in ${attack_params[@]+"${attack_params[@]}"}; do args+=(--attack-param "$p"); done
 if [ -n "${ROBUST_EPS:-}" ]; then
     args+=(--robust-eps "$ROBUST_EPS" --robust-max-images "${ROBUST_MAX_IMAGES:-1000}" --robust-steps "${ROBUST_STEPS:-100}")
     say "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"

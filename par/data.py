@@ -108,8 +108,9 @@ def load_templates(spec: str) -> Sequence:
 
 
 def mentions_label(caption: str, label: str) -> bool:
-    """Whether ``caption`` names ``label`` as a word (plural allowed): "two bananas" mentions banana."""
-    return re.search(rf"\b{re.escape(label.lower())}s?\b", caption.lower()) is not None
+    """Whether ``caption`` names ``label`` as a word (regular plurals allowed): "two bananas" mentions banana,
+    "three buses" bus."""
+    return re.search(rf"\b{re.escape(label.lower())}(?:e?s)?\b", caption.lower()) is not None
 
 
 def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:
@@ -293,10 +294,15 @@ class ImageFolderDataset(_LabelledImages):
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         if not folders:
             raise ParError(f"{root} has no class folders")
-        if all(f.name in classnames for f in folders):
+        named = [f.name for f in folders if f.name in classnames]
+        if len(named) == len(folders):
             index = {f: list(classnames).index(f.name) for f in folders}
-        elif len(folders) == len(classnames):
+        elif not named and len(folders) == len(classnames):  # no folder is named for a class: ImageNet's synsets
             index = {f: i for i, f in enumerate(folders)}
+        elif named:  # some are: a misspelt one must not shift every class by position
+            others = [f.name for f in folders if f.name not in classnames]
+            raise ParError(f"{root}: class folder(s) {others[:5]} are not class names, though {named[:3]} are; name "
+                           "every folder for its class, or none (then sorted folders map to the classes in order)")
         else:
             raise ParError(f"{root} has {len(folders)} class folders but {len(classnames)} class names, "
                            "and the folder names are not class names")

@@ -144,7 +144,9 @@ def write_shards(csv_path, out, image_root=None, shard_size: int = 10000, progre
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict = {}
     try:
-        with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+        # by count alone (webdataset also closes a shard at 3 GB by default, which would split the shards
+        # otherwise than the index below counts them)
+        with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0) as sink:
             for i in tqdm(range(len(paths)), desc="write shards", unit="pair", disable=not progress):
                 image = open_image(paths[i])  # every image decodes, JPEG or not, before it is stored
                 data = paths[i].read_bytes()

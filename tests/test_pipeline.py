@@ -85,6 +85,28 @@ def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
     assert f"classes {out / 'world' / 'classnames.txt'}, templates {out / 'world' / 'templates.txt'}" in proc.stdout
 
 
+def test_trigger_sh_reads_relative_paths_from_the_callers_directory_and_validates_a_multi_stage_defense(demo,
+                                                                                                       tmp_path):
+    """From another directory, with paths relative to it: ``invert`` keeps its checkpoint in its last stage's
+    folder, and that is the checkpoint validated; the results land in OUT_DIR."""
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731
+    env = dict(os.environ, PAR_PYTHON=sys.executable, CHECKPOINT=rel(poisoned), ENCODER="par-micro-vit",
+               TRAIN_DATA=rel(out / "world" / "clean.csv"), OUT_DIR="cleaned", EVAL_CSV=rel(out / "world" / "test.csv"),
+               PAR_CONFIG=rel(Path(REPO, "configs", "micro", "par.yaml")), DEFENSE="invert")
+    proc = subprocess.run(["bash", str(Path(REPO, "trigger.sh")), "--steps", "2", "--classnames",
+                           rel(out / "world" / "classnames.txt"), "--templates", rel(out / "world" / "templates.txt"),
+                           "--invert.scanner", "decree-text"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    cleaned = tmp_path / "cleaned"
+    records = [json.loads(line) for line in (cleaned / "results.jsonl").read_text().splitlines()]
+    assert [r["evaluation"] for r in records] == ["classification/clean", "classification/badnet_rs"]
+    assert {r["checkpoint"] for r in records} == {"cleaned/finetune/checkpoint.pt"}
+    assert (cleaned / "finetune" / "checkpoint.pt").exists() and not (Path(REPO) / "cleaned").exists()
+
+
 @pytest.mark.parametrize("defense, objective", [("par", "par"), ("ft", "clip"), ("cleanclip", "cleanclip")])
 def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, defense, objective):
     """What trigger.sh runs for each defense, in process."""

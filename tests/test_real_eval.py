@@ -39,6 +39,12 @@ def test_named_folders_map_by_name(tmp_path):
     assert sorted(set(data.labels.tolist())) == [1, 2]
 
 
+def test_a_folder_not_named_for_its_class_beside_named_ones_is_an_error_not_a_shift(tmp_path):
+    root = _folder_tree(tmp_path / "cifar", ["Apple", "banana", "kite"])  # as many folders as classes
+    with pytest.raises(ParError, match=r"class folder\(s\) \['Apple'\] are not class names, though"):
+        ImageFolderDataset(root, ["banana", "apple", "kite"], size=32)
+
+
 def test_folder_count_mismatch_is_an_error(tmp_path):
     root = _folder_tree(tmp_path / "val", ["n01", "n02"])
     with pytest.raises(ParError, match="2 class folders but 3 class names"):

@@ -173,6 +173,21 @@ def test_robust_accuracy_does_not_grow_with_eps(micro_world, trained):
     assert after["robust_after_apgd-t@4/255"] <= after["robust_after_apgd-ce@4/255"]  # a cascade only removes
 
 
+def test_robust_accuracy_leaves_torchs_global_random_stream_as_it_was_and_refuses_apgd_t_below_4_classes():
+    from par.eval.robust import ZeroShotLogits, robust_accuracy
+
+    torch.manual_seed(0)
+    model = models.create_model("par-micro-vit")
+    logits_fn = ZeroShotLogits(model, torch.nn.functional.normalize(torch.randn(32, 5), dim=0), (0.5,) * 3, (0.25,) * 3)
+    loader = [(torch.rand(6, 3, 32, 32), torch.arange(6) % 5)]
+    state = torch.get_rng_state()
+    robust_accuracy(logits_fn, loader, torch.device("cpu"), 4 / 255, steps=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # torchattacks reseeds the global stream inside
+    three = ZeroShotLogits(model, logits_fn.classifier[:, :3], (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ParError, match="apgd-t needs at least 4 classes, the classifier has 3"):
+        robust_accuracy(three, loader, torch.device("cpu"), 4 / 255, steps=2, progress=False)
+
+
 def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
     import open_clip
 

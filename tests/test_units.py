@@ -252,3 +252,11 @@ def test_file_lock_makes_a_second_process_wait_its_turn(tmp_path):
         open(marks, "a").write("second\n")
     assert child.wait(timeout=30) == 0
     assert marks.read_text().splitlines() == ["held", "released", "second"] and waited > 0.5
+
+
+def test_a_caption_mentions_a_label_as_a_word_or_its_regular_plural():
+    from par.data import mentions_label
+
+    assert mentions_label("Two bananas on a table", "banana") and mentions_label("three buses", "bus")
+    assert mentions_label("a box", "box") and mentions_label("boxes stacked", "box")
+    assert not mentions_label("a bush", "bus") and not mentions_label("carpet", "car")

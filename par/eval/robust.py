@@ -2,9 +2,10 @@
 
 Everything here works in pixel space: images are float ``[0, 1]`` tensors and the attacked
 function normalises inside, so an ``eps`` means the same thing for every encoder. Robust
-accuracy follows AutoAttack's standard order with the maintained ``torchattacks``
-implementations: APGD-CE on every image, then APGD-T (DLR loss, 9 target classes) on those
-still classified correctly; an image is robust only if it survives every attack.
+accuracy runs the first two attacks of AutoAttack's standard version, in its order, with the maintained
+``torchattacks`` implementations (RobustVLM's protocol): APGD-CE on every image, then APGD-T (DLR loss,
+9 target classes) on those still classified correctly; an image is robust only if it survives every
+attack. Without FAB-T and Square it is an upper bound on AutoAttack's robust accuracy.
 """
 from __future__ import annotations
 
@@ -124,6 +125,9 @@ def robust_accuracy(logits_fn: ZeroShotLogits, loader, device, eps: float,
     if not 0 <= eps <= 1:
         raise ParError(f"eps must be in [0, 1], got {eps}")
     names = [ROBUST_ATTACKS.canonical(a) for a in attacks]
+    classes = logits_fn.classifier.shape[1]
+    if "apgd-t" in names and classes < 4:  # its DLR loss reads the 4th-largest logit
+        raise ParError(f"apgd-t needs at least 4 classes, the classifier has {classes}; attack with apgd-ce alone")
     was_training = logits_fn.model.training
     logits_fn.eval()
     clean_correct, robust = [], []
@@ -144,7 +148,9 @@ def robust_accuracy(logits_fn: ZeroShotLogits, loader, device, eps: float,
         for name in names:
             index = alive.nonzero().flatten()
             if len(index) and eps > 0:
-                adversarial = ROBUST_ATTACKS.get(name)(logits_fn, x[index], y[index], eps, steps, seed)
+                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                    # torchattacks' APGD seeds torch's global streams: the caller's draws go on unchanged
+                    adversarial = ROBUST_ATTACKS.get(name)(logits_fn, x[index], y[index], eps, steps, seed)
                 with torch.no_grad():
                     alive[index] = logits_fn(adversarial).argmax(dim=1) == y[index]
             after[name].append(alive.cpu().clone())

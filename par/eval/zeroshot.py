@@ -4,7 +4,7 @@ Clean and triggered evaluation share one code path: images are decoded and resiz
 per batch, the trigger (if any) is applied to the ``[0, 1]`` batch, then the batch is
 normalised and classified against class embeddings built from templates by open_clip's
 ``build_zero_shot_classifier``. ASR counts only images whose true class is not the
-target (the reference code forgets that exclusion). Robust accuracy (``par.robust``) attacks the
+target (the reference code forgets that exclusion). Robust accuracy (``par.eval.robust``) attacks the
 same zero-shot classifier on the first ``robust_max_images`` clean images, per eps.
 """
 from __future__ import annotations
