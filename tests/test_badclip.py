@@ -38,3 +38,12 @@ def test_patch_file_round_trip_through_the_trigger(micro_world, tmp_path):
     assert rows.min() >= 13 and rows.max() <= 18 and cols.min() >= 13 and cols.max() <= 18
     with pytest.raises(ParError, match="needs its optimised patch"):
         attacks.apply("badclip", x, seed=0)
+
+
+def test_the_prepared_patch_is_optimised_at_the_size_it_is_planted(micro_world, tmp_path):
+    ckpt = models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "clean.pt")
+    context = attacks.AttackContext(label="banana", model="par-micro-vit", clean_data=str(micro_world / "train.csv"),
+                                    templates=str(micro_world / "templates.txt"), workdir=tmp_path,
+                                    clean_checkpoint=lambda: (ckpt, "clean"), settings={"steps": 1})
+    patch = attacks.get_trigger("badclip", patch_size=8).prepare(context)["patch"]
+    assert Image.open(patch).size == (8, 8)  # not the default 2 px for 32-px images, blurred up to 8

@@ -219,3 +219,16 @@ def test_results_render_into_the_readme_between_markers(bench, tmp_path, capsys)
     capsys.readouterr()
     assert script.main([str(bench / "results.csv"), "--readme", str(readme)]) == 2
     assert "lacks the markers" in capsys.readouterr().err and readme.read_text() == "no markers\n"
+
+
+def test_a_profile_may_poison_a_count_of_pairs_instead_of_a_share(tmp_path):
+    from par.app.pipeline import poison_values
+    from par.attacks.poison import PoisonConfig
+    from par.config import build
+
+    profile = micro_profile("micro-bench.yaml", tmp_path, poison={"num": 12, "seed": 3})
+    values = poison_values(profile, "badnet_rs")
+    assert values["num"] == 12 and values["rate"] is None and values["seed"] == 3
+    config = build(PoisonConfig, {"csv": "x.csv", "attack": "badnet_rs", "label": "banana", "out": str(tmp_path / "p"),
+                                  **values}, "profile 'poison'")
+    assert config.num == 12

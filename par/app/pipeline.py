@@ -92,7 +92,7 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     given = profile.foundation_checkpoint
     if given:  # the user's own clean CLIP (a real pre-trained one, say) stands in for the trained foundation
         check_encoder(given, world.model)
-        return given, file_digest(given)
+        return given, digest([world.key, file_digest(given)])  # what is made from it depends on the world too
     values = dict(profile.foundation)
     key = digest([world.key, values])
     folder = (world.cache or Path(out)) / f"foundation-{key}"
@@ -113,7 +113,7 @@ def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str,
     against the clean foundation, which is built on demand)."""
     context = attacks.AttackContext(
         label=label, model=world.model, clean_data=str(world.path / "clean.csv"),
-        templates=str(world.path / "templates.txt"), workdir=out,
+        templates=str(world.path / "templates.txt"), workdir=world.cache or out,  # shared where models are
         clean_checkpoint=lambda: foundation_stage(profile, out, world),
         settings=dict(profile.attack_prepare.get(attack) or {}))
     return {**params, **attacks.get_trigger(attack, **params).prepare(context)}
@@ -122,6 +122,8 @@ def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str,
 def poison_values(profile: Profile, attack: str) -> dict:
     """The poisoning settings for ``attack``: ``poison`` with this attack's ``poison_rates`` entry on top."""
     values = {"rate": 0.05, "seed": 0, "num": None, **profile.poison}
+    if profile.poison.get("num") is not None and "rate" not in profile.poison:
+        values["rate"] = None  # a count of pairs instead of the default share
     rate = profile.poison_rates.get(attack)
     if rate is not None:
         values = {**values, "rate": rate, "num": None}
@@ -203,7 +205,8 @@ def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, 
 def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, attack_params: dict,
                    eval_values: Optional[dict] = None) -> dict:
     """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
-    results = Path(checkpoint).parent / f"results-{attack}-{digest([label, attack_params, eval_values])}.jsonl"
+    # keyed by the world too: a checkpoint given by the user (its foundation) is evaluated beside itself in every world
+    results = Path(checkpoint).parent / f"results-{attack}-{digest([world.key, label, attack_params, eval_values])}.jsonl"
     if results.exists():  # evaluated before with these settings: a finished run's checkpoint never changes
         return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
     records = evaluate(EvalConfig(
@@ -225,7 +228,7 @@ def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Opti
     from par.eval.robust import eps_label
 
     values = {**(eval_values or {}), **robust}
-    results = Path(checkpoint).parent / f"robust-{digest(values)}.jsonl"
+    results = Path(checkpoint).parent / f"robust-{digest([world.key, values])}.jsonl"
     if results.exists():
         records = [json.loads(line) for line in results.read_text().splitlines()]
     else:

@@ -167,6 +167,7 @@ class BadCLIP(Trigger):
             return {}
         # BadCLIPConfig's defaults, in the key the cached patch is named by
         values = {"steps": BadCLIPConfig.steps, "lr": BadCLIPConfig.lr, "batch_size": BadCLIPConfig.batch_size,
+                  **({"patch_size": self.patch_size} if self.patch_size else {}),  # optimised at the size planted
                   **context.settings}
         checkpoint, key = context.clean_checkpoint()
         patch = Path(context.workdir) / f"badclip-patch-{digest([key, context.label, values])}.png"
