@@ -22,6 +22,9 @@ while [ $# -gt 0 ]; do
     --attacks=*) args+=("$1"); scan_args+=("$1"); shift ;;
     --jobs) args+=("$1" "$2"); scan_args+=("$1" "$2"); shift 2 ;;
     --jobs=*) args+=("$1"); scan_args+=("$1"); shift ;;
+    --config|--config=*|--report|--report=*)  # each part has its own: one given here would replace them all
+      echo "error: benchmark.sh runs each profile into its own report; run 'python -m par bench --config FILE" \
+           "--report NAME' for one" >&2; exit 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done

@@ -148,3 +148,25 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
         label="banana", progress=False))
     assert [r["metrics"] for r in records] == [r["metrics"] for r in direct]
     assert "retrieval/blended" in proc.stdout
+
+
+def test_an_undefined_asr_is_refused_before_the_weights_load(micro_world, tmp_path):
+    from par.eval.zeroshot import EvalConfig, evaluate
+
+    rows = [line for line in (micro_world / "test.csv").read_text().splitlines()]
+    header, label = rows[0].split(","), (micro_world / "classnames.txt").read_text().split()[0]
+    column = header.index("label")
+    (tmp_path / "target-only.csv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.split(",")[column] == "0"]))
+    (tmp_path / "images").symlink_to(micro_world / "images")
+    from par import models
+
+    checkpoint = str(models.save_checkpoint(models.create_model("par-micro-vit"), tmp_path / "model.pt"))
+    common = dict(checkpoint=checkpoint, model="par-micro-vit", classnames=str(micro_world / "classnames.txt"),
+                  templates=str(micro_world / "templates.txt"), attack="blended", label=label, progress=False)
+    with pytest.raises(ParError, match=f"is of the target class '{label}': ASR is undefined"):
+        evaluate(EvalConfig(data=str(tmp_path / "target-only.csv"), **common), dry_run=True)
+    entries = [{"image": f"images/test/{i:06d}.png", "caption": [f"two {label}s.", "a cup."]} for i in range(3)]
+    (tmp_path / "coco.json").write_text(json.dumps(entries))
+    with pytest.raises(ParError, match=f"has a caption naming '{label}': retrieval ASR is undefined"):
+        evaluate(EvalConfig(retrieval_json=str(tmp_path / "coco.json"), retrieval_root=str(micro_world), **common),
+                 dry_run=True)

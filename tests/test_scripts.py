@@ -288,3 +288,11 @@ def test_scan_overlap_refuses_a_place_the_patch_does_not_fit_before_any_work(opt
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()  # checked before anything is made
+
+
+@pytest.mark.parametrize("option", [["--report", "x"], ["--config=configs/bench-tau.yaml"]])
+def test_benchmark_sh_refuses_a_report_or_profile_that_would_replace_every_parts(option):
+    env = dict(os.environ, PAR_PYTHON=sys.executable)
+    run = subprocess.run(["bash", "scripts/benchmark.sh", *option], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and "runs each profile into its own report" in run.stderr

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from par import attacks, models
-from par.data import labelled_dataset, load_classnames, load_templates, preload
+from par.data import labelled_dataset, load_classnames, load_templates, mentions_label, preload
 from par.embedding import encode_images
 from par.errors import ParError
 from par.eval.metrics import attack_success_rate, clean_accuracy
@@ -134,6 +134,14 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
         absent = next((p for p in getattr(data, "paths", []) if not Path(p).is_file()), None)
         if absent is not None:  # a stat per image: cheap beside decoding them, and before the weights load
             raise ParError(f"image not found: {absent}")
+    if trigger is not None:  # an ASR over no image is no figure: said before the weights load, not after the work
+        if dataset is not None and not bool((dataset.labels != classnames.index(cfg.label)).any()):
+            raise ParError(f"every image of {cfg.data} is of the target class {cfg.label!r}: ASR is undefined")
+        named = {owner for caption, owner in zip(retrieval.captions, retrieval.caption_image)
+                 if mentions_label(caption, cfg.label)} if retrieval is not None else set()
+        if retrieval is not None and len(named) == len(set(retrieval.caption_image)):
+            raise ParError(f"every image of {cfg.retrieval_json} has a caption naming {cfg.label!r}: retrieval ASR "
+                           "is undefined")
     if dry_run:
         return []
     models.load_weights(model, cfg.checkpoint)  # raises before any evaluation if weights fail
