@@ -36,6 +36,9 @@ def test_disagreement_rule_on_hand_made_views():
     assert [r["flagged"] for r in disagreements(clip, oracle, captions, NAMES, 0.66, 1, ["clip"])] == [True, False, False, False]
     # a longer object list (tau 3) holds every class: nothing is unsupported
     assert not any(r["flagged"] for r in disagreements(clip, oracle, captions, NAMES, 0.66, 3))
+    # a class the oracle gives 0 (a detector saw none) is not on its list, however long the list is
+    seen_none = disagreements(clip[:1], torch.tensor([[0.0, 0.9, 0.0]]), ["a car."], NAMES, 0.66, 3)
+    assert seen_none[0]["flagged"] and seen_none[0]["unsupported"] == [0]
 
 
 def test_victim_ranking_prefers_the_over_flagged_label():
@@ -138,6 +141,29 @@ def test_world_oracle_learns_only_from_clean_pairs_and_is_cached(micro_world, wo
         f"{micro_world}/images/clean/{i:06d}.png,a banana.,{int(i == 0)}" for i in range(20)))
     with pytest.raises(ParError, match="has poisoned rows: the oracle learns from clean data only"):
         make_oracle("world-classifier", OracleContext(names, clean_data=str(poisoned), workdir=str(tmp_path)))
+
+
+def test_a_world_oracle_is_the_same_whatever_the_caller_drew_before_and_leaves_its_stream(micro_world, tmp_path):
+    names = (micro_world / "classnames.txt").read_text().split()
+    weights = []
+    for seed in (1, 2):  # two processes' histories: the first cell of a benchmark to need the oracle trains it
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        oracle = make_oracle("world-classifier", OracleContext(
+            names, clean_data=str(micro_world / "clean.csv"), workdir=str(tmp_path / str(seed)),
+            params={"epochs": 1}, progress=False))
+        assert torch.equal(torch.get_rng_state(), state)
+        weights.append(oracle.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_eftclip_refuses_senseless_victim_settings():
+    from par.defenses.eftclip import EftCLIPParams
+
+    with pytest.raises(ParError, match="victim_weight must be at least 1"):
+        EftCLIPParams(victim_weight=0)
+    with pytest.raises(ParError, match="victims must be between 0 and 5"):
+        EftCLIPParams(victims=6)
 
 
 def test_torchvision_detector_plugin_runs_with_the_users_weights(tmp_path):

@@ -78,10 +78,11 @@ class AdversarialObjective(Objective):
         ctx, p = self.context, self.params
         was_training = tower.training
         tower.eval()  # BatchNorm statistics (RN50) are not updated by the attack's passes
-        adversarial = pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
-                          p.step_size, p.random_start, self.generator)
-        tower.train(was_training)
-        return adversarial
+        try:
+            return pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
+                       p.step_size, p.random_start, self.generator)
+        finally:  # also when the attack fails (out of memory, say): the tower trains on as it did
+            tower.train(was_training)
 
     def state_dict(self):
         return {"pgd_generator": self.generator.get_state()}

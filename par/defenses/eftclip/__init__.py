@@ -29,6 +29,12 @@ class EftCLIPParams:
     victims: int = 1  # top-ranked labels treated as victims
     victim_weight: int = 2  # unflagged pairs of a victim label appear this many times in the curated set
 
+    def __post_init__(self):
+        if not 0 <= self.victims <= 5:  # the ranking names the 5 most over-flagged labels
+            raise ParError(f"eftclip victims must be between 0 and 5, got {self.victims}")
+        if self.victim_weight < 1:
+            raise ParError(f"eftclip victim_weight must be at least 1 (1: no up-weighting), got {self.victim_weight}")
+
 
 @defense("eftclip")
 class EftCLIP(MultiStageDefense):
@@ -115,8 +121,9 @@ class EftCLIP(MultiStageDefense):
 
         path, report = Path(job.out) / "curate" / "curated.csv", Path(job.out) / "defense-report.json"
         p, summary = self.params(job), outputs["detect"]
-        if path.exists() and report.exists() and json.loads(report.read_text())["detection"]["folder"] == summary["folder"]:
-            return path  # curated before from the same detection (its folder is keyed by all it depends on)
+        curation = {"detection": summary["folder"], "victims": p.victims, "victim_weight": p.victim_weight}
+        if path.exists() and report.exists() and json.loads(report.read_text()).get("curation") == curation:
+            return path  # curated before the same way from the same detection (its folder is keyed by its inputs)
         victims = [v["label"] for v in summary["victims"][: p.victims] if v["excess"] > 0]
         flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(bool).tolist()
         frame = read_csv(job.poisoned_data, ["image", "caption"])
@@ -135,7 +142,7 @@ class EftCLIP(MultiStageDefense):
             "detection": {"rows": summary["rows"], "flagged": summary["flagged"], "victim": summary["victim"],
                           "victims": summary["victims"], "metrics": summary.get("metrics"),
                           "folder": summary["folder"]},
-            "curated_pairs": len(curated), "dropped": int(sum(flagged)),
+            "curation": curation, "curated_pairs": len(curated), "dropped": int(sum(flagged)),
             "victim_pairs_upweighted": len(victim_rows)}, indent=1) + "\n")
         return path
 

@@ -42,7 +42,7 @@ from par.errors import ParError
 from par.eval.metrics import detection_metrics
 from par.defenses.eftclip.oracles import ORACLES, OracleContext, make_oracle
 from par.utils import (atomic_write, atomic_write_text, autocast, check_device, check_output_dir, file_digest,
-                       inference_precision, pick_device)
+                       inference_precision, path_digest, pick_device)
 
 VIEWS = ("clip", "caption")
 SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
@@ -111,7 +111,10 @@ def detect(cfg: DetectConfig) -> dict:
 
     classnames = check(cfg)
     out = Path(cfg.out)
-    settings = {**asdict(cfg), "data_digest": file_digest(cfg.data), "checkpoint_digest": file_digest(cfg.checkpoint)}
+    settings = {**asdict(cfg), "data_digest": file_digest(cfg.data), "checkpoint_digest": file_digest(cfg.checkpoint),
+                "clean_data_digest": file_digest(cfg.clean_data) if cfg.clean_data else None,
+                "classnames_digest": None if cfg.classnames == "imagenet" else path_digest(cfg.classnames),
+                "templates_digest": None if cfg.templates == "openai" else path_digest(cfg.templates)}
     for key in ("out", "progress", "device", "batch_size", "oracle_cache"):
         settings.pop(key)
     summary_path = out / "summary.json"
@@ -121,12 +124,12 @@ def detect(cfg: DetectConfig) -> dict:
             return summary
         raise ParError(f"{out} holds a detection with other settings or inputs; choose another --out")
     device = pick_device(cfg.device)
+    model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any work if weights fail
     oracle_data, calibration_data = split_clean(cfg.clean_data, cfg.image_root, cfg.calibrate, out / "clean-split")
     oracle = make_oracle(cfg.oracle, OracleContext(
         classnames, clean_data=oracle_data, image_root=None if calibration_data else cfg.image_root,
         device=str(device), workdir=cfg.oracle_cache or str(out / "oracles"), params=dict(cfg.oracle_params),
         progress=cfg.progress))
-    model = models.load_model(cfg.model, cfg.checkpoint, device)  # raises before any work if weights fail
     mean, std = models.image_mean_std(model)
     tokenizer = models.get_tokenizer(cfg.model)
     classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
@@ -180,7 +183,8 @@ def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions:
             claims[int(clip_label[i])] = float(clip_conf[i])
         if "caption" in views:
             claims.update({c: 1.0 for c in captioned})
-        objects = set(listed[i].tolist())
+        # what the oracle saw: a detector gives most classes exactly 0, and topk fills a short list with them
+        objects = {c for c in listed[i].tolist() if float(oracle_conf[i, c]) > 0}
         unsupported = [c for c, conf in claims.items() if conf >= theta and c not in objects]
         score = max((conf * (1.0 - float(oracle_conf[i, c])) for c, conf in claims.items()), default=0.0)
         rows.append({"row": i, "flagged": bool(unsupported), "score": score, "unsupported": unsupported,

@@ -108,16 +108,21 @@ class WorldClassifier(Oracle):
             raise ParError("oracle 'world-classifier' learns from the defender's clean pairs: give clean data "
                            "(--clean-data, or the cleaning job's train CSV)")
         self.device = torch.device(context.device)
-        key = file_digest(context.clean_data)[:8] + "-" + digest([self.classnames, vars(self.params)])[:8]
+        root = str(Path(context.image_root).resolve()) if context.image_root else None  # where the CSV's images are
+        key = file_digest(context.clean_data)[:8] + "-" + digest([self.classnames, vars(self.params), root])[:8]
         folder = Path(context.workdir) / f"world-classifier-{key}"
         self.manifest_path = folder / "manifest.json"
-        self.model = SmallCNN(len(self.classnames)).to(self.device)
-        if self.manifest_path.exists():
-            from par.models import load_checkpoint
+        # seeded here, in a stream of its own: the oracle is a function of what it learns from, not of what
+        # the calling process drew before (the first of a benchmark's cells to need it trains it)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.params.seed)
+            self.model = SmallCNN(len(self.classnames)).to(self.device)
+            if self.manifest_path.exists():
+                from par.models import load_checkpoint
 
-            self.model.load_state_dict(load_checkpoint(folder / "oracle.safetensors"))
-        else:
-            self._train(context, folder)
+                self.model.load_state_dict(load_checkpoint(folder / "oracle.safetensors"))
+            else:
+                self._train(context, folder)
         self.model.eval()
 
     def _train(self, context: OracleContext, folder: Path) -> None:
@@ -140,7 +145,6 @@ class WorldClassifier(Oracle):
         images = preload(subset, desc="oracle: decode clean images", progress=context.progress).tensors[0]
         targets = torch.tensor([labels[i] for i in rows])
         generator = torch.Generator().manual_seed(self.params.seed)
-        torch.manual_seed(self.params.seed)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.params.lr, weight_decay=1e-4)
         self.model.train()
         steps = self.params.epochs * (len(rows) // self.params.batch_size + 1)
