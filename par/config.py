@@ -91,8 +91,10 @@ def _coerce(value, hint, key: str, source: str):
         if origin in (list, tuple) and isinstance(value, (list, tuple)):
             return [_coerce(v, args[0], key, source) for v in value] if args else list(value)
         if (hint is dict or origin is dict) and isinstance(value, dict):
+            if len(args) == 2 and args[1] in (int, float, str, bool):  # poison_rates: {badclip: 1e-2}
+                return {k: _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
             return value
-    except (TypeError, ValueError, ZeroDivisionError):
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):  # OverflowError: int(inf)
         pass
     name = getattr(hint, "__name__", str(hint))
     raise ParError(f"{source} key {key!r} must be {name}, got {value!r}")

@@ -33,11 +33,19 @@ def load_plugins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for module in [m.strip() for m in os.environ.get("PAR_PLUGINS", "").split(",") if m.strip()]:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ParError(f"cannot import plugin module {module!r} named in PAR_PLUGINS: {e}") from None
-    for entry in entry_points(group="par.plugins"):
-        entry.load()
+    _loaded = True  # set first: a plugin's import may look names up
+    try:
+        for module in [m.strip() for m in os.environ.get("PAR_PLUGINS", "").split(",") if m.strip()]:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ParError(f"cannot import plugin module {module!r} named in PAR_PLUGINS: {e}") from None
+        for entry in entry_points(group="par.plugins"):
+            try:
+                entry.load()
+            except Exception as e:
+                raise ParError(f"cannot load plugin {entry.name!r} ({entry.value}) of the par.plugins entry points: "
+                               f"{type(e).__name__}: {e}") from None
+    except BaseException:  # every later lookup meets the same error, not a registry missing the plugins
+        _loaded = False
+        raise

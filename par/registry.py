@@ -27,8 +27,12 @@ class Registry(Generic[T]):
         """Imports the package that registers the built-ins (once): a module that holds only the registry
         (the training loop's view of objectives) still finds every built-in by name."""
         if self._builtins:
-            package, self._builtins = self._builtins, None
-            importlib.import_module(package)
+            package, self._builtins = self._builtins, None  # cleared first: the package's import looks names up
+            try:
+                importlib.import_module(package)
+            except BaseException:  # not a half-filled registry: the next lookup meets the same error
+                self._builtins = package
+                raise
 
     @staticmethod
     def _key(name: str) -> str:
@@ -85,16 +89,21 @@ class Registry(Generic[T]):
         return item
 
     def names(self) -> list:
+        """Every registered name, the plugins' included."""
         self._load_builtins()
+        load_plugins()
         return sorted(self._items)
 
     def in_order(self) -> list:
-        """Names in registration order (e.g. the paper's order of attacks)."""
+        """Names in registration order (e.g. the paper's order of attacks; the plugins' after the built-ins)."""
         self._load_builtins()
+        load_plugins()
         return list(self._items)
 
     def __contains__(self, name: str) -> bool:
         self._load_builtins()
+        if self._key(name) not in self._aliases:
+            load_plugins()
         return self._key(name) in self._aliases
 
     def __iter__(self) -> Iterator[str]:

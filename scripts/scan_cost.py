@@ -37,17 +37,25 @@ from par.scan.base import ScanContext, make_scanner  # noqa: E402
 from par.utils import autocast, inference_precision, pick_device  # noqa: E402
 
 
-def per_stamped_image(scanner, ctx: ScanContext, family: str, labels: int, steps: int) -> float:
-    """Seconds per stamped image and step of ``scanner``'s inversion (after one untimed warm-up)."""
-    chosen = list(range(labels))
-    scanner._optimise(ctx, family, chosen, 1, "timing (warm-up)")
-    if ctx.device.type == "cuda":
+def _timed(work, device: torch.device) -> float:
+    if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    scanner._optimise(ctx, family, chosen, steps, "timing")
-    if ctx.device.type == "cuda":
+    work()
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - started) / (labels * ctx.images.shape[0] * (steps + 1))  # + the final forward
+    return time.perf_counter() - started
+
+
+def per_stamped_image(scanner, ctx: ScanContext, family: str, labels: int, steps: int) -> dict:
+    """Seconds per stamped image of one step of ``scanner``'s inversion (forward and backward) and of the
+    no-grad forward that ends every inversion, timed apart (after one untimed warm-up): a step costs about
+    three forwards, so one figure for both would misprice whichever phase has the fewer steps."""
+    chosen, stamped = list(range(labels)), labels * ctx.images.shape[0]
+    scanner._optimise(ctx, family, chosen, 1, "timing (warm-up)")
+    forward = _timed(lambda: scanner._optimise(ctx, family, chosen, 0, "timing"), ctx.device)
+    run = _timed(lambda: scanner._optimise(ctx, family, chosen, steps, "timing"), ctx.device)
+    return {"step": max(run - forward, 0.0) / (stamped * steps), "forward": forward / stamped}
 
 
 def estimate(model_name: str, labels: int, images: int, timing_images: int, timing_steps: int, device: str,
@@ -84,15 +92,17 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
     pruned = labels > top_k + p.reference_labels
     inverted = min(labels, top_k + p.reference_labels) if pruned else labels
     phases = [("zero-shot classifier", labels * len(prompts), text_seconds, "text prompts")]
+    def inversions(how_many: int, steps: int, family: str) -> tuple:  # (stamped images, seconds): steps + the forward
+        cost = seconds[family]
+        return how_many * (steps + 1) * images, how_many * images * (steps * cost["step"] + cost["forward"])
+
     if pruned:
-        count = labels * p.rank_steps * images
-        phases.append(("ranking pass", count, count * seconds["patch"], "stamped images"))
+        phases.append(("ranking pass", *inversions(labels, p.rank_steps, "patch"), "stamped images"))
     for family in p.families:
-        count = inverted * (p.steps + 1) * images
-        phases.append((f"full inversion ({family})", count, count * seconds[family], "stamped images"))
-    if "patch" in p.families and p.refine_steps:
+        phases.append((f"full inversion ({family})", *inversions(inverted, p.steps, family), "stamped images"))
+    if "patch" in p.families and p.refine_steps:  # a step each, no closing forward
         count = p.refine_steps * images
-        phases.append(("refinement (flagged label)", count, count * seconds["patch"], "stamped images"))
+        phases.append(("refinement (flagged label)", count, count * seconds["patch"]["step"], "stamped images"))
     total = sum(s for _, _, s, _ in phases)
     per_label = sum(s for name, _, s, _ in phases if name.startswith("full")) / inverted
     return {"model": model_name, "image_size": size, "device": str(device), "precision": precision,
@@ -104,7 +114,7 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
             "timing_steps": timing_steps,
             "phases": [{"phase": n, "count": c, "unit": u, "seconds": round(s, 2)} for n, c, s, u in phases],
             "seconds_per_label_inverted": round(per_label, 2),
-            "seconds_per_label_ranked": round(p.rank_steps * images * seconds["patch"], 3) if pruned else None,
+            "seconds_per_label_ranked": round(inversions(1, p.rank_steps, "patch")[1], 3) if pruned else None,
             "total_seconds": round(total, 1)}
 
 

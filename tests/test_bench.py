@@ -232,3 +232,13 @@ def test_a_profile_may_poison_a_count_of_pairs_instead_of_a_share(tmp_path):
     config = build(PoisonConfig, {"csv": "x.csv", "attack": "badnet_rs", "label": "banana", "out": str(tmp_path / "p"),
                                   **values}, "profile 'poison'")
     assert config.num == 12
+
+
+def test_the_worlds_key_does_not_depend_on_its_worker_count(tmp_path):
+    from par.app.pipeline import make_world_stage
+
+    one = make_world_stage(micro_profile("micro-bench.yaml", tmp_path / "a", world={"seed": 5, "train": 40, "clean": 8,
+                                                                                     "test": 8, "workers": 1}), tmp_path)
+    two = make_world_stage(micro_profile("micro-bench.yaml", tmp_path / "b", world={"seed": 5, "train": 40, "clean": 8,
+                                                                                     "test": 8, "workers": 2}), tmp_path)
+    assert one.key == two.key  # the foundation and everything after it stay cached

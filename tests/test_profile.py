@@ -67,6 +67,25 @@ def test_scan_settings_are_read_under_the_scanners_registered_names_and_checked_
     assert "scanner_params of 'decree'" in message and "stepz" in message
 
 
+def test_attacks_and_defenses_are_read_under_their_registered_names_in_lists_and_as_keys(tmp_path):
+    profile = Profile.load(_write(tmp_path / "a", attacks=["badnet-stripes", "random"],
+                                  attack_params={"badnet-stripes": {"patch_size": 6}}, poison_rates={"BadNet": 0.01},
+                                  defense_settings={"PAR": {"lr": 1e-5}}))
+    assert profile.attacks == ["badnet_rs", "random"] and profile.attack_params == {"badnet_rs": {"patch_size": 6}}
+    assert profile.poison_rates == {"random": 0.01} and set(profile.defense_settings) == {"par"}
+    assert "names ['random'] more than once" in _error(_write(tmp_path / "b", attacks=["badnet", "random"]))
+    assert "names one attack" in _error(_write(tmp_path / "c", poison_rates={"badnet": 0.01, "random": 0.05}))
+    assert "unknown attack 'badnet-strips'" in _error(_write(tmp_path / "d", attack_params={"badnet-strips": {}}))
+    assert "lists a seed twice" in _error(_write(tmp_path / "e", seeds=[0, 0]))
+
+
+def test_misspelt_stage_or_evaluation_settings_are_refused_as_the_profile_is_read(tmp_path):
+    message = _error(_write(tmp_path / "a", eval={"bach_size": 256}))
+    assert "unknown profile 'eval' key(s) ['bach_size']" in message
+    message = _error(_write(tmp_path / "b", clean={"steps": 2, "lr_warmup": 3}))
+    assert "unknown profile 'clean' key(s) ['lr_warmup']" in message
+
+
 def test_a_stage_path_that_does_not_resolve_names_the_key_and_the_path(tmp_path):
     message = _error(_write(tmp_path, foundation="micro/foundation.yaml"))  # relative to the profile, not the repo
     assert message.startswith("profile key 'foundation': no file micro/foundation.yaml")

@@ -188,9 +188,11 @@ def test_scan_cost_counts_each_phase_at_the_scanners_settings(tmp_path, capsys):
                    "--out", str(out)], capsys)
     record = json.loads(out.read_text())
     phases = {p["phase"]: p["count"] for p in record["phases"]}
-    # 40 labels > top_k 10 + 10 reference: all ranked (10 steps), 20 inverted fully (7 steps + the final forward)
+    # 40 labels > top_k 10 + 10 reference: all ranked (10 steps + the final forward), 20 inverted fully (7 + 1)
     assert record["pruned"] and record["inverted_fully"] == 20
-    assert phases["ranking pass"] == 40 * 10 * 16
+    assert phases["ranking pass"] == 40 * 11 * 16
+    cost = record["seconds_per_stamped_image"]["patch"]
+    assert cost["step"] > 0 and cost["forward"] > 0  # timed apart
     assert phases["full inversion (patch)"] == phases["full inversion (blend)"] == 20 * 8 * 16
     assert phases["refinement (flagged label)"] == 200 * 16 and phases["zero-shot classifier"] == 40 * 80
     assert record["total_seconds"] > 0 and "| **total** |" in stdout and record["precision"] == "fp32"

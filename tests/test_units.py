@@ -1,7 +1,7 @@
 """Small pieces checked against values worked out by hand: the erase augmentation, the registry, config coercion."""
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -106,8 +106,31 @@ def test_registry_imports_user_plugins_for_an_unknown_name(tmp_path, monkeypatch
 def test_a_plugin_that_fails_to_import_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PAR_PLUGINS", "no_such_par_plugin_module")
     monkeypatch.setattr(plugins, "_loaded", False)
-    with pytest.raises(ParError, match="no_such_par_plugin_module"):
-        plugins.load_plugins()
+    for _ in range(2):  # every time: not a registry silently missing the plugins after the first try
+        with pytest.raises(ParError, match="no_such_par_plugin_module"):
+            plugins.load_plugins()
+
+
+def test_plugins_are_listed_with_the_built_ins_without_a_lookup_first(tmp_path, monkeypatch):
+    from par.triggers import TRIGGERS
+
+    (tmp_path / "my_listed_plugin.py").write_text(
+        "from par.triggers import TRIGGERS\nTRIGGERS.add('unit_test_listed_trigger', object())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PAR_PLUGINS", "my_listed_plugin")
+    monkeypatch.setattr(plugins, "_loaded", False)
+    try:
+        assert TRIGGERS.in_order()[-1] == "unit_test_listed_trigger"  # e.g. the benchmark's "every attack"
+    finally:
+        TRIGGERS._items.pop("unit_test_listed_trigger", None)
+        TRIGGERS._aliases.pop("unit_test_listed_trigger", None)
+
+
+def test_a_registry_whose_built_ins_fail_to_import_fails_the_same_way_every_time():
+    reg = Registry("thing", builtins="no_such_par_builtins_package")
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="no_such_par_builtins_package"):
+            reg.canonical("anything")
 
 
 # config --------------------------------------------------------------------------------------------
@@ -136,6 +159,8 @@ class _Settings:
     (Optional[int], "7", 7),
     (List[int], ["1", 2.0], [1, 2]),
     (dict, {"a": 1}, {"a": 1}),
+    (Dict[str, float], {"badclip": "1e-2"}, {"badclip": 0.01}),
+    (Dict[str, dict], {"par": {"lr": "1e-4"}}, {"par": {"lr": "1e-4"}}),  # a stage's own build reads it
 ])
 def test_coerce_converts_what_yaml_and_the_command_line_give(hint, value, expected):
     out = config._coerce(value, hint, "k", "test")
@@ -151,10 +176,16 @@ def test_coerce_converts_what_yaml_and_the_command_line_give(hint, value, expect
     (List[int], 3),
     (dict, [1]),
     (int, "ten"),
+    (int, float("inf")),  # int(inf) overflows: an error naming the key, not a traceback
 ])
 def test_coerce_rejects_values_of_the_wrong_kind(hint, value):
     with pytest.raises(ParError, match="'k'"):
         config._coerce(value, hint, "k", "test")
+
+
+def test_coerce_names_the_entry_of_a_mapping_that_is_of_the_wrong_kind():
+    with pytest.raises(ParError, match="key 'poison_rates.badclip' must be float, got 'often'"):
+        config._coerce({"badclip": "often"}, Dict[str, float], "poison_rates", "profile")
 
 
 def test_coerce_rejects_empty_for_a_required_type():

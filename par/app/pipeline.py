@@ -7,7 +7,7 @@ missing (a finished stage is never overwritten).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -70,7 +70,9 @@ def _stage_model(profile: Profile) -> str:
 def make_world_stage(profile: Profile, out: Path, folder: Optional[str] = None) -> World:
     """The synthetic world, in the shared cache when the profile names one (``world-{key}``)."""
     cfg = build(WorldConfig, profile.world, "profile 'world'")
-    key = digest(asdict(cfg))
+    # keyed as at the default worker count: workers change how fast a world is drawn, never what it holds
+    # (par.synthetic.config_fingerprint), and everything cached after it is keyed by this key
+    key = digest(asdict(replace(cfg, workers=WorldConfig.workers)))
     cache = cache_dir(profile, out)
     if folder is None:
         folder = f"world-{key}" if profile.cache else "world"
@@ -209,11 +211,11 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     results = Path(checkpoint).parent / f"results-{attack}-{digest([world.key, label, attack_params, eval_values])}.jsonl"
     if results.exists():  # evaluated before with these settings: a finished run's checkpoint never changes
         return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
-    records = evaluate(EvalConfig(
-        checkpoint=str(checkpoint), model=world.model, data=world.test_csv,
-        classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
-        attack=attack, label=label, attack_params=attack_params, out=str(results), **(eval_values or {}),
-    ))
+    records = evaluate(build(EvalConfig, {
+        "checkpoint": str(checkpoint), "model": world.model, "data": world.test_csv,
+        "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
+        "attack": attack, "label": label, "attack_params": attack_params, "out": str(results), **(eval_values or {}),
+    }, "profile 'eval'"))
     return merged_metrics(records)
 
 

@@ -97,6 +97,53 @@ def _canonical_scan(scan: ScanBench) -> ScanBench:
     return dataclasses.replace(scan, scanners=names, scanner_params=params)
 
 
+def _check_settings(plain: "Profile", read: dict) -> None:
+    """The stages' training settings and the evaluation settings, as the stages will read them, before any
+    work: a misspelt key in them would otherwise surface when its stage runs, hours in."""
+    from par.eval.zeroshot import EvalConfig
+    from par.train import train_config
+
+    for key in STAGES:  # the keys and their types (their values are validated as each stage starts)
+        if read.get(key):
+            train_config({"model": "-", **read[key], "train_data": "-", "out": "-"}, f"profile {key!r}")
+    if plain.eval:
+        build(EvalConfig, {"checkpoint": "-", "model": "-", "data": "-", **plain.eval}, "profile 'eval'")
+
+
+def _canonical_names(profile: "Profile") -> "Profile":
+    """``profile`` with every attack and defense, in lists and as keys of per-attack / per-defense settings,
+    under its registered name: settings given under an alias (``badnet-stripes``) are not silently left
+    unused; an unknown name, a name listed twice or two keys naming one thing are errors before any work."""
+    from par.attacks import TRIGGERS
+    from par.defenses import DEFENSES
+
+    def names(key, registry):
+        value = getattr(profile, key)
+        if value is None:
+            return None
+        canonical = [registry.canonical(n) for n in value]
+        twice = sorted({n for n in canonical if canonical.count(n) > 1})
+        if twice:
+            raise ParError(f"profile key {key!r} names {twice} more than once (under one name or its aliases)")
+        return canonical
+
+    def keyed(key, registry):
+        mapping = getattr(profile, key)
+        canonical = {registry.canonical(k): v for k, v in mapping.items()}
+        if len(canonical) != len(mapping):
+            raise ParError(f"profile key {key!r} names one {registry.kind} twice (under aliases): {list(mapping)}")
+        return canonical
+
+    if len(set(profile.seeds)) != len(profile.seeds):
+        raise ParError(f"profile key 'seeds' lists a seed twice: {profile.seeds!r}")
+    return dataclasses.replace(
+        profile, attack=TRIGGERS.canonical(profile.attack), defense=DEFENSES.canonical(profile.defense),
+        attacks=names("attacks", TRIGGERS), defenses=names("defenses", DEFENSES),
+        sweep_attacks=names("sweep_attacks", TRIGGERS),
+        **{key: keyed(key, TRIGGERS) for key in ("attack_params", "poison_rates", "attack_prepare")},
+        **{key: keyed(key, DEFENSES) for key in ("defense_settings", "sweeps")})
+
+
 def check_jobs(jobs, owner: str) -> None:
     """A benchmark's ``jobs``: how many models (poisoned ones, clean controls, cells) are trained at once."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -193,7 +240,8 @@ class Profile:
         if values.get("scan"):
             read["scan"] = _canonical_scan(build(ScanBench, _mapping(values["scan"], "scan"), "profile 'scan'"))
         check_jobs(plain.jobs, "profile key 'jobs'")
-        profile = dataclasses.replace(plain, **read)
+        _check_settings(plain, read)
+        profile = _canonical_names(dataclasses.replace(plain, **read))
         profile.poisoning_mode()
         return profile
 
