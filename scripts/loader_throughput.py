@@ -29,16 +29,19 @@ from par.shards import ShardLoader, ShardPairs, is_shard_pattern, write_shards  
 
 
 def make_jpegs(work: Path, n: int, size: int) -> tuple:
-    """(CSV, shard pattern) of ``n`` synthetic-world pictures as ``size`` px JPEGs (reused if present)."""
+    """(CSV, shard pattern) of ``n`` synthetic-world pictures as ``size`` px JPEGs (reused if present: kept in
+    a folder of their count and size, so another ``--make-jpegs``/``--jpeg-size`` is never the old set)."""
     import pandas as pd
     from PIL import Image
 
     from par.synthetic import WorldConfig, make_world
 
+    work = work / f"{n}x{size}px"
     csv = work / "jpeg" / "pairs.csv"
-    if not csv.is_file():
+    if not csv.is_file():  # written last: an interrupted run is redone (its world reused)
         world = work / "world"
-        make_world(WorldConfig(seed=0, image_size=size, train=n, clean=0, test=0, workers=os.cpu_count() or 2), world)
+        make_world(WorldConfig(seed=0, image_size=size, train=n, clean=0, test=0, workers=os.cpu_count() or 2), world,
+                   reuse=True)
         frame = pd.read_csv(world / "train.csv")
         (work / "jpeg" / "images").mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(frame["image"]):
@@ -62,7 +65,7 @@ def loader_for(source: str, tokenizer, size: int, batch: int, workers: int):
 
 def measure(loader, batches: int, warmup: int) -> float:
     """Images/s over ``batches`` batches after ``warmup`` (worker start-up excluded), across epochs."""
-    seen, epoch, start = 0, 0, None
+    seen, epoch, start = 0, 0, None if warmup else time.perf_counter()
     while True:
         for images, _, _, _ in loader.epoch(epoch):
             if warmup:
@@ -76,10 +79,15 @@ def measure(loader, batches: int, warmup: int) -> float:
         epoch += 1
 
 
-def step_rate(spec: str) -> float:
+def step_rate(spec: str, model: str) -> float:
+    """A number, or the fastest ``model`` step a train_throughput.py JSONL holds (the strictest to keep up with)."""
     path = Path(spec)
     if path.is_file():
-        return max(json.loads(line)["samples_per_s"] for line in path.read_text().splitlines() if line.strip())
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rates = [r["samples_per_s"] for r in records if r.get("model") == model]
+        if not rates:
+            raise SystemExit(f"error: {spec} holds no step of {model} (it has {sorted({r.get('model') for r in records})})")
+        return max(rates)
     return float(spec)
 
 
@@ -107,7 +115,7 @@ def main(argv=None) -> int:
     if not sources:
         parser.error("give --data and/or --make-jpegs")
     tokenizer = models.get_tokenizer(args.model)
-    step = step_rate(args.step_rate) if args.step_rate else None
+    step = step_rate(args.step_rate, args.model) if args.step_rate else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'source':<44}{'workers':>8}{'images/s':>11}{'per worker':>12}" + (f"{'x step':>9}" if step else ""))

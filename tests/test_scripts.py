@@ -153,8 +153,17 @@ def test_loader_throughput_measures_csv_and_shards(tmp_path, capsys):
     assert [(r["kind"], r["workers"]) for r in records] == [("csv", 0), ("csv", 1), ("shards", 0), ("shards", 1)]
     for r in records:
         assert r["images_per_s"] > 0 and abs(r["ratio_to_step"] - r["images_per_s"] / 50) < 0.01
-    assert (tmp_path / "work" / "shards" / "sizes.json").is_file()
+    assert (tmp_path / "work" / "24x40px" / "shards" / "sizes.json").is_file()  # kept by count and size
     assert "x step" in stdout
+    records_before = len(records)
+    throughput = tmp_path / "train.jsonl"
+    throughput.write_text(json.dumps({"model": "ViT-B-32", "samples_per_s": 5.0}) + "\n" +
+                          json.dumps({"model": "par-micro-vit", "samples_per_s": 40.0}) + "\n")
+    _run(["scripts/loader_throughput.py", "--data", str(tmp_path / "work" / "24x40px" / "jpeg" / "pairs.csv"),
+          "--size", "32", "--model", "par-micro-vit", "--batch", "8", "--workers", "0", "--batches", "2",
+          "--warmup", "0", "--step-rate", str(throughput), "--out", str(out)], capsys)
+    (last,) = [json.loads(line) for line in out.read_text().splitlines()][records_before:]
+    assert abs(last["ratio_to_step"] - last["images_per_s"] / 40) < 0.01  # this model's step, not another's
 
 
 def test_device_check_runs_its_stages_and_reports_them(tmp_path):
