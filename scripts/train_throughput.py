@@ -28,7 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PEAK_TFLOPS = {  # dense tensor-core peaks per precision (fp32 = TF32 tensor cores)
+PEAK_TFLOPS = {  # dense tensor-core peaks per precision (fp32 = TF32 tensor cores); the first name found in the
+    # device's name wins, so the PCIe and NVL cards (lower clocks and power) come before the SXM one
+    "H100 PCIe": {"fp32": 378.0, "amp": 756.0, "amp_bf16": 756.0},
+    "H100 NVL": {"fp32": 417.5, "amp": 835.5, "amp_bf16": 835.5},
     "H100": {"fp32": 495.0, "amp": 989.0, "amp_bf16": 989.0},
     "H200": {"fp32": 495.0, "amp": 989.0, "amp_bf16": 989.0},
 }
