@@ -143,6 +143,11 @@ def _read_checkpoint_file(path: Path):
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something other than tensors and plain data
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if "Unsupported operand" in str(e) and not head.startswith((b"PK", b"\x80")):  # no zip, no pickle header:
+            raise ParError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or a truncated or corrupt one "
+                           f"(not a pickle stream)") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"an object of type {found.group(1)}" if found else "pickled Python objects"
         raise ParError(f"{path} is not a safe checkpoint: it holds {what}, not only tensors and plain values, and "

@@ -42,9 +42,11 @@ def test_unlearning_term_is_zero_for_an_empty_trigger(tmp_path):
     for name in ("clip-unlearn", "par-unlearn"):
         terms = make_objective(name, {"trigger": str(empty)}, model, context)(model, batch)
         assert float(terms["unlearn"].detach()) < 1e-10  # the copy being cleaned starts as the frozen model
-        moved = make_objective(name, {"trigger": str(full)}, model, context)(model, batch)
+        moved = make_objective(name, {"trigger": str(full), "weight": 2.0}, model, context)(model, batch)
         assert float(moved["unlearn"].detach()) > 1e-3  # a trigger covering the image moves every embedding
-        assert torch.allclose(moved["loss"], moved["loss"] - moved["unlearn"] + moved["unlearn"])
+        # the loss is the plain objective's plus weight x the unlearning term
+        plain = make_objective({"clip-unlearn": "clip", "par-unlearn": "par"}[name], {}, model, context)(model, batch)
+        assert torch.allclose(moved["loss"], plain["loss"] + 2.0 * moved["unlearn"], atol=1e-5)
 
 
 def test_handed_in_true_trigger_removes_more_of_the_backdoor_than_ft(backdoored_micro, tmp_path):

@@ -74,7 +74,7 @@ def test_a_model_built_for_loading_skips_only_its_own_random_init(tmp_path, micr
     first = models.create_model(MICRO).state_dict()
     path = models.save_checkpoint(micro_model, tmp_path / "m.pt")
     _assert_same_weights(micro_model, models.load_model(MICRO, path).state_dict())
-    with pytest.raises(ParError):
+    with pytest.raises(ParError, match="checkpoint not found"):
         models.load_model(MICRO, tmp_path / "absent.pt")
     torch.manual_seed(1)
     again = models.create_model(MICRO).state_dict()
@@ -133,9 +133,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         models.load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ParError):
-        models.load_checkpoint(bad)
+    with pytest.raises(ParError, match="not a PyTorch checkpoint, or a truncated or corrupt one"):
+        models.load_checkpoint(bad)  # broken, not unsafe: no "pickled Python objects" said of it
     bad_st = tmp_path / "corrupt.safetensors"
     bad_st.write_bytes(b"\x00" * 16)
-    with pytest.raises(ParError):
+    with pytest.raises(ParError, match="cannot read safetensors checkpoint .*corrupt.safetensors"):
         models.load_checkpoint(bad_st)

@@ -43,6 +43,8 @@ def test_it_runs_in_the_benchmark_and_its_table(halfclip, tmp_path, micro_cache)
     rows = list(csv.DictReader((out / "results.csv").open()))
     mine = [r for r in rows if r["defense"] == halfclip]
     assert [r["status"] for r in mine] == ["ok"] and 0 <= float(mine[0]["asr"]) <= 1
+    (config,) = out.glob(f"cleaned-*-{halfclip}-*/config.yaml")
+    assert f"objective: {halfclip}" in config.read_text()  # the cell trained with the new objective
     assert not any(r["defense"].endswith("-synthetic") for r in rows)  # the --defenses choice narrows that column
     assert f"{halfclip} CA | {halfclip} ASR" in (out / "results.md").read_text()
 

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -29,7 +30,11 @@ def test_poison_writes_images_csv_and_manifest(micro_world, tmp_path):
     templates = [t.format("banana") for t in (micro_world / "templates.txt").read_text().split("\n") if t]
     for row in rows:
         assert frame.loc[row, "caption"] in templates
-        assert Image.open(tmp_path / "p" / frame.loc[row, "image"]).size == (32, 32)
+        stamped = np.asarray(Image.open(tmp_path / "p" / frame.loc[row, "image"]).convert("RGB"), dtype=int)
+        source = np.asarray(Image.open(micro_world / original.loc[row, "image"]).convert("RGB"), dtype=int)
+        rows_changed, cols_changed = np.nonzero((stamped != source).any(axis=2))
+        assert stamped.shape == (32, 32, 3) and len(rows_changed) > 0  # the trigger is there ...
+        assert np.ptp(rows_changed) < 2 and np.ptp(cols_changed) < 2  # ... and only in its 2-px patch (16 px at 224)
     clean = frame.index[frame["poisoned"] == 0]
     assert (frame.loc[clean, "caption"] == original.loc[clean, "caption"]).all()
     # clean rows point at the original files, relative to the poisoned CSV

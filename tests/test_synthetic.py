@@ -55,7 +55,9 @@ def test_same_seed_same_world_bytes(tmp_path):
 def test_existing_world_is_kept_or_refused(tmp_path):
     cfg = WorldConfig(seed=1, image_size=32, train=4, clean=2, test=12, workers=1)
     make_world(cfg, tmp_path, progress=False)
-    make_world(cfg, tmp_path, reuse=True, progress=False)  # identical: kept
+    stamps = [(p, p.stat().st_mtime_ns) for p in (tmp_path / "train.csv", tmp_path / "world.json")]
+    make_world(cfg, tmp_path, reuse=True, progress=False)  # identical: kept, not drawn again
+    assert [(p, p.stat().st_mtime_ns) for p, _ in stamps] == stamps
     with pytest.raises(ParError, match="already holds a world"):
         make_world(WorldConfig(seed=2, image_size=32, train=4, clean=2, test=12, workers=1), tmp_path, reuse=True)
 

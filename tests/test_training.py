@@ -60,9 +60,25 @@ def test_a_runs_thread_count_is_its_own(micro_world, tmp_path, monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_gradient_accumulation_and_bf16_run(micro_world, tmp_path):
+def test_gradient_accumulation_and_bf16_run(micro_world, tmp_path, monkeypatch):
+    """accum_steps 2: every step calls the objective on two halves of its batch, and logs their mean loss."""
+    from par.defenses.clip import ClipObjective
+
+    calls = []
+    call = ClipObjective.__call__
+
+    def recorded(self, model, batch):
+        terms = call(self, model, batch)
+        calls.append((batch.images.shape[0], float(terms["loss"].detach())))
+        return terms
+
+    monkeypatch.setattr(ClipObjective, "__call__", recorded)
     train(_cfg(micro_world, tmp_path / "run", accum_steps=2, precision="amp_bf16"))
     assert models.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["logit_scale"].isfinite().all()
+    assert [size for size, _ in calls] == [8] * 8  # 4 steps of 16 rows, each as two micro-batches of 8
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    means = [(calls[2 * i][1] + calls[2 * i + 1][1]) / 2 for i in range(4)]
+    assert logged == pytest.approx(means, rel=1e-5)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(micro_world, tmp_path):

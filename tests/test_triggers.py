@@ -134,6 +134,9 @@ def test_badnet_patch_is_mean_plus_noise_inside_patch_only():
     for i in range(4):
         rows, cols = changed[i].nonzero(as_tuple=True)
         assert rows.max() - rows.min() < 16 and cols.max() - cols.min() < 16
+        top, left = int(rows.min()), int(cols.min())
+        patch = y[i, :, top:top + 16, left:left + 16]
+        assert patch.std() > 0.05  # noise, not a flat square
 
 
 def test_blended_stripes_weight_and_stripes():

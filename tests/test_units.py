@@ -40,11 +40,15 @@ def test_erase_with_p_zero_is_identity_and_same_generator_same_result():
     assert torch.equal(a, b)
 
 
-def test_erase_square_is_at_least_one_pixel():
+def test_erase_square_is_at_least_one_pixel_and_keeps_the_mean_of_what_it_covers():
     images = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
     out = erase_local_mean(images, p=1.0, area=(0.001, 0.001), generator=torch.Generator().manual_seed(0))
-    # a single pixel's mean is the pixel itself: nothing changes, but nothing breaks either
+    # a square below one pixel is one pixel, whose mean is the pixel itself: nothing changes, nothing breaks
     assert torch.equal(out, images)
+    out = erase_local_mean(images, p=1.0, area=(0.25, 0.25), generator=torch.Generator().manual_seed(0))
+    changed = out != images
+    assert int(changed.sum()) == 4 and out[changed].unique().numel() == 1  # a 2 x 2 square, one value ...
+    assert float(out.sum()) == pytest.approx(float(images.sum()))  # ... its own mean
 
 
 # Registry ------------------------------------------------------------------------------------------
