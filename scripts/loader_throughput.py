@@ -109,13 +109,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    tokenizer = models.get_tokenizer(args.model)
+    step = step_rate(args.step_rate, args.model) if args.step_rate else None  # before the JPEGs are made
     sources = list(args.data)
     if args.make_jpegs:
         sources += list(make_jpegs(Path(args.work), args.make_jpegs, args.jpeg_size))
     if not sources:
         parser.error("give --data and/or --make-jpegs")
-    tokenizer = models.get_tokenizer(args.model)
-    step = step_rate(args.step_rate, args.model) if args.step_rate else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'source':<44}{'workers':>8}{'images/s':>11}{'per worker':>12}" + (f"{'x step':>9}" if step else ""))

@@ -176,9 +176,23 @@ def main(argv=None) -> int:
         return 2
     record = estimate(args.model, args.labels, args.images, args.timing_images or args.images, args.timing_steps,
                       args.device, params, args.top_k, args.templates, args.precision)
+    show(record)
+    if args.out:  # the estimate first: a real scan stopped by a time limit leaves it
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     if args.run:
         record["run"] = timed_scan(args.model, args.labels, args.images, args.device, args.precision, params,
                                    args.top_k, args.templates, Path(args.run))
+        run = record["run"]
+        print(f"one real scan ({run['labels']} labels, {run['images']} images, {run['precision']}, random weights): "
+              f"{run['seconds']:,.1f} s ({run['seconds'] / 60:,.1f} min) against {record['total_seconds']:,.1f} s "
+              f"estimated")
+        if args.out:
+            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+def show(record: dict) -> None:
     print(f"label-inversion on {record['model']} ({record['image_size']} px, {record['device']}, "
           f"{record['precision']}), {record['labels']} labels, {record['images']} shadow images:")
     print("| phase | count | seconds |\n|---|---|---|")
@@ -187,15 +201,6 @@ def main(argv=None) -> int:
     print(f"| **total** | | **{record['total_seconds']:,.1f}** ({record['total_seconds'] / 60:,.1f} min) |")
     print(f"per label inverted fully: {record['seconds_per_label_inverted']} s"
           + (f"; per label ranked: {record['seconds_per_label_ranked']} s" if record["pruned"] else ""))
-    if "run" in record:
-        run = record["run"]
-        print(f"one real scan ({run['labels']} labels, {run['images']} images, {run['precision']}, random weights): "
-              f"{run['seconds']:,.1f} s ({run['seconds'] / 60:,.1f} min) against {record['total_seconds']:,.1f} s "
-              f"estimated")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
