@@ -107,6 +107,25 @@ def test_trigger_sh_reads_relative_paths_from_the_callers_directory_and_validate
     assert (cleaned / "finetune" / "checkpoint.pt").exists() and not (Path(REPO) / "cleaned").exists()
 
 
+def test_clean_takes_a_recipe_written_for_its_encoder_and_refuses_one_for_another(demo, tmp_path, capsys):
+    """configs/recipes/ name their encoder (for `par train`); `par clean --config` (trigger.sh's PAR_CONFIG) takes
+    them for that encoder."""
+    from par.app.cli import main
+
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    recipe = tmp_path / "par-micro.yaml"
+    recipe.write_text(Path(REPO, "configs", "micro", "par.yaml").read_text() + "\nmodel: par-micro-vit\n")
+    common = ["clean", "--defense", "par", "--model", "par-micro-vit", "--checkpoint", str(poisoned),
+              "--train-data", str(out / "world" / "clean.csv"), "--steps", "2"]
+    assert main(common + ["--config", str(recipe), "--out", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "checkpoint.pt").exists()
+    assert main(common + ["--config", str(Path(REPO, "configs", "recipes", "par-RN50.yaml")), "--out",
+                          str(tmp_path / "no")]) == 2
+    assert "is a recipe for RN50, not for par-micro-vit" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.mark.parametrize("defense, objective", [("par", "par"), ("ft", "clip"), ("cleanclip", "cleanclip")])
 def test_clean_a_given_checkpoint_with_each_defense(demo, tmp_path, defense, objective):
     """What trigger.sh runs for each defense, in process."""

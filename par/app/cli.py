@@ -85,11 +85,15 @@ def cmd_train(args, overrides: List[str]) -> None:
 
 
 def cmd_clean(args, overrides: List[str]) -> None:
+    from par import models
     from par.config import load_yaml, merge, parse_overrides
     from par.defenses import DEFENSES, CleaningJob, clean
     from par.defenses.base import for_objective
 
     settings = load_yaml(args.config) if args.config else {}
+    written_for = settings.pop("model", None)  # a recipe names its encoder: it must be the one cleaned
+    if written_for is not None and models.canonical_model_name(written_for) != models.canonical_model_name(args.model):
+        raise ParError(f"{args.config} is a recipe for {written_for}, not for {args.model}")
     objective = DEFENSES.get(args.defense).objective
     if objective:  # a settings file written for another objective lends its budget; its objective_params
         own = for_objective(settings, objective)  # are not this one's, while the options given here are
