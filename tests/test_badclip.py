@@ -31,6 +31,9 @@ def test_patch_file_round_trip_through_the_trigger(micro_world, tmp_path):
                                            data=str(micro_world / "train.csv"), label="banana",
                                            out=str(tmp_path / "patch.png"), patch_size=6, steps=3, progress=False))
     assert Image.open(out).size == (6, 6)
+    with pytest.raises(ParError, match="--out must be a .png file"):  # before the optimisation, not at its save
+        make_badclip_patch(BadCLIPConfig(checkpoint=str(ckpt), model="par-micro-vit", data=str(micro_world / "train.csv"),
+                                         label="banana", out=str(tmp_path / "patch"), steps=3, progress=False))
     x = torch.full((2, 3, 32, 32), 0.5)
     y = attacks.apply("badclip", x, seed=0, patch=str(out), patch_size=6)
     changed = (y != x).any(dim=1)

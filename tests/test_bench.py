@@ -86,15 +86,44 @@ def test_changing_the_synthetic_world_recleans_only_its_cells(bench):
     assert {p: p.stat().st_mtime_ns for p in others} == others
 
 
-def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache):
+def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache, monkeypatch):
+    from par.app import pipeline
+
     profile = micro_profile("micro-bench.yaml", micro_cache)
-    profile = replace(profile, quick={**profile.quick, "sweeps": {"par": {"warmup": [99]}}})  # warmup > steps: fails
+    profile = replace(profile, quick={**profile.quick, "sweeps": {"par": {"warmup": [2]}}})
+    clean_stage = pipeline.clean_stage
+
+    def failing(world, defense, model, values, run_dir, **kwargs):  # a cell that fails as it runs (diverges, say)
+        if values.get("warmup") == 2:
+            raise ParError("loss became nan at step 2 (a test's failure)")
+        return clean_stage(world, defense, model, values, run_dir, **kwargs)
+
+    monkeypatch.setattr(pipeline, "clean_stage", failing)
     run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     status = {(r["defense"], r["setting"]): (r["status"], r["error"]) for r in rows}
-    assert status[("par", "warmup=99")][0] == "failed" and "warmup (99)" in status[("par", "warmup=99")][1]
+    assert status[("par", "warmup=2")] == ("failed", "ParError: loss became nan at step 2 (a test's failure)")
     assert status[("par", "default")][0] == "ok" and status[("ft", "default")][0] == "ok"
     assert "Failed cells:" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sweeps": {"par": {"warmup": [99]}}}, "warmup (99)"),  # warmup > steps
+    ({"label": "bananna"}, "profile label 'bananna' is not a class of the world"),
+    ({"attack_params": {"blended": {"alpah": 0.2}}}, "alpah"),
+    ({"defenses": ["par", "tecoa"]}, "defense 'tecoa' trains on class labels"),
+])
+def test_what_every_cell_reads_is_checked_before_the_world_is_drawn(tmp_path, micro_cache, change, message):
+    profile = micro_profile("micro-bench.yaml", micro_cache, attacks=["badnet_rs", "blended"], **change)
+    with pytest.raises(ParError, match=__import__("re").escape(message)):
+        run_bench(profile, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_without_a_quick_part_is_refused(tmp_path, micro_cache):
+    profile = micro_profile("micro-bench.yaml", micro_cache, quick={})
+    with pytest.raises(ParError, match="no 'quick' part"):
+        run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
 
 
 def test_models_side_by_side_are_the_one_thread_models_in_order(tmp_path, micro_cache):

@@ -148,3 +148,12 @@ def test_validate_without_data_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and f"classification data not found: {tmp_path / 'none.csv'}" in proc.stderr
     proc = _run(["bash", "trigger_validate.sh", "x.pt"], check=False)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_the_demo_refuses_a_defense_it_cannot_run_before_drawing_its_world(tmp_path, capsys):
+    from par.app.cli import main
+
+    assert main(["demo", "--profile", f"{REPO}/configs/micro.yaml", "--out", str(tmp_path / "d"),
+                 "--defense", "tecoa"]) == 2
+    assert "defense 'tecoa' trains on class labels" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -198,6 +198,9 @@ def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
         assert why in capsys.readouterr().err
     assert main(base + ["--robust-eps", "2/255", "--robust-attacks", "nope"]) == 2
     assert "unknown robust attack 'nope'; known: apgd-ce, apgd-t, pgd" in capsys.readouterr().err
+    assert main(base + ["--robust-steps", "50", "--robust-attacks", "apgd-ce"]) == 2  # no eps: nothing would use them
+    assert "--robust-attacks, --robust-steps set how robust accuracy is measured: give --robust-eps too" in \
+        capsys.readouterr().err
     config = json.loads((models.PACKAGE_MODEL_CONFIGS / "par-micro-vit.json").read_text())
     config["vision_cfg"] = {}  # open_clip skips configs without the key; an empty tower is what reaches us
     (tmp_path / "par-text-only.json").write_text(json.dumps(config))

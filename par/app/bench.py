@@ -52,6 +52,28 @@ def _defense_settings(profile: Profile, name: str) -> dict:
     return merge(base, specific)
 
 
+def check_cells(profile: Profile, attacks: List[str], defenses: List[str], sweeps: dict) -> None:
+    """What every cell will read, checked before the world is drawn or a model trained: the target label,
+    each attack's parameters, and each defense's settings under every sweep value (``Defense.check``); a
+    defense that trains on class labels cannot clean with the world's caption pairs."""
+    from par.defenses import CleaningJob
+    from par.synthetic import CLASS_NAMES
+
+    if profile.label not in CLASS_NAMES:
+        raise ParError(f"profile label {profile.label!r} is not a class of the world: {', '.join(CLASS_NAMES)}")
+    for attack in attacks:
+        get_trigger(attack, **(profile.attack_params.get(attack) or {}))
+    job = CleaningJob(checkpoint="poisoned.pt", model=pipeline.world_model(profile), train_data="clean.csv",
+                      out="cell", poisoned_data="poisoned.csv", classnames="classnames.txt", templates="templates.txt")
+    for defense in defenses:
+        if DEFENSES.get(defense).needs_labels:
+            raise ParError(f"defense {defense!r} trains on class labels; the benchmark's world has caption pairs only")
+        overrides = [{}] + [{key: value} for key, values in (sweeps.get(defense) or {}).items() for value in values]
+        for override in overrides:
+            job.settings = merge(_defense_settings(profile, defense), override)
+            DEFENSES.get(defense).check(job)
+
+
 def _cells(profile: Profile, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
            synthetic: List[str]):
     """(attack, defense, setting, seed, overrides, cleaning data) for every cell.
@@ -160,6 +182,7 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
         profile = dataclasses.replace(profile, sweep_attacks=[TRIGGERS.canonical(a) for a in profile.sweep_attacks])
     robust = pipeline.robust_settings(profile.robust)
     fields = _fields(robust, defenses + synthetic_defenses)
+    check_cells(profile, attacks, defenses + synthetic_defenses, sweeps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)

@@ -121,6 +121,10 @@ def cmd_eval(args) -> None:
     from par.eval.zeroshot import EvalConfig, evaluate, format_records
 
     robust = {}
+    unused = [f"--{k.replace('_', '-')}" for k in ("robust_attacks", "robust_steps", "robust_max_images")
+              if getattr(args, k) is not None]
+    if unused and not args.robust_eps:  # else they would be taken and silently not used
+        raise ParError(f"{', '.join(unused)} set how robust accuracy is measured: give --robust-eps too")
     if args.robust_eps:
         robust = {"robust_eps": _eps_list(args.robust_eps), **_given(args, "robust_steps", "robust_max_images")}
         if args.robust_attacks is not None:

@@ -57,7 +57,7 @@ def cache_dir(profile: Profile, out: Path) -> Path:
     return profile.cache or Path(out)
 
 
-def _stage_model(profile: Profile) -> str:
+def world_model(profile: Profile) -> str:
     """The encoder of the profile's first training stage (every later stage trains the same one)."""
     scratch = profile.poisoning_mode() == "scratch"
     key, stage = ("pretrain", profile.pretrain) if scratch else ("foundation", profile.foundation)
@@ -77,7 +77,7 @@ def make_world_stage(profile: Profile, out: Path, folder: Optional[str] = None) 
     if folder is None:
         folder = f"world-{key}" if profile.cache else "world"
     path = make_world(cfg, cache / folder, reuse=True)
-    return World(path=path, key=key, model=_stage_model(profile), cache=cache)
+    return World(path=path, key=key, model=world_model(profile), cache=cache)
 
 
 def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, str]:
@@ -207,8 +207,10 @@ def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, 
 def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, attack_params: dict,
                    eval_values: Optional[dict] = None) -> dict:
     """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
-    # keyed by the world too: a checkpoint given by the user (its foundation) is evaluated beside itself in every world
-    results = Path(checkpoint).parent / f"results-{attack}-{digest([world.key, label, attack_params, eval_values])}.jsonl"
+    # keyed by the checkpoint's bytes and the world too: a checkpoint given by the user (its foundation) is evaluated
+    # beside itself, in a folder it may share with others, in every world
+    key = digest([file_digest(checkpoint), world.key, label, attack_params, eval_values])
+    results = Path(checkpoint).parent / f"results-{attack}-{key}.jsonl"
     if results.exists():  # evaluated before with these settings: a finished run's checkpoint never changes
         return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])
     records = evaluate(build(EvalConfig, {
@@ -230,7 +232,7 @@ def robust_stage(world: World, checkpoint: Path, robust: dict, eval_values: Opti
     from par.eval.robust import eps_label
 
     values = {**(eval_values or {}), **robust}
-    results = Path(checkpoint).parent / f"robust-{digest([world.key, values])}.jsonl"
+    results = Path(checkpoint).parent / f"robust-{digest([file_digest(checkpoint), world.key, values])}.jsonl"
     if results.exists():
         records = [json.loads(line) for line in results.read_text().splitlines()]
     else:

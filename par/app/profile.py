@@ -255,6 +255,8 @@ class Profile:
 
     def quick_profile(self) -> "Profile":
         """The ``--quick`` variant: minutes, not hours."""
+        if not self.quick:  # else --quick would start the full run
+            raise ParError("--quick: this profile has no 'quick' part (the keys its quick run replaces)")
         return dataclasses.replace(self, **self.quick)
 
     def poisoning_mode(self) -> str:

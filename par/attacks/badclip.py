@@ -113,6 +113,8 @@ def optimise_patch(model, images: torch.Tensor, target_images: torch.Tensor, tex
 
 def make_badclip_patch(cfg: BadCLIPConfig) -> Path:
     check_output_file(cfg.out, "badclip patch")
+    if Path(cfg.out).suffix.lower() != ".png":  # a lossless file, known before the optimisation, not at its end
+        raise ParError(f"badclip patch: --out must be a .png file, got {cfg.out}")
     device = pick_device(cfg.device)
     model = models.load_model(cfg.model, cfg.checkpoint, device).requires_grad_(False)
     size = models.image_size(model)
