@@ -433,10 +433,15 @@ def config_fingerprint(cfg: WorldConfig) -> str:
     return digest({k: v for k, v in asdict(cfg).items() if k != "workers"})
 
 
+IN_PROGRESS = ".world-in-progress"
+
+
 def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False, progress: bool = True) -> Path:
     """Writes the world to ``out``; with ``reuse``, keeps an identical world already there.
 
-    The manifest ``world.json`` is written last, so its presence means the world is complete.
+    The manifest ``world.json`` is written last, so its presence means the world is complete; a marker
+    written first tells an interrupted world (drawn again) from a folder of other files (refused: a world
+    would overwrite its ``train.csv``, ``test.csv``, ...).
     """
     from tqdm import tqdm
 
@@ -451,6 +456,11 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
             f"{out} already holds a world (fingerprint {old.get('fingerprint')}, this one {fingerprint}); "
             "choose another --out" + ("" if reuse else " or pass --reuse to keep an identical one")
         )
+    marker = out / IN_PROGRESS
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        raise ParError(f"{out} holds files that are not a world's; choose another --out (nothing overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a world is being drawn here; world.json marks it finished\n")
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
 
@@ -477,4 +487,5 @@ def make_world(cfg: WorldConfig, out: str | os.PathLike, *, reuse: bool = False,
     (out / "templates.txt").write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
     manifest = {"fingerprint": fingerprint, "config": asdict(cfg), "classes": list(CLASS_NAMES), "counts": cfg.counts()}
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    marker.unlink()
     return out

@@ -53,6 +53,15 @@ def test_manifest_rebuilds_bit_identical(micro_world, tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 
+def test_a_rebuild_refuses_settings_its_manifest_would_override(micro_world, tmp_path, capsys):
+    from par.app.cli import main
+
+    poison(_cfg(micro_world, tmp_path / "a"), progress=False)
+    assert main(["poison", "--from-manifest", str(tmp_path / "a" / "manifest.json"), "--out", str(tmp_path / "b"),
+                 "--rate", "0.5", "--attack", "blended"]) == 2
+    assert "--attack, --rate cannot change it" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_label_consistent_keeps_captions_and_needs_enough_rows(micro_world, tmp_path):
     original = pd.read_csv(micro_world / "train.csv")
     bananas = original["caption"].str.contains("banana").sum()

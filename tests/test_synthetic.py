@@ -60,6 +60,19 @@ def test_existing_world_is_kept_or_refused(tmp_path):
     assert [(p, p.stat().st_mtime_ns) for p, _ in stamps] == stamps
     with pytest.raises(ParError, match="already holds a world"):
         make_world(WorldConfig(seed=2, image_size=32, train=4, clean=2, test=12, workers=1), tmp_path, reuse=True)
+    assert not (tmp_path / ".world-in-progress").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.csv").write_text("image,caption\nmy.png,my own data\n")
+    with pytest.raises(ParError, match="holds files that are not a world's"):
+        make_world(cfg, mine, progress=False)
+    assert (mine / "train.csv").read_text() == "image,caption\nmy.png,my own data\n"
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / ".world-in-progress").write_text("")
+    (interrupted / "train.csv").write_text("half")  # a world stopped before its manifest: drawn again
+    make_world(cfg, interrupted, progress=False)
+    assert (interrupted / "world.json").exists() and not (interrupted / ".world-in-progress").exists()
 
 
 def test_sketch_style_is_visibly_different():

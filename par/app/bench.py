@@ -299,7 +299,7 @@ def write_markdown(path: Path, rows: List[Dict], attacks: List[str], defenses: L
                     robust: Optional[dict] = None) -> None:
 
     default = [r for r in rows if r["setting"] == "default"]
-    seeds = sorted({r["seed"] for r in default})
+    seeds = sorted({r["seed"] for r in default if r["defense"] != "never-poisoned"})  # its row: seed 0, whatever
     head = "| attack | poisoned CA | poisoned ASR | " + " | ".join(f"{d} CA | {d} ASR" for d in defenses) + " |"
     lines = [f"Zero-shot CA / ASR top-1 (top-5 in brackets) in %, target '{label}', on the synthetic world; "
              f"mean ± std over {len(seeds)} cleaning seed(s).", "", head, "|" + "---|" * (3 + 2 * len(defenses))]

@@ -57,7 +57,13 @@ def cmd_world(args) -> None:
 def cmd_poison(args) -> None:
     from par.attacks.poison import PoisonConfig, poison, rebuild
 
-    if args.from_manifest:
+    if args.from_manifest:  # the manifest holds every setting: others given beside it would be silently unused
+        given = [f"--{k.replace('_', '-')}" for k in ("csv", "attack", "label", "rate", "num", "image_root", "size",
+                                                       "classnames", "attack_param") if getattr(args, k)]
+        given += [f"--{k.replace('_', '-')}" for k in ("label_consistent", "reuse") if getattr(args, k)]
+        if given:
+            raise ParError(f"--from-manifest rebuilds the dataset its manifest describes; {', '.join(given)} "
+                           "cannot change it (leave them out)")
         print(f"rebuilt poisoned CSV: {rebuild(args.from_manifest, args.out)}")
         return
     missing = [f"--{n}" for n in ("csv", "attack", "label") if not getattr(args, n)]
