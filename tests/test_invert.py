@@ -115,14 +115,14 @@ def test_the_trigger_toward_the_scans_target_is_unlearnt_when_asked(backdoored_m
 
 def test_a_finished_scan_beside_the_checkpoint_is_reused_and_its_trigger_file_handed_in(backdoored_micro,
                                                                                         poisoned_scan, tmp_path):
-    from par.scan.folder import run_scan, scan_folder
+    from par.scan.folder import request_of, run_scan, scan_folder
 
     checkpoint = tmp_path / "models" / "poisoned.pt"
     checkpoint.parent.mkdir()
     shutil.copy(backdoored_micro.poisoned.checkpoint, checkpoint)
     invert = DEFENSES.get("invert")
     job = backdoored_micro.job(tmp_path / "runs" / "a", steps=2, checkpoint=checkpoint)
-    folder = scan_folder(checkpoint.parent, invert.scan_config(job, invert.params(job)))
+    folder = scan_folder(checkpoint.parent, request_of(invert.scan_config(job, invert.params(job))))
     assert folder.name == poisoned_scan[1].name  # named by the checkpoint's content and the request
     shutil.copytree(poisoned_scan[1], folder)  # as the scan table leaves it
     record, reused = run_scan(invert.scan_config(job, invert.params(job)), folder)

@@ -54,24 +54,17 @@ def _defense_settings(profile: Profile, name: str) -> dict:
 
 def check_cells(profile: Profile, attacks: List[str], defenses: List[str], sweeps: dict) -> None:
     """What every cell will read, checked before the world is drawn or a model trained: the target label,
-    each attack's parameters, and each defense's settings under every sweep value (``Defense.check``); a
-    defense that trains on class labels cannot clean with the world's caption pairs."""
-    from par.defenses import CleaningJob
+    each attack's parameters, and each defense's settings under every sweep value."""
     from par.synthetic import CLASS_NAMES
 
     if profile.label not in CLASS_NAMES:
         raise ParError(f"profile label {profile.label!r} is not a class of the world: {', '.join(CLASS_NAMES)}")
     for attack in attacks:
         get_trigger(attack, **(profile.attack_params.get(attack) or {}))
-    job = CleaningJob(checkpoint="poisoned.pt", model=pipeline.world_model(profile), train_data="clean.csv",
-                      out="cell", poisoned_data="poisoned.csv", classnames="classnames.txt", templates="templates.txt")
     for defense in defenses:
-        if DEFENSES.get(defense).needs_labels:
-            raise ParError(f"defense {defense!r} trains on class labels; the benchmark's world has caption pairs only")
         overrides = [{}] + [{key: value} for key, values in (sweeps.get(defense) or {}).items() for value in values]
         for override in overrides:
-            job.settings = merge(_defense_settings(profile, defense), override)
-            DEFENSES.get(defense).check(job)
+            pipeline.check_defense(profile, defense, merge(_defense_settings(profile, defense), override))
 
 
 def _cells(profile: Profile, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
@@ -178,8 +171,6 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
                           if not chosen or DEFENSES.canonical(d) in defenses]
     seeds = list(profile.seeds or [0])
     sweeps = profile.sweeps or {}
-    if profile.sweep_attacks is not None:
-        profile = dataclasses.replace(profile, sweep_attacks=[TRIGGERS.canonical(a) for a in profile.sweep_attacks])
     robust = pipeline.robust_settings(profile.robust)
     fields = _fields(robust, defenses + synthetic_defenses)
     check_cells(profile, attacks, defenses + synthetic_defenses, sweeps)

@@ -14,7 +14,7 @@ from typing import Optional
 from par import attacks
 from par.app import pipeline
 from par.app.profile import Profile
-from par.defenses import DEFENSES, CleaningJob
+from par.defenses import DEFENSES
 from par.errors import ParError
 from par.runs import timestamped_folder
 from par.synthetic import CLASS_NAMES
@@ -42,12 +42,7 @@ def run_demo(profile: Profile | str | os.PathLike, out: str, attack: Optional[st
 
     defense = DEFENSES.canonical(defense or profile.defense)
     attacks.get_trigger(attack, **attack_params)  # validate before any training
-    if DEFENSES.get(defense).needs_labels:
-        raise ParError(f"defense {defense!r} trains on class labels; the demo's world has caption pairs only")
-    job = CleaningJob(checkpoint="poisoned.pt", model=pipeline.world_model(profile), train_data="clean.csv",
-                      out="cleaned", settings=dict(profile.clean), poisoned_data="poisoned.csv",
-                      classnames="classnames.txt", templates="templates.txt")
-    DEFENSES.get(defense).check(job)  # its settings, before the world is drawn
+    pipeline.check_defense(profile, defense, dict(profile.clean))  # before the world is drawn
 
     world = pipeline.make_world_stage(profile, out)
     attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)

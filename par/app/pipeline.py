@@ -16,7 +16,7 @@ from par import attacks
 from par.app import workers
 from par.app.profile import Profile, Robust
 from par.config import build
-from par.defenses import CleaningJob, clean
+from par.defenses import DEFENSES, CleaningJob, clean
 from par.errors import ParError
 from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
 from par.models import canonical_model_name, read_metadata
@@ -192,6 +192,16 @@ def check_encoder(checkpoint: Path, model: str) -> None:
     saved = read_metadata(checkpoint).get("model")
     if saved and canonical_model_name(saved) != canonical_model_name(model):
         raise ParError(f"{checkpoint} holds a {saved} model but the profile trains {model}")
+
+
+def check_defense(profile: Profile, defense: str, settings: dict) -> None:
+    """``defense`` with ``settings`` as ``clean_stage`` would run it on the profile's world, checked before any
+    work (``Defense.check``): a defense that trains on class labels cannot clean with the world's caption pairs."""
+    if DEFENSES.get(defense).needs_labels:
+        raise ParError(f"defense {defense!r} trains on class labels; the synthetic world has caption pairs only")
+    DEFENSES.get(defense).check(CleaningJob(
+        checkpoint="poisoned.pt", model=world_model(profile), train_data="clean.csv", out="cleaned", settings=settings,
+        poisoned_data="poisoned.csv", classnames="classnames.txt", templates="templates.txt"))
 
 
 def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, run_dir: Path, reuse: bool,

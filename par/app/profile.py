@@ -80,15 +80,21 @@ class ScanBench:
             raise ParError(f"profile 'scan' max_images must be a whole number >= 1, got {self.max_images!r}")
 
 
+def _canonical_keys(mapping: dict, registry, key: str) -> dict:
+    """``mapping`` with its keys under their registered names; two keys naming one thing are an error."""
+    canonical = {registry.canonical(k): v for k, v in mapping.items()}
+    if len(canonical) != len(mapping):
+        raise ParError(f"profile key {key!r} names one {registry.kind} twice (under aliases): {list(mapping)}")
+    return canonical
+
+
 def _canonical_scan(scan: ScanBench) -> ScanBench:
     """``scan`` with its scanners (and the keys of ``scanner_params``) under their registered names, every
     scanner built with its settings: an unknown scanner or setting is an error before any model is trained."""
     from par.scan import SCANNERS, make_scanner
 
     names = [SCANNERS.canonical(n) for n in scan.scanners]
-    params = {SCANNERS.canonical(k): dict(v or {}) for k, v in scan.scanner_params.items()}
-    if len(params) != len(scan.scanner_params):
-        raise ParError(f"profile 'scan' scanner_params names one scanner twice: {list(scan.scanner_params)}")
+    params = {k: dict(v or {}) for k, v in _canonical_keys(scan.scanner_params, SCANNERS, "scan.scanner_params").items()}
     stray = sorted(set(params) - set(names))
     if stray:
         raise ParError(f"profile 'scan' scanner_params has settings for {stray}, which its scanners {names} do not list")
@@ -127,21 +133,15 @@ def _canonical_names(profile: "Profile") -> "Profile":
             raise ParError(f"profile key {key!r} names {twice} more than once (under one name or its aliases)")
         return canonical
 
-    def keyed(key, registry):
-        mapping = getattr(profile, key)
-        canonical = {registry.canonical(k): v for k, v in mapping.items()}
-        if len(canonical) != len(mapping):
-            raise ParError(f"profile key {key!r} names one {registry.kind} twice (under aliases): {list(mapping)}")
-        return canonical
-
     if len(set(profile.seeds)) != len(profile.seeds):
         raise ParError(f"profile key 'seeds' lists a seed twice: {profile.seeds!r}")
     return dataclasses.replace(
         profile, attack=TRIGGERS.canonical(profile.attack), defense=DEFENSES.canonical(profile.defense),
         attacks=names("attacks", TRIGGERS), defenses=names("defenses", DEFENSES),
         sweep_attacks=names("sweep_attacks", TRIGGERS),
-        **{key: keyed(key, TRIGGERS) for key in ("attack_params", "poison_rates", "attack_prepare")},
-        **{key: keyed(key, DEFENSES) for key in ("defense_settings", "sweeps")})
+        **{key: _canonical_keys(getattr(profile, key), TRIGGERS, key)
+           for key in ("attack_params", "poison_rates", "attack_prepare")},
+        **{key: _canonical_keys(getattr(profile, key), DEFENSES, key) for key in ("defense_settings", "sweeps")})
 
 
 def check_jobs(jobs, owner: str) -> None:

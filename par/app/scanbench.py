@@ -31,7 +31,7 @@ from par.config import build
 from par.errors import ParError
 from par.eval.metrics import auroc
 from par.scan import ScanConfig
-from par.scan.folder import run_scan, scan_folder
+from par.scan.folder import request_of, run_scan, scan_folder
 from par.utils import digest
 
 COLUMNS = ["scanner", "model", "kind", "attack", "asr", "flagged", "margin", "value", "threshold", "target",
@@ -100,8 +100,9 @@ def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBe
               "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
               "max_images": part.max_images, "seed": part.seed, "progress": progress}
     cfg = build(ScanConfig, values, f"profile 'scan' ({scanner})")
-    folder = scan_folder(model.checkpoint.parent, cfg)  # the folder invert's scan of this checkpoint reuses
-    record, _ = run_scan(cfg, folder)
+    request = request_of(cfg)
+    folder = scan_folder(model.checkpoint.parent, request)  # the folder invert's scan of this checkpoint reuses
+    record, _ = run_scan(cfg, folder, request)
     return {**record, "folder": str(folder)}
 
 
@@ -157,10 +158,11 @@ def summarize(rows: List[dict], label: str) -> List[dict]:
                 return None
             return auroc([r["margin"] for r in positives + clean], [1] * len(positives) + [0] * len(clean))
 
+        flagged = sum(r["flagged"] for r in poisoned)
         summary.append({
             "scanner": scanner, "poisoned": len(poisoned), "backdoored": len(backdoored), "clean": len(clean),
             "auroc": area(poisoned), "auroc_backdoored": area(backdoored),
-            "flagged": sum(r["flagged"] for r in poisoned), "tpr": sum(r["flagged"] for r in poisoned) / max(len(poisoned), 1),
+            "flagged": flagged, "tpr": flagged / max(len(poisoned), 1),
             "clean_flagged": sum(r["flagged"] for r in clean),
             "named": sum(r["named_target"] for r in poisoned),
             "seconds": statistics.mean(r["seconds"] for r in mine) if mine else None})

@@ -278,7 +278,7 @@ class Invert(MultiStageDefense):
         return build(ScanConfig, values, "settings 'invert' (scan)")
 
     def scan(self, job: CleaningJob, outputs: dict) -> dict:
-        from par.scan.folder import RECORD, folder_name, run_scan
+        from par.scan.folder import RECORD, folder_name, request_of, run_scan
         from par.scan.run import check
 
         p = self.params(job)
@@ -289,12 +289,13 @@ class Invert(MultiStageDefense):
         check(cfg)
         # a finished scan of the same request beside the checkpoint (the scan table's) is reused; otherwise
         # the scan is kept beside the run folder, where a benchmark's seeds and both defenses share it
-        name = folder_name(cfg)
+        request = request_of(cfg)  # hashes the checkpoint and the images: once, for the name and the scan
+        name = folder_name(request)
         folder = Path(job.checkpoint).parent / name
         if not (folder / RECORD).exists():
             folder = Path(job.out).parent / "invert-scans" / name
         with file_lock(Path(job.out).parent / "invert-scans.lock"):  # cells side by side share the scans
-            record, _ = run_scan(cfg, folder)
+            record, _ = run_scan(cfg, folder, request)
             trigger = folder / TRIGGER_FILE
             found = record["verdict"] == "backdoored" and trigger.exists()
             result = {"verdict": record["verdict"], "target": record["target"], "family": record["family"],

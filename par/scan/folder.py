@@ -14,7 +14,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from par.errors import ParError
 from par.scan import ScanConfig, ScanResult, check, scan_checkpoint, scan_request
@@ -97,11 +97,18 @@ def draw_trigger(result: ScanResult, path: Path) -> Path:
     return atomic_write(path, grid.save)
 
 
-def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
-    """(scan.json's record, whether it was reused) for ``cfg`` in folder ``out``."""
+def request_of(cfg: ScanConfig, checked=None) -> dict:
+    """``scan_request`` as scan.json holds it (JSON's types). It hashes the checkpoint and the images: a
+    caller naming a folder by it hands it on to ``run_scan`` rather than have it made twice."""
+    return json.loads(json.dumps(scan_request(cfg, checked)))
+
+
+def run_scan(cfg: ScanConfig, out, request: Optional[dict] = None) -> Tuple[dict, bool]:
+    """(scan.json's record, whether it was reused) for ``cfg`` in folder ``out``; ``request``: ``request_of(cfg)``
+    when the caller has it."""
     folder = check_output_dir(out, "scan folder")
     checked = check(cfg)  # every setting and input, before the checkpoint is hashed for the request
-    request = json.loads(json.dumps(scan_request(cfg, checked)))
+    request = request if request is not None else request_of(cfg, checked)
     record_path = folder / RECORD
     if record_path.exists():
         try:
@@ -132,15 +139,14 @@ def run_scan(cfg: ScanConfig, out) -> Tuple[dict, bool]:
     return record, False
 
 
-def scan_folder(root, cfg: ScanConfig) -> Path:
+def scan_folder(root, request: dict) -> Path:
     """``root/scan-<scanner>-<digest of the request>``: where a scan is kept beside what it scanned, one name
     per request, so the scan table and ``invert`` asking the same of one checkpoint share one scan."""
-    return Path(root) / folder_name(cfg)
+    return Path(root) / folder_name(request)
 
 
-def folder_name(cfg: ScanConfig) -> str:
-    """``scan-<scanner>-<digest of the request>`` (digesting the checkpoint: compute it once per request)."""
-    request = json.loads(json.dumps(scan_request(cfg)))
+def folder_name(request: dict) -> str:
+    """``scan-<scanner>-<digest of the request>`` for a request made by ``request_of``."""
     return f"scan-{request['scanner']}-{digest(request)}"
 
 

@@ -36,8 +36,8 @@ def list_images(spec: str | os.PathLike, image_root: Optional[str | os.PathLike]
         # twice would count as two shadow images, and as two embeddings that agree
         paths, seen = [], set()
         for image in image_paths(frame, path, image_root):
-            if Path(image).resolve() not in seen:
-                seen.add(Path(image).resolve())
+            if (resolved := Path(image).resolve()) not in seen:
+                seen.add(resolved)
                 paths.append(image)
     else:
         raise ParError(f"images not found: {path} (give a CSV with an 'image' column or a folder of images)")
