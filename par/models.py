@@ -4,7 +4,9 @@ Models come from open_clip's registry, extended with JSON model configs (open_cl
 schema, file name = encoder name) from three places, later ones winning on a name clash:
 ``par/model_configs/`` (package data: the tiny encoders of the synthetic world, shipped with
 the package), the repository's ``configs/models/`` when running from a checkout (a user adds
-an encoder by dropping a file there), and the folders named by ``PAR_MODEL_CONFIGS``.
+an encoder by dropping a file there), and the folders named by ``PAR_MODEL_CONFIGS``. A model is
+normalised with the mean and std of its file's ``preprocess_cfg``, else of open_clip's pretrained weights for
+it (``preprocess_of``); its pixels are always prepared as OpenAI's CLIP prepares them.
 
 Checkpoints are untrusted input: ``.pt``/``.pth``/``.bin`` files are read with
 ``torch.load(weights_only=True)`` (only ``argparse.Namespace`` is allow-listed, for the
@@ -29,22 +31,108 @@ from par.utils import atomic_save, atomic_write
 
 PACKAGE_MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 REPO_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"  # absent in an installed package
+MODEL_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# what par's preprocessing does (data.eval_transform): open_clip's defaults, the OpenAI CLIP's
+FIXED_PREPROCESS = {"interpolation": "bicubic", "resize_mode": "shortest"}
 _registered = False
+_preprocess: Dict[str, dict] = {}  # encoder -> the preprocess_cfg its file gives (open_clip's registry drops it)
 
 
 def register_model_configs() -> None:
-    """Adds ``par/model_configs``, ``configs/models`` (if any), ``$PAR_MODEL_CONFIGS`` to open_clip's registry (once)."""
+    """Adds ``par/model_configs``, ``configs/models`` (if any), ``$PAR_MODEL_CONFIGS`` to open_clip's registry (once).
+
+    A user's file is open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``), optionally with
+    a ``preprocess_cfg`` beside those keys, or a hub ``open_clip_config.json`` (``model_cfg`` and
+    ``preprocess_cfg``) saved under the encoder's name: its mean and std then normalise the images."""
     global _registered
     if _registered:
         return
     import open_clip
 
-    folders = [PACKAGE_MODEL_CONFIGS, REPO_MODEL_CONFIGS]
-    folders += [Path(p) for p in os.environ.get("PAR_MODEL_CONFIGS", "").split(os.pathsep) if p]
-    for folder in folders:
-        if folder.is_dir():
-            open_clip.add_model_config(folder)
+    open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
+    folders = [REPO_MODEL_CONFIGS] + [Path(p) for p in os.environ.get("PAR_MODEL_CONFIGS", "").split(os.pathsep) if p]
+    files = {path.stem: path for folder in folders if folder.is_dir() for path in sorted(folder.glob("*.json"))}
+    read = {name: _read_model_config(path) for name, path in files.items()}  # every file checked before any is added
+    for name, (model_cfg, preprocess) in read.items():
+        if preprocess is None:
+            open_clip.add_model_config(files[name])
+    for name, (model_cfg, preprocess) in read.items():
+        if preprocess is not None:  # open_clip takes config files, not dicts: its registry is written directly
+            open_clip.factory._MODEL_CONFIGS[name] = model_cfg
+            _preprocess[name] = preprocess
     _registered = True
+
+
+def _read_model_config(path: Path):
+    """``(model config, preprocess_cfg or None)`` from a user's JSON file, or a one-line error naming it."""
+    import json
+
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParError(f"encoder config {path}: not readable JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ParError(f"encoder config {path}: must be a JSON object, got {type(values).__name__}")
+    model_cfg = values["model_cfg"] if "model_cfg" in values else values
+    if not isinstance(model_cfg, dict) or not all(key in model_cfg for key in MODEL_KEYS):
+        raise ParError(f"encoder config {path}: an open_clip model config needs the keys {', '.join(MODEL_KEYS)} "
+                       f"(at the top, or under 'model_cfg' as in a hub's open_clip_config.json)")
+    model_cfg = {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"}
+    preprocess = values.get("preprocess_cfg")  # beside model_cfg, or beside the model's own keys
+    size = model_cfg["vision_cfg"].get("image_size") if isinstance(model_cfg["vision_cfg"], dict) else None
+    return model_cfg, None if preprocess is None else _checked_preprocess(preprocess, f"encoder config {path}", size)
+
+
+def _checked_preprocess(preprocess, source: str, size) -> dict:
+    """The mean and std a preprocess_cfg gives; settings par's preprocessing does not follow refused."""
+    import math
+
+    if not isinstance(preprocess, dict):
+        raise ParError(f"{source}: 'preprocess_cfg' must be a mapping, got {preprocess!r}")
+    unknown = sorted(set(preprocess) - {"mean", "std", "size", "fill_color"} - set(FIXED_PREPROCESS))
+    if unknown:
+        raise ParError(f"{source}: unknown 'preprocess_cfg' key(s) {unknown} (par reads mean and std)")
+    for key, value in FIXED_PREPROCESS.items():
+        if preprocess.get(key, value) != value:
+            raise ParError(f"{source}: preprocess_cfg {key} {preprocess[key]!r} is not what par does (images are "
+                           f"resized {FIXED_PREPROCESS['interpolation']} along their shortest side and centre-cropped, "
+                           f"as for OpenAI's CLIP); the images would be prepared otherwise than this encoder expects")
+    def pair(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+    if "size" in preprocess and pair(preprocess["size"]) != pair(size):
+        raise ParError(f"{source}: preprocess_cfg size {preprocess['size']!r} differs from the "
+                       f"vision tower's image_size {size!r}")
+    out = {}
+    for key in ("mean", "std"):
+        if key not in preprocess:
+            continue
+        value = preprocess[key]
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                or (key == "std" and min(value) <= 0)):
+            raise ParError(f"{source}: preprocess_cfg {key} must be 3 finite numbers (one per colour "
+                           f"channel{', each > 0' if key == 'std' else ''}), got {value!r}")
+        out[key] = tuple(float(v) for v in value)
+    return out
+
+
+def preprocess_of(canonical: str) -> Optional[dict]:
+    """The mean and std images are normalised with for encoder ``canonical``: its config file's, else those of
+    open_clip's pretrained weights for it where they all agree (SigLIP's 0.5, say), else None (OpenAI's)."""
+    import open_clip
+
+    if canonical in _preprocess:
+        return _preprocess[canonical]
+    settings = {tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()
+                             if k in ("mean", "std", "interpolation", "resize_mode")))
+                for cfg in (open_clip.get_pretrained_cfg(canonical, tag)
+                            for tag in open_clip.list_pretrained_tags_by_model(canonical))}
+    if len(settings) != 1:  # no weights known, or weights prepared differently: open_clip's default, OpenAI's
+        return None
+    size = (open_clip.get_model_config(canonical) or {}).get("vision_cfg", {}).get("image_size")
+    return _checked_preprocess(dict(settings.pop()), f"encoder {canonical} (as open_clip's weights for it are "
+                               f"prepared)", size) or None
 
 
 def canonical_model_name(name: str) -> str:
@@ -93,7 +181,8 @@ def create_model(name: str, device: str | torch.device = "cpu", initialise: bool
     logger.setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded: that is the point
     try:
         with _without_random_init() if not initialise else contextlib.nullcontext():
-            model = open_clip.create_model(canonical, pretrained=None, device=device)
+            model = open_clip.create_model(canonical, pretrained=None, device=device,
+                                           force_preprocess_cfg=preprocess_of(canonical))
     finally:
         logger.setLevel(level)
     model.par_model_name = canonical

@@ -139,3 +139,63 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     bad_st.write_bytes(b"\x00" * 16)
     with pytest.raises(ParError, match="cannot read safetensors checkpoint .*corrupt.safetensors"):
         models.load_checkpoint(bad_st)
+
+
+MICRO_CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+                "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture
+def user_configs(tmp_path, monkeypatch):
+    """A folder named by $PAR_MODEL_CONFIGS, read afresh by the next model built."""
+    folder = tmp_path / "encoders"
+    folder.mkdir()
+    monkeypatch.setenv("PAR_MODEL_CONFIGS", str(folder))
+    monkeypatch.setattr(models, "_registered", False)
+    yield folder
+    models._registered = False  # the next test registers without this folder
+
+
+def test_a_users_encoder_normalises_with_the_mean_and_std_its_file_gives(user_configs):
+    import json
+
+    (user_configs / "user-plain.json").write_text(json.dumps(MICRO_CONFIG))
+    (user_configs / "user-half.json").write_text(json.dumps(
+        {**MICRO_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 0.5], "resize_mode": "shortest"}}))
+    (user_configs / "user-hub.json").write_text(json.dumps(  # a hub's open_clip_config.json, renamed
+        {"model_cfg": MICRO_CONFIG, "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6],
+                                                       "interpolation": "bicubic", "size": 32}}))
+    from open_clip.constants import OPENAI_DATASET_MEAN
+
+    assert models.image_mean_std(models.create_model("user-plain"))[0] == tuple(OPENAI_DATASET_MEAN)
+    assert models.image_mean_std(models.create_model("user-half")) == ((0.5,) * 3, (0.25, 0.5, 0.5))
+    assert models.image_mean_std(models.create_model("user-hub")) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"embed_dim": 32}, "an open_clip model config needs the keys embed_dim, vision_cfg, text_cfg"),
+    ([1, 2], "must be a JSON object"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"resize_mode": "squash"}}, "resize_mode 'squash' is not what par does"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"interpolation": "bilinear"}}, "interpolation 'bilinear' is not what par"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"std": [0.5, 0.0, 0.5]}}, r"std must be 3 finite numbers .*each > 0"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5]}}, "mean must be 3 finite numbers"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"size": 224}}, "size 224 differs from the vision tower's image_size 32"),
+    ({**MICRO_CONFIG, "preprocess_cfg": {"crop": 0.9}}, r"unknown 'preprocess_cfg' key\(s\) \['crop'\]"),
+])
+def test_a_users_encoder_config_that_par_cannot_follow_is_refused_naming_the_file(user_configs, content, message):
+    import json
+
+    (user_configs / "user-bad.json").write_text(json.dumps(content))
+    with pytest.raises(ParError, match=f"encoder config .*user-bad.json: (preprocess_cfg )?{message}"):
+        models.create_model("par-micro-vit")  # any encoder: the folder is read, and checked, before any is built
+    (user_configs / "user-bad.json").write_text("{not json")
+    with pytest.raises(ParError, match="user-bad.json: not readable JSON"):
+        models.canonical_model_name("par-micro-vit")
+
+
+def test_a_built_in_encoder_is_normalised_as_open_clips_weights_for_it_are_prepared():
+    assert models.preprocess_of("RN50")["mean"] == (0.48145466, 0.4578275, 0.40821073)
+    assert models.preprocess_of("ViT-L-14") is None  # weights prepared differently (0.5 or OpenAI's): OpenAI's
+    assert models.preprocess_of("par-micro-vit") is None  # no weights known
+    with pytest.raises(ParError, match="encoder ViT-B-16-SigLIP .*resize_mode 'squash' is not what par does"):
+        models.create_model("ViT-B-16-SigLIP")  # refused before it is built

@@ -180,6 +180,19 @@ def test_extends_starts_from_another_profile_whose_paths_stay_its_own(tmp_path):
     assert "'seed'" in _error(tmp_path / "side" / "typo.yaml")
 
 
+def test_an_inherited_quick_part_keeps_its_paths_relative_to_its_own_file(tmp_path):
+    (tmp_path / "main" / "stages").mkdir(parents=True)
+    (tmp_path / "main" / "stages" / "short.yaml").write_text("steps: 3\n")
+    main = _write(tmp_path / "main", quick={"clean": "stages/short.yaml", "cache": "quick-cache",
+                                            "defense_settings": {"ft": "stages/short.yaml"}})
+    side = tmp_path / "side" / "fare.yaml"
+    side.parent.mkdir()
+    side.write_text(f"extends: {main}\ndefenses: [fare]\n")
+    quick = Profile.load(side).quick_profile()  # read against side/ it would name side/stages/short.yaml: no file
+    assert quick.clean == {"steps": 3} and quick.defense_settings == {"ft": {"steps": 3}}
+    assert quick.cache == (tmp_path / "main" / "quick-cache").resolve()
+
+
 def test_the_side_benchmarks_extend_the_main_one():
     main = Profile.load(Path(REPO, "configs", "bench.yaml"))
     for side in ("fare", "eftclip", "tau", "synthetic"):

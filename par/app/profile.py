@@ -282,15 +282,24 @@ def _extended(values: dict, base: Path, seen: tuple) -> dict:
         raise ParError(f"profile key 'extends': {parent} extends itself (through {' -> '.join(map(str, seen))})")
     if not parent.is_file():
         raise ParError(f"profile key 'extends': no file {values['extends']} (looked for {parent})")
-    inherited = _extended(load_yaml(parent), parent.parent, seen + (parent,))
-    for key in STAGES + PATHS:
-        if isinstance(inherited.get(key), (str, os.PathLike)):
-            inherited[key] = str(_path(inherited[key], key, parent.parent))
-    if isinstance(inherited.get("defense_settings"), dict):
-        inherited["defense_settings"] = {
-            name: str(_path(spec, f"defense_settings.{name}", parent.parent)) if isinstance(spec, (str, os.PathLike))
-            else spec for name, spec in inherited["defense_settings"].items()}
+    inherited = _rebased(_extended(load_yaml(parent), parent.parent, seen + (parent,)), parent.parent)
+    if isinstance(inherited.get("quick"), dict):  # its paths are the other file's too
+        inherited["quick"] = _rebased(inherited["quick"], parent.parent)
     return {**inherited, **{k: v for k, v in values.items() if k != "extends"}}
+
+
+def _rebased(values: dict, folder: Path) -> dict:
+    """``values`` with their relative paths (stage files, cache, checkpoint, defense settings) made absolute
+    against ``folder``, the folder of the file they were read from."""
+    values = dict(values)
+    for key in STAGES + PATHS:
+        if isinstance(values.get(key), (str, os.PathLike)):
+            values[key] = str(_path(values[key], key, folder))
+    if isinstance(values.get("defense_settings"), dict):
+        values["defense_settings"] = {
+            name: str(_path(spec, f"defense_settings.{name}", folder)) if isinstance(spec, (str, os.PathLike))
+            else spec for name, spec in values["defense_settings"].items()}
+    return values
 
 
 def _mapping(value, key: str) -> dict:
