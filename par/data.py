@@ -14,6 +14,8 @@ data alike.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import re
 from pathlib import Path
@@ -108,9 +110,17 @@ def load_templates(spec: str) -> Sequence:
 
 
 def mentions_label(caption: str, label: str) -> bool:
-    """Whether ``caption`` names ``label`` as a word (regular plurals allowed): "two bananas" mentions banana,
-    "three buses" bus."""
-    return re.search(rf"\b{re.escape(label.lower())}(?:e?s)?\b", caption.lower()) is not None
+    """Whether ``caption`` names ``label`` as a word, or its plural: "two bananas" mentions banana, "three
+    buses" bus, "geese" goose, "computer mice" computer mouse."""
+    return _label_pattern(label.lower()).search(caption.lower()) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _label_pattern(label: str) -> "re.Pattern":
+    import inflect  # English plurals, irregular ones too (mice, geese, people, butterflies, wolves)
+
+    forms = [rf"{re.escape(label)}(?:e?s)?", re.escape(inflect.engine().plural_noun(label))]
+    return re.compile(rf"\b(?:{'|'.join(forms)})\b")
 
 
 def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:
@@ -284,7 +294,7 @@ class ImageFolderDataset(_LabelledImages):
 
     Folders named like the class names map by name (CIFAR-style trees); otherwise the sorted
     folder names map in order to the class names (ImageNet's synset folders, whose sorted
-    order is the standard class index order of ``IMAGENET_CLASSNAMES``).
+    order is the standard class index order of ``IMAGENET_CLASSNAMES``). Images come one per class in turn.
     """
 
     def __init__(self, root, classnames: Sequence[str], size: int):
@@ -306,15 +316,15 @@ class ImageFolderDataset(_LabelledImages):
         else:
             raise ParError(f"{root} has {len(folders)} class folders but {len(classnames)} class names, "
                            "and the folder names are not class names")
-        self.paths, labels = [], []
-        for folder in folders:
-            for path in sorted(folder.iterdir()):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    self.paths.append(path)
-                    labels.append(index[folder])
-        if not self.paths:
+        per_class = [[(path, index[folder]) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+                     for folder in folders]
+        # round robin over the classes (the first image of each, then the second, ...): an evaluation capped
+        # at its first N images (robust accuracy) reads every class, not the first N / (images per class)
+        order = [pair for rank in itertools.zip_longest(*per_class) for pair in rank if pair is not None]
+        if not order:
             raise ParError(f"no images under {root}")
-        self.labels = torch.tensor(labels)
+        self.paths = [path for path, _ in order]
+        self.labels = torch.tensor([label for _, label in order])
         self.transform = eval_transform(size)
 
 

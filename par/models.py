@@ -34,6 +34,7 @@ REPO_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model
 MODEL_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 # what par's preprocessing does (data.eval_transform): open_clip's defaults, the OpenAI CLIP's
 FIXED_PREPROCESS = {"interpolation": "bicubic", "resize_mode": "shortest"}
+OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 _registered = False
 _preprocess: Dict[str, dict] = {}  # encoder -> the preprocess_cfg its file gives (open_clip's registry drops it)
 
@@ -243,10 +244,28 @@ def _read_checkpoint_file(path: Path):
                        "par never unpickles code from a checkpoint (it is untrusted input); save the weights as a "
                        "state dict of tensors or as .safetensors") from None
     except Exception as e:  # RuntimeError/EOFError/KeyError...: not a torch file, or a truncated one
+        if _is_torchscript(path):
+            raise ParError(f"{path} is a TorchScript archive (the format of OpenAI's original CLIP downloads): it "
+                           "holds code, and par never runs code from a checkpoint (it is untrusted input); give the "
+                           "same weights as a state dict: open_clip's hub copy as .safetensors (OpenAI's ViT-B/32: "
+                           "timm/vit_base_patch32_clip_224.openai), or, for a file you trust, "
+                           "torch.save(torch.jit.load(PATH).state_dict(), NEW_PATH)") from None
         first = re.split(r"(?<=\.)\s", str(e).strip(), maxsplit=1)[0] if str(e).strip() else ""
         detail = f" ({type(e).__name__}: {first})" if first and "weights_only" not in first else f" ({type(e).__name__})"
         raise ParError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or a truncated or corrupt one"
                        f"{detail}") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` beside the weights, as
+    ``torch.jit.save`` writes), told from its file list alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _checkpoint_path(path: str | os.PathLike) -> Path:
@@ -261,7 +280,7 @@ def _checkpoint_path(path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """The state dict of tensors in a checkpoint file, whatever its layout.
 
-    Accepts bare state dicts, ``{"state_dict": ...}`` (with or without DDP's ``module.``
+    Accepts bare state dicts (OpenAI's too), ``{"state_dict": ...}`` (with or without DDP's ``module.``
     prefix, plus any other entries such as ``epoch`` or ``optimizer``) and ``.safetensors``.
     """
     path = _checkpoint_path(path)
@@ -275,7 +294,8 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
         raise ParError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    # OpenAI's state dicts carry three scalars beside the weights (open_clip drops them too when it builds a model)
+    return {k: v for k, v in obj.items() if not (k in OPENAI_SCALARS and v.ndim == 0)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

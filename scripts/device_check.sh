@@ -50,7 +50,7 @@ else
             .whl/*.whl || { echo "wheel install failed"; exit 1; }
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    "$PY" -c "import torch, open_clip, open_clip_train, webdataset, braceexpand, torchattacks, safetensors" || {
+    "$PY" -c "import torch, open_clip, open_clip_train, webdataset, braceexpand, torchattacks, safetensors, inflect" || {
         echo "missing dependencies: carry .whl (bash scripts/device_wheels.sh makes it)"; exit 1; }
 fi
 TRAIN="$PY scripts/train_throughput.py --device $DEV --out $OUT/train_throughput.jsonl --steps $STEPS --warmup $WARM"

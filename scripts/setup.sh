@@ -6,7 +6,7 @@
 # builds: the CPU-only torch wheel cannot import the registry's (CUDA) torchvision.
 # torchattacks goes in with --no-deps (requirements.txt says why).
 _par_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_par_imports='import torch, torchvision, open_clip, open_clip_train, numpy, pandas, PIL, yaml, tqdm, safetensors, matplotlib, pytest, scipy, torchattacks, webdataset, braceexpand'
+_par_imports='import torch, torchvision, open_clip, open_clip_train, numpy, pandas, PIL, yaml, tqdm, safetensors, matplotlib, pytest, scipy, torchattacks, webdataset, braceexpand, inflect'
 if [ -n "${PAR_PYTHON:-}" ]; then
     PY="$PAR_PYTHON"
 elif command -v python3 >/dev/null && python3 -c "$_par_imports" 2>/dev/null; then

@@ -199,3 +199,21 @@ def test_a_built_in_encoder_is_normalised_as_open_clips_weights_for_it_are_prepa
     assert models.preprocess_of("par-micro-vit") is None  # no weights known
     with pytest.raises(ParError, match="encoder ViT-B-16-SigLIP .*resize_mode 'squash' is not what par does"):
         models.create_model("ViT-B-16-SigLIP")  # refused before it is built
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated; what wrote OpenAI's files
+def test_a_torchscript_archive_is_refused_as_code_not_called_corrupt(tmp_path):
+    path = tmp_path / "ViT-B-32.pt"  # OpenAI's original downloads are TorchScript archives
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(path))
+    with pytest.raises(ParError, match="is a TorchScript archive .*par never runs code from a checkpoint"):
+        models.load_checkpoint(path)
+
+
+def test_openais_state_dict_layout_loads_without_its_three_scalars(tmp_path, micro_model):
+    path = tmp_path / "openai.pt"
+    scalars = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(20), "vocab_size": torch.tensor(49408)}
+    torch.save({**micro_model.state_dict(), **scalars}, path)
+    _assert_same_weights(micro_model, models.load_model(MICRO, path).state_dict())
+    torch.save({**micro_model.state_dict(), "input_resolution": torch.ones(2)}, path)  # not a scalar: not OpenAI's
+    with pytest.raises(ParError, match="unexpected keys: input_resolution"):
+        models.load_model(MICRO, path)

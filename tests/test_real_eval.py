@@ -33,6 +33,15 @@ def test_synset_folders_map_in_sorted_order(tmp_path):
     assert label == 0 and image.shape == (3, 32, 32) and image[1].float().mean() > 200
 
 
+def test_a_class_folder_tree_is_read_class_by_class_in_turn(tmp_path):
+    root = _folder_tree(tmp_path / "val", ["n01", "n02", "n03"], per_class=2)
+    (root / "n02" / "img2.JPEG").write_bytes((root / "n02" / "img0.JPEG").read_bytes())  # classes of unequal size
+    data = ImageFolderDataset(root, ["tench", "goldfish", "shark"], size=32)
+    assert data.labels.tolist() == [0, 1, 2, 0, 1, 2, 1]  # the first 3 images (a capped evaluation's) cover every class
+    assert [p.parent.name + "/" + p.name for p in data.paths[:4]] == ["n01/img0.JPEG", "n02/img0.JPEG", "n03/img0.JPEG",
+                                                                      "n01/img1.JPEG"]
+
+
 def test_named_folders_map_by_name(tmp_path):
     root = _folder_tree(tmp_path / "cifar", ["dog", "cat"])
     data = labelled_dataset(root, ["airplane", "cat", "dog"], size=32)

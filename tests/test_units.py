@@ -289,9 +289,13 @@ def test_file_lock_makes_a_second_process_wait_its_turn(tmp_path):
     assert marks.read_text().splitlines() == ["held", "released", "second"] and waited > 0.5
 
 
-def test_a_caption_mentions_a_label_as_a_word_or_its_regular_plural():
+def test_a_caption_mentions_a_label_as_a_word_or_its_plural():
     from par.data import mentions_label
 
     assert mentions_label("Two bananas on a table", "banana") and mentions_label("three buses", "bus")
     assert mentions_label("a box", "box") and mentions_label("boxes stacked", "box")
     assert not mentions_label("a bush", "bus") and not mentions_label("carpet", "car")
+    assert mentions_label("Geese on a lake", "goose") and mentions_label("two computer mice", "computer mouse")
+    assert mentions_label("people walking", "person") and mentions_label("butterflies", "butterfly")
+    assert mentions_label("a pack of wolves", "wolf") and not mentions_label("a wolfhound", "wolf")
+    assert not mentions_label("mice", "computer mouse") and not mentions_label("geeser", "goose")
