@@ -64,7 +64,7 @@ def _stored_metrics(run: Path) -> dict:
 def test_rerun_resumes_finished_cells(bench, capsys):
     cleaned = sorted(bench.glob("cleaned-*/checkpoint.pt"))
     stamps = [p.stat().st_mtime_ns for p in cleaned]
-    run_bench(MICRO_BENCH, str(bench), quick=True, progress=False)
+    run_bench(MICRO_BENCH, str(bench), quick=True, progress=True)  # bars or none: the same cells
     assert [p.stat().st_mtime_ns for p in cleaned] == stamps
     assert capsys.readouterr().out.count("reusing") >= 4  # poisoned model + three cleaned cells
     (synthetic_run,) = bench.glob("cleaned-badnet_rs-par-synthetic-*")
