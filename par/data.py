@@ -119,7 +119,7 @@ def mentions_label(caption: str, label: str) -> bool:
 def _label_pattern(label: str) -> "re.Pattern":
     import inflect  # English plurals, irregular ones too (mice, geese, people, butterflies, wolves)
 
-    forms = [rf"{re.escape(label)}(?:e?s)?", re.escape(inflect.engine().plural_noun(label))]
+    forms = [rf"{re.escape(label)}(?:e?s)?"] + ([re.escape(inflect.engine().plural_noun(label))] if label.strip() else [])
     return re.compile(rf"\b(?:{'|'.join(forms)})\b")
 
 
