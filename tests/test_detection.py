@@ -39,6 +39,11 @@ def test_disagreement_rule_on_hand_made_views():
     # a class the oracle gives 0 (a detector saw none) is not on its list, however long the list is
     seen_none = disagreements(clip[:1], torch.tensor([[0.0, 0.9, 0.0]]), ["a car."], NAMES, 0.66, 3)
     assert seen_none[0]["flagged"] and seen_none[0]["unsupported"] == [0]
+    # a class the oracle is blind to (no detector category) is not judged: its 0 says nothing
+    blind = disagreements(clip, oracle, captions, NAMES, 0.66, 1, sees=[False, True, True])
+    assert [r["flagged"] for r in blind] == [False, False, False, False] and blind[3]["unjudged"] == [0]
+    assert all(0 not in r["claims"] for r in blind)
+    assert {e["label"]: e["claims"] for e in rank_victims(blind, NAMES)}[NAMES[0]] == 0  # nor counted
 
 
 def test_victim_ranking_prefers_the_over_flagged_label():
@@ -177,6 +182,7 @@ def test_torchvision_detector_plugin_runs_with_the_users_weights(tmp_path):
                                                                params={"weights": str(weights), "min_score": 0.0}))
     conf = oracle.confidences(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     assert conf.shape == (2, 3) and (conf >= 0).all() and (conf <= 1).all() and (conf[:, 2] == 0).all()
+    assert oracle.sees() == [True, True, False]  # COCO has no shoggoth
     with pytest.raises(ParError, match="needs its COCO weights .*download https://download.pytorch.org/models/"):
         make_oracle("detector", OracleContext(["car"], params={"weights": str(tmp_path / "missing.pth")}))
     torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")

@@ -169,6 +169,10 @@ def cmd_detect(args) -> None:
     strength = (f"z {summary['victim_z']}: " + ("significant" if summary["victim_significant"] else
                 f"weak evidence, below {VICTIM_Z}")) if summary["victim"] else "no label flagged more than predicted"
     print(f"flagged {summary['flagged']} of {summary['rows']} pairs; victim label: {summary['victim']} ({strength})")
+    blind = summary.get("oracle_blind_to") or []
+    if blind:
+        print(f"  the oracle cannot see {len(blind)} of the classes ({', '.join(blind[:3])}{', ...' if len(blind) > 3 else ''}): "
+              f"{summary['unjudged_claims']} claims on them were not judged, and a victim among them cannot be found")
     calibration = summary.get("calibration")
     print(f"  predicted flags per label: its flag rate on {calibration['pairs']} held-out clean pairs"
           if calibration else "  predicted flags per label: the overall flag rate (not calibrated on clean pairs)")

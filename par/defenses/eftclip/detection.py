@@ -134,6 +134,7 @@ def detect(cfg: DetectConfig) -> dict:
     tokenizer = models.get_tokenizer(cfg.model)
     classifier = zero_shot_classifier(model, tokenizer, classnames, load_templates(cfg.templates), device)
     precision = inference_precision(device)
+    sees = oracle.sees()
 
     def screen(csv_path: str, image_root: Optional[str], desc: str) -> List[dict]:
         dataset = ImageCaptionDataset(csv_path, tokenizer, models.image_size(model), image_root)
@@ -147,13 +148,16 @@ def detect(cfg: DetectConfig) -> dict:
                 clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
                 oracle_conf.append(oracle.confidences(images).float())
         return disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
-                             cfg.object_list_size, cfg.views)
+                             cfg.object_list_size, cfg.views, sees)
 
     reference = screen(calibration_data, None, "detect: calibrate on held-out clean pairs") if calibration_data else None
     rows = screen(cfg.data, cfg.image_root, "detect")
     frame = read_csv(cfg.data, ["image", "caption"])
     truth = [int(v) for v in frame["poisoned"]] if "poisoned" in frame.columns else None
     summary = {"settings": settings, "rows": len(rows), "flagged": sum(r["flagged"] for r in rows),
+               # what the oracle cannot judge: its blind classes, and the claims on them left out
+               "oracle_blind_to": [name for name, seen in zip(classnames, sees) if not seen],
+               "unjudged_claims": sum(len(r["unjudged"]) for r in rows),
                "victims": rank_victims(rows, classnames, reference),
                "calibration": {"pairs": len(reference), "flagged": sum(r["flagged"] for r in reference),
                                "oracle_trained_on": oracle_data} if reference is not None else None}
@@ -171,24 +175,26 @@ def detect(cfg: DetectConfig) -> dict:
 
 
 def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions: List[str], classnames: List[str],
-                  theta: float, object_list_size: int, views=VIEWS) -> List[dict]:
-    """Per pair: claims, the oracle's object list, flag and score (module docstring)."""
+                  theta: float, object_list_size: int, views=VIEWS, sees: Optional[List[bool]] = None) -> List[dict]:
+    """Per pair: claims, the oracle's object list, flag and score (module docstring). A claim on a class the
+    oracle is blind to (``sees`` False) is set apart as ``unjudged``: neither flagged nor counted."""
     listed = oracle_conf.topk(min(object_list_size, oracle_conf.shape[1]), dim=1).indices
     clip_conf, clip_label = clip_probs.max(dim=1)
     rows = []
     for i, caption in enumerate(captions):
-        claims: Dict[int, float] = {}
+        made: Dict[int, float] = {}
         captioned = [c for c, name in enumerate(classnames) if mentions_label(caption, name)]
         if "clip" in views:
-            claims[int(clip_label[i])] = float(clip_conf[i])
+            made[int(clip_label[i])] = float(clip_conf[i])
         if "caption" in views:
-            claims.update({c: 1.0 for c in captioned})
+            made.update({c: 1.0 for c in captioned})
+        claims = {c: conf for c, conf in made.items() if sees is None or sees[c]}
         # what the oracle saw: a detector gives most classes exactly 0, and topk fills a short list with them
         objects = {c for c in listed[i].tolist() if float(oracle_conf[i, c]) > 0}
         unsupported = [c for c, conf in claims.items() if conf >= theta and c not in objects]
         score = max((conf * (1.0 - float(oracle_conf[i, c])) for c, conf in claims.items()), default=0.0)
         rows.append({"row": i, "flagged": bool(unsupported), "score": score, "unsupported": unsupported,
-                     "claims": claims, "caption_labels": captioned, "clip_label": int(clip_label[i]), "clip_confidence": float(clip_conf[i]),
+                     "claims": claims, "unjudged": sorted(set(made) - set(claims)), "caption_labels": captioned, "clip_label": int(clip_label[i]), "clip_confidence": float(clip_conf[i]),
                      "objects": [(int(c), float(oracle_conf[i, c])) for c in listed[i].tolist()]})
     return rows
 

@@ -10,7 +10,7 @@ object, the image likely carries a trigger (``par.detection``).
   manifest records the CSV and the rows it learnt from. Imperfect as a real oracle is.
 * ``torchvision-detector`` (real-world plugin): a torchvision COCO detector (Faster R-CNN,
   MobileNet-v3 320 FPN) with weights the user brings; a class's confidence is the best score of
-  the detections of the COCO category of that name (classes COCO lacks get 0).
+  the detections of the COCO category of that name; it is blind to the classes COCO lacks (``Oracle.sees``).
 
 A new oracle is a factory registered here or from a plugin (``par.plugins``):
 ``factory(context: OracleContext) -> Oracle``.
@@ -51,6 +51,11 @@ class Oracle:
     def confidences(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` confidences in [0, 1] that each class's object is in each ``uint8`` image."""
         raise NotImplementedError
+
+    def sees(self) -> List[bool]:
+        """Per class, whether this oracle can see its object at all: a claim on a class it is blind to (one a
+        detector has no category for) is not judged, since its 0 there says nothing about the image."""
+        return [True] * len(self.classnames)
 
 
 def make_oracle(name: str, context: OracleContext) -> Oracle:
@@ -251,6 +256,9 @@ class TorchvisionDetector(Oracle):
             raise ParError(f"{self.params.weights} is not a fasterrcnn_mobilenet_v3_large_320_fpn state dict: "
                            f"{str(e).splitlines()[0]}") from None
         self.model.to(self.device).eval()
+
+    def sees(self) -> List[bool]:
+        return [i in self.category_of for i in range(len(self.classnames))]
 
     @torch.no_grad()
     def confidences(self, images: torch.Tensor) -> torch.Tensor:
