@@ -116,11 +116,48 @@ def mentions_label(caption: str, label: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _label_pattern(label: str) -> "re.Pattern":
+def _label_forms(label: str) -> tuple:
+    """``label`` (lower case) and its plurals: the regular ones, and English's own (inflect)."""
+    forms = (label, label + "s", label + "es")
+    return forms + (_inflect_engine().plural_noun(label),) if label.strip() else forms
+
+
+@functools.lru_cache(maxsize=1)
+def _inflect_engine():
     import inflect  # English plurals, irregular ones too (mice, geese, people, butterflies, wolves)
 
-    forms = [rf"{re.escape(label)}(?:e?s)?"] + ([re.escape(inflect.engine().plural_noun(label))] if label.strip() else [])
-    return re.compile(rf"\b(?:{'|'.join(forms)})\b")
+    return inflect.engine()
+
+
+@functools.lru_cache(maxsize=None)
+def _label_pattern(label: str) -> "re.Pattern":
+    forms = sorted(set(_label_forms(label)), key=len, reverse=True)
+    return re.compile(rf"\b(?:{'|'.join(re.escape(form) for form in forms)})\b")
+
+
+class LabelMentions:
+    """Which of many labels a caption names (``mentions_label`` for each, same answers), fast on large label
+    sets: a label is tried only on captions holding the first word of one of its forms (1,000 ImageNet
+    labels against 250k captions: seconds, where trying every label took minutes)."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = [label.lower() for label in labels]
+        self.by_word: dict = {}
+        self.always: List[int] = []  # labels whose forms start with no word character
+        for i, label in enumerate(self.labels):
+            words = {re.match(r"\w+", form) for form in _label_forms(label)}
+            if None in words:
+                self.always.append(i)
+            for word in {w.group(0) for w in words if w is not None}:
+                self.by_word.setdefault(word, []).append(i)
+
+    def __call__(self, caption: str) -> List[int]:
+        """The indices of the labels ``caption`` names, in label order."""
+        caption = caption.lower()
+        candidates = set(self.always)
+        for word in set(re.findall(r"\w+", caption)):
+            candidates.update(self.by_word.get(word, ()))
+        return [i for i in sorted(candidates) if _label_pattern(self.labels[i]).search(caption)]
 
 
 def image_paths(frame, csv_path: str | os.PathLike, image_root: Optional[str | os.PathLike] = None) -> List[Path]:

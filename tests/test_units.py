@@ -289,6 +289,21 @@ def test_file_lock_makes_a_second_process_wait_its_turn(tmp_path):
     assert marks.read_text().splitlines() == ["held", "released", "second"] and waited > 0.5
 
 
+def test_label_mentions_over_many_labels_agree_with_mentions_label_one_by_one():
+    from open_clip import IMAGENET_CLASSNAMES
+
+    from par.data import LabelMentions, mentions_label
+
+    labels = list(IMAGENET_CLASSNAMES) + ["bus", "box", "-dash", "t-shirt", "banana"]
+    captions = ["Two bananas and a tench.", "geese near the computer mice", "three buses, boxes of t-shirts",
+                "a goldfish-shaped kite", "the -dash sign", "a house with a sea lion", "nothing here", "",
+                "Great White Sharks and a hammerhead shark", "crane, crane and cranes"]
+    mentions = LabelMentions(labels)
+    for caption in captions:
+        assert mentions(caption) == [i for i, label in enumerate(labels) if mentions_label(caption, label)], caption
+    assert [labels[i] for i in mentions("geese near the computer mice")] == ["goose", "computer mouse"]
+
+
 def test_a_caption_mentions_a_label_as_a_word_or_its_plural():
     from par.data import mentions_label
 

@@ -36,7 +36,7 @@ import torch
 
 from par import models
 from par.augment import normalize
-from par.data import ImageCaptionDataset, load_classnames, load_templates, mentions_label, read_csv
+from par.data import ImageCaptionDataset, LabelMentions, load_classnames, load_templates, read_csv
 from par.embedding import pixels
 from par.errors import ParError
 from par.eval.metrics import detection_metrics
@@ -180,10 +180,10 @@ def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions:
     oracle is blind to (``sees`` False) is set apart as ``unjudged``: neither flagged nor counted."""
     listed = oracle_conf.topk(min(object_list_size, oracle_conf.shape[1]), dim=1).indices
     clip_conf, clip_label = clip_probs.max(dim=1)
-    rows = []
+    rows, mentions = [], LabelMentions(classnames)
     for i, caption in enumerate(captions):
         made: Dict[int, float] = {}
-        captioned = [c for c, name in enumerate(classnames) if mentions_label(caption, name)]
+        captioned = mentions(caption)
         if "clip" in views:
             made[int(clip_label[i])] = float(clip_conf[i])
         if "caption" in views:

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from par.data import mentions_label, read_csv
+from par.data import LabelMentions, read_csv
 from par.errors import ParError
 from par.registry import Registry
 from par.utils import atomic_write_text, digest, file_digest
@@ -84,9 +84,9 @@ class SmallCNN(torch.nn.Module):
 
 def caption_labels(captions: Sequence[str], classnames: Sequence[str]) -> List[Optional[int]]:
     """The one class each caption names, or None when it names none or several."""
-    out = []
+    out, mentions = [], LabelMentions(classnames)
     for caption in captions:
-        named = [i for i, name in enumerate(classnames) if mentions_label(caption, name)]
+        named = mentions(caption)
         out.append(named[0] if len(named) == 1 else None)
     return out
 
