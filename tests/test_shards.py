@@ -81,6 +81,8 @@ def test_epochs_are_seeded_and_resuming_skips_into_one(shards):
     assert [c for _, _, c, _ in loader.epoch(0, skip=5)] == first[5:]  # resuming picks up where it stopped
     _, _, _, labels = next(iter(loader.epoch(0)))
     assert labels is None
+    with pytest.raises(ParError, match=r"3 shard\(s\) for this process but 4 loader workers.*at least 4 shards"):
+        ShardLoader(ShardPairs(_pattern(out, 3), tokenizer, 32, seed=5, buffer=50), 8, 8, workers=4)
 
 
 def test_labels_travel_as_cls_members(micro_world, tmp_path):

@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="image,caption CSV (a label column becomes .cls members)")
     p.add_argument("--out", required=True, help="a new folder for 00000.tar, ... and sizes.json")
     p.add_argument("--image-root")
-    p.add_argument("--shard-size", type=int, default=10000, help="pairs per shard")
+    p.add_argument("--shard-size", type=int, default=2000, help="pairs per shard (default 2000: 125 shards for 250k pairs, enough for 8 processes x 12 loader workers, each of which reads whole shards)")
 
     p = sub.add_parser("shell-env", help="print a YAML settings file as shell assignments (trigger_validate.sh's "
                                          "VALIDATE_CONFIG); variables already set are kept")
