@@ -227,11 +227,13 @@ def _read_checkpoint_file(path: Path):
             raise ParError(f"cannot read safetensors checkpoint {path}: {e}") from None
     import pickle
     import warnings
+    import zipfile
 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # a zip checkpoint is mapped, not read: reading its metadata or a few tensors costs no copy of it all
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something other than tensors and plain data
         with open(path, "rb") as f:
             head = f.read(2)
