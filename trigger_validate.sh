@@ -21,6 +21,9 @@
 #   EVAL_OUT          the results file itself (overrides OUT_DIR)
 #   ROBUST_EPS        also robust accuracy (APGD-CE + APGD-T) at these radii, e.g. "2/255,4/255"
 #   ROBUST_MAX_IMAGES images attacked (default 1000); ROBUST_STEPS iterations per attack (default 100)
+#   ROBUST_BATCH_SIZE images attacked at once (default EVAL_BATCH_SIZE; ViT-L/14@336px: ~1 GB of GPU memory each)
+#   EVAL_BATCH_SIZE   images per forward pass (default 256); EVAL_WORKERS image-decoding processes (default:
+#                     the CPU count less one, at most 8)
 # With no data configured, classification runs on the demo world's test split (runs/demo/world in this
 # folder). Relative paths given are the caller's (this script does not change directory).
 set -euo pipefail
@@ -39,7 +42,7 @@ say() { [ ${#check[@]} -gt 0 ] || echo "$@"; }
 if [ -n "${VALIDATE_CONFIG:-}" ]; then
     # the config's keys as upper-case variables, without overriding ones already set (par reads and checks it)
     keys=EVAL_DATA,EVAL_CSV,EVAL_CLASSNAMES,EVAL_TEMPLATES,EVAL_IMAGE_ROOT,RETRIEVAL_JSON,RETRIEVAL_ROOT,ATTACK_PARAMS
-    keys+=,OUT_DIR,EVAL_OUT,ROBUST_EPS,ROBUST_MAX_IMAGES,ROBUST_STEPS
+    keys+=,OUT_DIR,EVAL_OUT,ROBUST_EPS,ROBUST_MAX_IMAGES,ROBUST_STEPS,ROBUST_BATCH_SIZE,EVAL_BATCH_SIZE,EVAL_WORKERS
     settings="$("$PY" -m par shell-env "$VALIDATE_CONFIG" --keys "$keys")" || exit 2
     eval "$settings"
 fi
@@ -70,8 +73,12 @@ if [ -n "${RETRIEVAL_JSON:-}" ]; then
 fi
 read -ra attack_params <<< "${ATTACK_PARAMS:-}"  # split on spaces, never glob-expanded
 for p in ${attack_params[@]+"${attack_params[@]}"}; do args+=(--attack-param "$p"); done
+cpus=$(nproc 2>/dev/null || echo 1)
+args+=(--workers "${EVAL_WORKERS:-$(( cpus > 9 ? 8 : cpus - 1 ))}")
+[ -n "${EVAL_BATCH_SIZE:-}" ] && args+=(--batch-size "$EVAL_BATCH_SIZE")
 if [ -n "${ROBUST_EPS:-}" ]; then
     args+=(--robust-eps "$ROBUST_EPS" --robust-max-images "${ROBUST_MAX_IMAGES:-1000}" --robust-steps "${ROBUST_STEPS:-100}")
+    [ -n "${ROBUST_BATCH_SIZE:-}" ] && args+=(--robust-batch-size "$ROBUST_BATCH_SIZE")
     say "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"
 fi
 EVAL_OUT="${EVAL_OUT:-${OUT_DIR:-$(dirname "$CHECKPOINT")}/results.jsonl}"

@@ -131,7 +131,8 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps(entries))
     env = dict(os.environ, PAR_PYTHON=sys.executable, EVAL_DATA=str(micro_world / "test.csv"),
                RETRIEVAL_JSON=str(tmp_path / "coco.json"), RETRIEVAL_ROOT=str(micro_world),
-               ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8", ROBUST_STEPS="2")
+               ROBUST_EPS="2/255,4/255", ROBUST_MAX_IMAGES="8", ROBUST_STEPS="2", ROBUST_BATCH_SIZE="3",
+               EVAL_BATCH_SIZE="5", EVAL_WORKERS="1")
     proc = subprocess.run(["bash", "trigger_validate.sh", str(ckpt), "blended", "par-micro-vit", "banana"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -157,6 +158,10 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
         label="banana", progress=False))
     assert [r["metrics"] for r in records] == [r["metrics"] for r in direct]
     assert "retrieval/blended" in proc.stdout
+    for key, value in (("EVAL_WORKERS", "-1"), ("EVAL_BATCH_SIZE", "0"), ("ROBUST_BATCH_SIZE", "0")):  # passed on
+        bad = subprocess.run(["bash", "trigger_validate.sh", "--check", str(ckpt), "blended", "par-micro-vit", "banana"],
+                             cwd=REPO, env={**env, key: value}, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and f"{key.lower().replace('eval_', '')} must be a whole number" in bad.stderr, bad.stderr
 
 
 def test_an_undefined_asr_is_refused_before_the_weights_load(micro_world, tmp_path):

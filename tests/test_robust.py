@@ -191,6 +191,39 @@ def test_robust_accuracy_leaves_torchs_global_random_stream_as_it_was_and_refuse
         robust_accuracy(three, loader, torch.device("cpu"), 4 / 255, steps=2, progress=False)
 
 
+def test_robust_accuracy_attacks_at_most_attack_batch_images_at_once(monkeypatch):
+    from par.eval import robust
+    from par.eval.robust import ZeroShotLogits, robust_accuracy
+
+    torch.manual_seed(0)
+    logits_fn = ZeroShotLogits(models.create_model("par-micro-vit"), torch.nn.functional.normalize(torch.randn(32, 5), dim=0),
+                               (0.5,) * 3, (0.25,) * 3)
+    images = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        labels = logits_fn(images).argmax(dim=1)  # every image correct: all six are attacked
+    sizes = []
+
+    def unchanged(logits_fn, x, y, eps, steps, seed):
+        sizes.append(len(x))
+        return x
+
+    monkeypatch.setattr(robust.ROBUST_ATTACKS, "get", lambda name: unchanged)
+    result = robust_accuracy(logits_fn, [(images, labels)], torch.device("cpu"), 4 / 255, attacks=("apgd-ce",),
+                             steps=1, progress=False, attack_batch=4)
+    assert sizes == [4, 2] and result["robust"] == result["clean"] == 1.0
+    robust_accuracy(logits_fn, [(images, labels)], torch.device("cpu"), 4 / 255, attacks=("apgd-ce",), steps=1,
+                    progress=False)
+    assert sizes[2:] == [6]  # by default the loader's batch whole
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(robust.ROBUST_ATTACKS, "get", lambda name: out_of_memory)
+    with pytest.raises(ParError, match="out of device memory attacking 6 images at once: lower robust_batch_size"):
+        robust_accuracy(logits_fn, [(images, labels)], torch.device("cpu"), 4 / 255, attacks=("apgd-ce",), steps=1,
+                        progress=False)
+
+
 def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
     import open_clip
 
@@ -204,6 +237,8 @@ def test_robust_evaluation_bad_input(capsys, micro_world, trained, tmp_path):
     assert main(base + ["--robust-steps", "50", "--robust-attacks", "apgd-ce"]) == 2  # no eps: nothing would use them
     assert "--robust-attacks, --robust-steps set how robust accuracy is measured: give --robust-eps too" in \
         capsys.readouterr().err
+    assert main(base + ["--robust-eps", "2/255", "--robust-batch-size", "0"]) == 2
+    assert "robust_batch_size must be a whole number of at least 1, got 0" in capsys.readouterr().err
     config = json.loads((models.PACKAGE_MODEL_CONFIGS / "par-micro-vit.json").read_text())
     config["vision_cfg"] = {}  # open_clip skips configs without the key; an empty tower is what reaches us
     (tmp_path / "par-text-only.json").write_text(json.dumps(config))

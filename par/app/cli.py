@@ -127,12 +127,13 @@ def cmd_eval(args) -> None:
     from par.eval.zeroshot import EvalConfig, evaluate, format_records
 
     robust = {}
-    unused = [f"--{k.replace('_', '-')}" for k in ("robust_attacks", "robust_steps", "robust_max_images")
-              if getattr(args, k) is not None]
+    unused = [f"--{k.replace('_', '-')}" for k in ("robust_attacks", "robust_steps", "robust_max_images",
+                                                   "robust_batch_size") if getattr(args, k) is not None]
     if unused and not args.robust_eps:  # else they would be taken and silently not used
         raise ParError(f"{', '.join(unused)} set how robust accuracy is measured: give --robust-eps too")
     if args.robust_eps:
-        robust = {"robust_eps": _eps_list(args.robust_eps), **_given(args, "robust_steps", "robust_max_images")}
+        robust = {"robust_eps": _eps_list(args.robust_eps),
+                  **_given(args, "robust_steps", "robust_max_images", "robust_batch_size")}
         if args.robust_attacks is not None:
             robust["robust_attacks"] = [a for a in args.robust_attacks.split(",") if a.strip()]
     from par.config import build
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robust-attacks", help="attacks, run as a cascade (torchattacks; default apgd-ce,apgd-t)")
     p.add_argument("--robust-steps", type=int, help="iterations per attack (default 100)")
     p.add_argument("--robust-max-images", type=int, help="robust accuracy on the first N images (default 1000)")
+    p.add_argument("--robust-batch-size", type=int,
+                   help="images attacked at once (default --batch-size; ~1 GB of device memory each for ViT-L/14@336px)")
     p.add_argument("--dry-run", action="store_true",
                    help="check every input (data, class names, label, trigger, --out) and stop: nothing is loaded "
                         "from the checkpoint, which need not exist yet, and nothing is written")

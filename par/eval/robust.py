@@ -114,8 +114,10 @@ def pgd_ce(logits_fn, images, labels, eps, steps, seed):
 
 def robust_accuracy(logits_fn: ZeroShotLogits, loader, device, eps: float,
                     attacks: Sequence[str] = ("apgd-ce", "apgd-t"), steps: int = 100, max_images: int = 1000,
-                    seed: int = 0, progress: bool = True) -> Dict[str, float]:
-    """Top-1 accuracy under the attacks in order, each run on the images still correct (AutoAttack's cascade).
+                    seed: int = 0, progress: bool = True, attack_batch: Optional[int] = None) -> Dict[str, float]:
+    """Top-1 accuracy under the attacks in order, each run on the images still correct (AutoAttack's cascade),
+    at most ``attack_batch`` images at once (default: the loader's batches whole; an attack keeps every
+    image's activations for its gradient: a ViT-L at 336 px needs ~1 GB per image).
 
     Returns ``clean`` (on the same images), ``robust`` (worst case over the attacks) and, per
     attack, the accuracy after it alone was added to the cascade (``after_<attack>``), plus ``images``.
@@ -146,11 +148,15 @@ def robust_accuracy(logits_fn: ZeroShotLogits, loader, device, eps: float,
         clean_correct.append(correct.cpu())
         alive = correct.clone()
         for name in names:
-            index = alive.nonzero().flatten()
-            if len(index) and eps > 0:
-                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                    # torchattacks' APGD seeds torch's global streams: the caller's draws go on unchanged
-                    adversarial = ROBUST_ATTACKS.get(name)(logits_fn, x[index], y[index], eps, steps, seed)
+            alive_now = alive.nonzero().flatten()
+            for index in alive_now.split(attack_batch or len(alive_now)) if len(alive_now) and eps > 0 else ():
+                try:
+                    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                        # torchattacks' APGD seeds torch's global streams: the caller's draws go on unchanged
+                        adversarial = ROBUST_ATTACKS.get(name)(logits_fn, x[index], y[index], eps, steps, seed)
+                except torch.cuda.OutOfMemoryError:
+                    raise ParError(f"robust evaluation ran out of device memory attacking {len(index)} images at "
+                                   "once: lower robust_batch_size (--robust-batch-size, ROBUST_BATCH_SIZE)") from None
                 with torch.no_grad():
                     alive[index] = logits_fn(adversarial).argmax(dim=1) == y[index]
             after[name].append(alive.cpu().clone())

@@ -70,6 +70,7 @@ class EvalConfig:
     robust_attacks: List[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])  # run in this order (cascade)
     robust_steps: int = 100  # iterations per attack (RobustVLM's evaluation: 100)
     robust_max_images: int = 1000  # the first N images of the classification data
+    robust_batch_size: Optional[int] = None  # images attacked at once (default batch_size): lower it for ViT-L
     progress: bool = True
 
     def __post_init__(self):
@@ -83,6 +84,9 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ParError(f"eval {name} must be a whole number of at least {low}, got {value!r}")
+        if self.robust_batch_size is not None and (isinstance(self.robust_batch_size, bool) or not isinstance(
+                self.robust_batch_size, numbers.Integral) or self.robust_batch_size < 1):
+            raise ParError(f"eval robust_batch_size must be a whole number of at least 1, got {self.robust_batch_size!r}")
         check_device(self.device)
         bad = [e for e in self.robust_eps if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 <= e <= 1]
         if bad:
@@ -170,7 +174,7 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
         for eps in cfg.robust_eps:
             started = time.time()
             result = robust_accuracy(logits_fn, loader, device, eps, cfg.robust_attacks, cfg.robust_steps,
-                                     cfg.robust_max_images, cfg.seed, cfg.progress)
+                                     cfg.robust_max_images, cfg.seed, cfg.progress, cfg.robust_batch_size)
             at = eps_label(eps)
             metrics = {f"robust_top1@{at}": result["robust"], f"robust_clean_top1@{at}": result["clean"],
                        **{f"robust_{k}@{at}": v for k, v in result.items() if k.startswith("after_")}}
