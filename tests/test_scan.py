@@ -98,6 +98,24 @@ def test_a_bf16_scan_runs_and_is_not_the_same_scan_as_fp32(backdoored_micro):
     assert result.trigger.pattern.dtype == torch.float32
 
 
+def test_shadow_images_in_parts_give_the_whole_batchs_inversion(backdoored_micro):
+    """batch_images below the shadow image count (a large encoder's setting) sends each label's images through
+    in parts whose gradients add up: the same triggers, statistics and refined trigger as in one pass."""
+    world = backdoored_micro.world.path
+    params = {"steps": 4, "families": ["patch", "blend"], "refine_steps": 6, "success_target": 1e-6}
+    flag = {"max_images": 16, "threshold": -100.0}  # flagged whatever it finds: the refinement runs
+    whole = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, scanner_params=params, **flag))
+    parts = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, **flag,
+                                   scanner_params={**params, "batch_images": 6}))  # parts of 6, 6 and 4 images
+    for a, b in zip(whole.labels, parts.labels):
+        assert a["label"] == b["label"] and a["lift"] == pytest.approx(b["lift"], abs=1e-4)
+        assert a["z"] == pytest.approx(b["z"], abs=1e-3)
+    for family in params["families"]:
+        assert torch.allclose(whole.triggers[family].mask, parts.triggers[family].mask, atol=1e-5)
+    refined = whole.details["refined"], parts.details["refined"]
+    assert refined[0]["size"] == pytest.approx(refined[1]["size"], abs=1e-5) and refined[0]["success"] == refined[1]["success"]
+
+
 def test_candidate_pruning_keeps_the_target(backdoored_micro):
     """With more labels than top_k + reference_labels, a short inversion of every label ranks them; the
     planted label is ranked first and kept, and z is measured against randomly drawn reference labels."""

@@ -86,6 +86,8 @@ class LabelInversionParams(ScannerParams):
     families: List[str] = field(default_factory=lambda: list(FAMILIES))
     # labels are inverted together (independent parameters: the same result as one by one, faster), at
     # most this many stamped images (labels x shadow images) per forward pass; lower it for large encoders
+    # (a ViT-L/14@336px keeps ~0.6 GB per image for the gradient in bf16): below the shadow image count, a
+    # label's images go through in parts whose gradients add up to the whole's
     batch_images: int = 640
     # with more candidates than top_k + reference_labels, the z of every inverted label is measured against
     # this many labels drawn at random from all candidates (inverted too): the top_k alone, the labels
@@ -109,6 +111,12 @@ def _start(family: str, labels: List[int], shape, seed: int, init: float, device
     pattern = torch.stack([0.1 * torch.randn(3, h, w, generator=torch.Generator().manual_seed(row_seed(seed, t)))
                            for t in labels]).to(device)
     return mask.requires_grad_(), pattern.requires_grad_()
+
+
+def _stamp(x, raw_mask, raw_pattern):
+    """``x`` under one trigger given by its sigmoid parameters: ``(1 - m) x + m p``."""
+    mask, pattern = torch.sigmoid(raw_mask), torch.sigmoid(raw_pattern)
+    return (1 - mask) * x + mask * pattern
 
 
 @SCANNERS.register("label-inversion", "label_inversion", "inversion")
@@ -149,26 +157,54 @@ class LabelInversion(Scanner):
         raw_mask, raw_pattern = _start(family, labels, x.shape[1:], ctx.seed, p.mask_init, ctx.device)
         optimiser = torch.optim.Adam([raw_mask, raw_pattern], lr=p.lr)
         target = torch.tensor(labels, device=ctx.device).repeat_interleave(n)
+        whole = len(labels) * n <= p.batch_images  # else each label's images in parts
 
         def stamped_logits():
             mask, pattern = torch.sigmoid(raw_mask)[:, None], torch.sigmoid(raw_pattern)[:, None]
             return ctx.logits(((1 - mask) * x[None] + mask * pattern).flatten(0, 1)), mask
 
         for step in range(steps):
-            logits, mask = stamped_logits()
-            ce = F.cross_entropy(logits, target, reduction="none").view(len(labels), n).mean(1)
-            loss = (ce + p.lam * mask.flatten(1).mean(1)).sum()
-            check_finite(loss, what, step)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            if whole:
+                logits, mask = stamped_logits()
+                ce = F.cross_entropy(logits, target, reduction="none").view(len(labels), n).mean(1)
+                loss = (ce + p.lam * mask.flatten(1).mean(1)).sum()
+                check_finite(loss, what, step)
+                loss.backward()
+            else:
+                ce = sum(self._cross_entropy_backward(ctx, raw_mask[i], raw_pattern[i], t)[0]
+                         for i, t in enumerate(labels))
+                size = p.lam * torch.sigmoid(raw_mask).flatten(1).mean(1).sum()
+                check_finite(ce + size.detach(), what, step)
+                size.backward()
             optimiser.step()
         with torch.no_grad():
-            logits, _ = stamped_logits()
-            logp = logits.log_softmax(1).view(len(labels), n, -1).mean(1)
+            if whole:
+                logp = stamped_logits()[0].log_softmax(1).view(len(labels), n, -1).mean(1)
+            else:
+                logp = torch.stack([sum(ctx.logits(_stamp(x[rows], raw_mask[i], raw_pattern[i])).log_softmax(1).sum(0)
+                                        for rows in self._parts(n)) / n for i in range(len(labels))])
             check_finite(logp.sum(), what, steps)
         h, w = x.shape[-2:]
         return (torch.sigmoid(raw_mask).detach().expand(len(labels), 1, h, w),
                 torch.sigmoid(raw_pattern).detach(), logp)
+
+    def _parts(self, n: int) -> List[slice]:
+        """The shadow images in parts of at most ``batch_images``."""
+        size = self.params.batch_images
+        return [slice(i, i + size) for i in range(0, n, size)]
+
+    def _cross_entropy_backward(self, ctx: ScanContext, raw_mask, raw_pattern, label: int):
+        """For one label's trigger: the mean cross-entropy toward ``label`` over the shadow images, its gradient
+        accumulated part by part (the same gradient as the whole batch's), and the share sent to ``label``."""
+        x, n = ctx.images, ctx.images.shape[0]
+        total, hits = 0.0, 0
+        for rows in self._parts(n):
+            logits = ctx.logits(_stamp(x[rows], raw_mask, raw_pattern))
+            ce = F.cross_entropy(logits, torch.full((logits.shape[0],), label, device=ctx.device), reduction="sum") / n
+            ce.backward()
+            total, hits = total + ce.detach(), hits + int((logits.argmax(1) == label).sum())
+        return total, hits / n
 
     def refine(self, ctx: ScanContext, label: int):
         """The smallest patch trigger found that sends ``success_target`` of the images to ``label`` (Neural
@@ -179,9 +215,14 @@ class LabelInversion(Scanner):
         target = torch.full((x.shape[0],), label, device=ctx.device)
         lam, met, missed, best = p.lam, 0, 0, None
         for step in range(p.refine_steps):
+            optimiser.zero_grad(set_to_none=True)
             mask, pattern = torch.sigmoid(raw_mask[0]), torch.sigmoid(raw_pattern[0])
-            logits = ctx.logits((1 - mask) * x + mask * pattern)
-            success = float((logits.argmax(1) == target).float().mean())
+            if x.shape[0] <= p.batch_images:
+                logits = ctx.logits((1 - mask) * x + mask * pattern)
+                success = float((logits.argmax(1) == target).float().mean())
+                ce = F.cross_entropy(logits, target)
+            else:  # in parts: the cross-entropy's gradient is taken here, the size's below
+                ce, success = self._cross_entropy_backward(ctx, raw_mask[0], raw_pattern[0], label)
             size = float(mask.detach().mean())
             if success >= p.success_target and (best is None or size < best[0]):
                 best = (size, mask.detach().clone(), pattern.detach().clone(), success)
@@ -190,10 +231,9 @@ class LabelInversion(Scanner):
                 lam, met = lam * 1.5, 0
             elif missed >= 5:
                 lam, missed = lam / 1.5, 0
-            loss = F.cross_entropy(logits, target) + lam * mask.mean()
+            loss = ce + lam * mask.mean()
             check_finite(loss, f"refining the patch trigger of label {ctx.classnames[label]!r}", step)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if ce.requires_grad else lam * mask.mean()).backward()
             optimiser.step()
         return best
 
