@@ -227,6 +227,9 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     assert json.loads(manifest.read_text())["trained_on"] == calibration["oracle_trained_on"]
     assert all(v["expected"] >= 0 and "z" in v for v in summary["victims"])
     assert main(args) == 0  # the same detection again: reused
+    elsewhere = [a if a != str(tmp_path / "det") else str(tmp_path / "det2") for a in args]
+    assert main(elsewhere + ["--workers", "1", "--batch-size", "7"]) == 0  # decoded by a worker, other batches
+    assert (tmp_path / "det2" / "detections.csv").read_text() == (tmp_path / "det" / "detections.csv").read_text()
     assert main(args[:-1] + ["epochs=2"]) == 2  # other settings in the same folder: refused
     assert "holds a detection with other settings" in capsys.readouterr().err
 
@@ -236,6 +239,7 @@ def test_detect_cli_writes_detections_and_metrics(capsys, micro_world, poisoned_
     ({"--label": "dragon"}, "target label 'dragon' is not a class"),
     ({"--oracle": "torchvision-detector"}, "needs its COCO weights"),
     ({"--calibrate": "1"}, "need 0 <= calibrate < 1"),
+    ({"--workers": "-1"}, "detect workers must be a whole number of at least 0, got -1"),
     ({"--clean-data": None}, "calibrating the victim ranking needs the defender's clean pairs"),
 ])
 def test_detect_bad_input(capsys, micro_world, poisoned_setup, tmp_path, change, message):

@@ -162,7 +162,8 @@ def cmd_detect(args) -> None:
     from par.defenses.eftclip.detection import VICTIM_Z, DetectConfig, detect
 
     values = _given(args, "checkpoint", "model", "data", "classnames", "out", "oracle", "clean_data", "oracle_cache",
-                    "image_root", "templates", "label", "theta", "object_list_size", "calibrate", "device")
+                    "image_root", "templates", "label", "theta", "object_list_size", "calibrate", "device",
+                    "batch_size", "workers")
     if args.views is not None:
         values["views"] = [v for v in args.views.split(",") if v]
     summary = detect(build(DetectConfig, {**values, "oracle_params": parse_key_values(args.oracle_param)},
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", type=float,
                    help="share of --clean-data held out of the oracle to measure each label's flag rate on clean "
                         "pairs (default 0.2; 0: rank labels against the overall flag rate)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 256)")
+    p.add_argument("--workers", type=int, help="image-decoding processes (default 0: in the main process)")
     p.add_argument("--device")
 
     p = sub.add_parser("scan", help="is a checkpoint backdoored? invert triggers on a few clean images")

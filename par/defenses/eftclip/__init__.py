@@ -111,7 +111,8 @@ class EftCLIP(MultiStageDefense):
                 templates=job.templates, out=str(folder), oracle=p.oracle, oracle_params=p.oracle_params,
                 clean_data=job.train_data, oracle_cache=str(Path(job.out).parent / "oracles"),
                 image_root=job.image_root, theta=p.theta, object_list_size=p.object_list_size, views=p.views,
-                calibrate=p.calibrate, progress=job.settings.get("progress", True)))
+                calibrate=p.calibrate, progress=job.settings.get("progress", True),
+                workers=int(job.settings.get("workers", 0))))  # the fine-tune's loader workers decode here too
         return {**summary, "folder": str(folder)}
 
     def curate(self, job: CleaningJob, outputs: dict) -> Path:

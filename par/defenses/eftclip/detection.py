@@ -69,6 +69,7 @@ class DetectConfig:
     object_list_size: int = 3  # length of the oracle's object list (EftCLIP's tau)
     views: List[str] = field(default_factory=lambda: list(VIEWS))
     batch_size: int = 256
+    workers: int = 0  # processes decoding the images (250k poisoned pairs: give several)
     device: str = "auto"
     progress: bool = True
 
@@ -83,6 +84,10 @@ def check(cfg: DetectConfig) -> List[str]:
     if not 0 < cfg.theta <= 1 or cfg.object_list_size < 1:
         raise ParError(f"need 0 < theta <= 1 and object_list_size >= 1, got theta={cfg.theta}, "
                        f"object_list_size={cfg.object_list_size}")
+    for name, low in (("batch_size", 1), ("workers", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ParError(f"detect {name} must be a whole number of at least {low}, got {value!r}")
     if not 0 <= cfg.calibrate < 1:
         raise ParError(f"calibrate is the share of the clean pairs held out of the oracle: need 0 <= calibrate < 1, "
                        f"got {cfg.calibrate}")
@@ -115,7 +120,7 @@ def detect(cfg: DetectConfig) -> dict:
                 "clean_data_digest": file_digest(cfg.clean_data) if cfg.clean_data else None,
                 "classnames_digest": None if cfg.classnames == "imagenet" else path_digest(cfg.classnames),
                 "templates_digest": None if cfg.templates == "openai" else path_digest(cfg.templates)}
-    for key in ("out", "progress", "device", "batch_size", "oracle_cache"):
+    for key in ("out", "progress", "device", "batch_size", "workers", "oracle_cache"):
         settings.pop(key)
     summary_path = out / "summary.json"
     if summary_path.exists():
@@ -140,8 +145,9 @@ def detect(cfg: DetectConfig) -> dict:
         dataset = ImageCaptionDataset(csv_path, tokenizer, models.image_size(model), image_root)
         clip_probs, oracle_conf = [], []
         with torch.inference_mode():
-            for images, _, _ in tqdm(torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size), desc=desc,
-                                     unit="batch", disable=not cfg.progress):
+            batches = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                                  pin_memory=device.type == "cuda")
+            for images, _, _ in tqdm(batches, desc=desc, unit="batch", disable=not cfg.progress):
                 x = pixels(images, device)
                 with autocast(precision, device):
                     features = model.encode_image(normalize(x, mean, std), normalize=True)
