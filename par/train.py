@@ -310,6 +310,16 @@ class Step:
         return Batch(images, tokens.to(self.device, non_blocking=True), raw_images, captions, labels)
 
     def __call__(self, loader_batch, step: int) -> dict:
+        try:
+            return self._step(loader_batch, step)
+        except torch.cuda.OutOfMemoryError:  # the batch is the user's setting: say which knobs hold it
+            micro = len(loader_batch[0]) // self.accum_steps
+            raise ParError(f"out of GPU memory at {micro} pairs per forward pass ({len(loader_batch[0])} per process, "
+                           f"accum_steps {self.accum_steps}, precision {self.precision}): raise accum_steps (the same "
+                           "global batch in smaller passes), or use precision amp_bf16 and grad_checkpointing true, "
+                           "or lower batch_size") from None
+
+    def _step(self, loader_batch, step: int) -> dict:
         batch = self.on_device(loader_batch)
         self.optimizer.zero_grad(set_to_none=True)
         micro, totals = len(batch.images) // self.accum_steps, {}

@@ -117,3 +117,20 @@ def test_metrics_log_keeps_earlier_steps_on_resume_and_closes_on_errors(tmp_path
     assert log.file is None  # closed by the failure
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+
+
+def test_running_out_of_gpu_memory_in_a_step_names_the_settings_that_hold_the_batch(monkeypatch):
+    import torch
+
+    from par.train import Step
+
+    step = Step.__new__(Step)  # only what the message reads: the failure is raised by the step's body
+    step.accum_steps, step.precision = 2, "fp32"
+
+    def out_of_memory(self, loader_batch, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Step, "_step", out_of_memory)
+    with pytest.raises(ParError, match=r"out of GPU memory at 4 pairs per forward pass \(8 per process, accum_steps 2, "
+                                       r"precision fp32\): raise accum_steps"):
+        step((torch.zeros(8, 3, 4, 4), None, None, None), 0)
