@@ -314,3 +314,14 @@ def test_a_caption_mentions_a_label_as_a_word_or_its_plural():
     assert mentions_label("people walking", "person") and mentions_label("butterflies", "butterfly")
     assert mentions_label("a pack of wolves", "wolf") and not mentions_label("a wolfhound", "wolf")
     assert not mentions_label("mice", "computer mouse") and not mentions_label("geeser", "goose")
+
+
+def test_a_path_list_gives_back_the_paths_it_was_given():
+    from pathlib import Path
+
+    from par.data import PathList
+
+    paths = [Path("/data/a.jpg"), Path("rel/ü ñ.png"), Path("/x/" + "y" * 200 + ".jpg")]
+    kept = PathList(paths)
+    assert len(kept) == 3 and list(kept) == paths and kept[-1] == paths[-1] and kept[1:] == paths[1:]
+    assert isinstance(kept[0], Path) and len(PathList([])) == 0
