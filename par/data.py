@@ -273,15 +273,19 @@ class PathList(collections.abc.Sequence):
     def __init__(self, paths: Sequence):
         import numpy as np
 
-        self._encoded = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        encoded = [os.fsencode(p) for p in paths]
+        self._blob = b"".join(encoded)  # one object, whatever the count
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._encoded)
+        return len(self._ends)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return Path(os.fsdecode(bytes(self._encoded[i])))
+        i = range(len(self))[i]  # negative indices, and IndexError past the end
+        start = int(self._ends[i - 1]) if i else 0
+        return Path(os.fsdecode(self._blob[start:int(self._ends[i])]))
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
