@@ -143,18 +143,19 @@ def detect(cfg: DetectConfig) -> dict:
 
     def screen(csv_path: str, image_root: Optional[str], desc: str) -> List[dict]:
         dataset = ImageCaptionDataset(csv_path, tokenizer, models.image_size(model), image_root)
-        clip_probs, oracle_conf = [], []
+        rows: List[dict] = []  # judged batch by batch: no N x C matrices (250k x 1,000 floats: 1 GB each)
         with torch.inference_mode():
             batches = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                                   pin_memory=device.type == "cuda")
-            for images, _, _ in tqdm(batches, desc=desc, unit="batch", disable=not cfg.progress):
+            for images, _, index in tqdm(batches, desc=desc, unit="batch", disable=not cfg.progress):
                 x = pixels(images, device)
                 with autocast(precision, device):
                     features = model.encode_image(normalize(x, mean, std), normalize=True)
-                clip_probs.append((100.0 * features.float() @ classifier).softmax(dim=-1).cpu())
-                oracle_conf.append(oracle.confidences(images).float())
-        return disagreements(torch.cat(clip_probs), torch.cat(oracle_conf), dataset.captions, classnames, cfg.theta,
-                             cfg.object_list_size, cfg.views, sees)
+                clip_probs = (100.0 * features.float() @ classifier).softmax(dim=-1).cpu()
+                rows += disagreements(clip_probs, oracle.confidences(images).float(),
+                                      [dataset.captions[i] for i in index.tolist()], classnames, cfg.theta,
+                                      cfg.object_list_size, cfg.views, sees, first_row=len(rows))
+        return rows
 
     reference = screen(calibration_data, None, "detect: calibrate on held-out clean pairs") if calibration_data else None
     rows = screen(cfg.data, cfg.image_root, "detect")
@@ -181,9 +182,11 @@ def detect(cfg: DetectConfig) -> dict:
 
 
 def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions: List[str], classnames: List[str],
-                  theta: float, object_list_size: int, views=VIEWS, sees: Optional[List[bool]] = None) -> List[dict]:
-    """Per pair: claims, the oracle's object list, flag and score (module docstring). A claim on a class the
-    oracle is blind to (``sees`` False) is set apart as ``unjudged``: neither flagged nor counted."""
+                  theta: float, object_list_size: int, views=VIEWS, sees: Optional[List[bool]] = None,
+                  first_row: int = 0) -> List[dict]:
+    """Per pair: claims, the oracle's object list, flag and score (module docstring); rows are numbered from
+    ``first_row``. A claim on a class the oracle is blind to (``sees`` False) is set apart as ``unjudged``:
+    neither flagged nor counted."""
     listed = oracle_conf.topk(min(object_list_size, oracle_conf.shape[1]), dim=1).indices
     clip_conf, clip_label = clip_probs.max(dim=1)
     rows, mentions = [], LabelMentions(classnames)
@@ -199,7 +202,7 @@ def disagreements(clip_probs: torch.Tensor, oracle_conf: torch.Tensor, captions:
         objects = {c for c in listed[i].tolist() if float(oracle_conf[i, c]) > 0}
         unsupported = [c for c, conf in claims.items() if conf >= theta and c not in objects]
         score = max((conf * (1.0 - float(oracle_conf[i, c])) for c, conf in claims.items()), default=0.0)
-        rows.append({"row": i, "flagged": bool(unsupported), "score": score, "unsupported": unsupported,
+        rows.append({"row": first_row + i, "flagged": bool(unsupported), "score": score, "unsupported": unsupported,
                      "claims": claims, "unjudged": sorted(set(made) - set(claims)), "caption_labels": captioned, "clip_label": int(clip_label[i]), "clip_confidence": float(clip_conf[i]),
                      "objects": [(int(c), float(oracle_conf[i, c])) for c in listed[i].tolist()]})
     return rows
