@@ -32,6 +32,7 @@ from par.errors import ParError
 from par.eval.metrics import auroc
 from par.scan import ScanConfig
 from par.scan.folder import request_of, run_scan, scan_folder
+from par.scan.run import check as check_scan
 from par.utils import digest
 
 COLUMNS = ["scanner", "model", "kind", "attack", "asr", "flagged", "margin", "value", "threshold", "target",
@@ -100,9 +101,10 @@ def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBe
               "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
               "max_images": part.max_images, "seed": part.seed, "progress": progress}
     cfg = build(ScanConfig, values, f"profile 'scan' ({scanner})")
-    request = request_of(cfg)
+    checked = check_scan(cfg)  # once: it resolves every image path listed
+    request = request_of(cfg, checked)
     folder = scan_folder(model.checkpoint.parent, request)  # the folder invert's scan of this checkpoint reuses
-    record, _ = run_scan(cfg, folder, request)
+    record, _ = run_scan(cfg, folder, request, checked)
     return {**record, "folder": str(folder)}
 
 

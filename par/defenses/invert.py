@@ -286,16 +286,16 @@ class Invert(MultiStageDefense):
             load_trigger(p.trigger)
             return {"verdict": "given", "target": None, "trigger": str(p.trigger)}
         cfg = self.scan_config(job, p)
-        check(cfg)
+        checked = check(cfg)
         # a finished scan of the same request beside the checkpoint (the scan table's) is reused; otherwise
         # the scan is kept beside the run folder, where a benchmark's seeds and both defenses share it
-        request = request_of(cfg)  # hashes the checkpoint and the images: once, for the name and the scan
+        request = request_of(cfg, checked)  # hashes the checkpoint and the images: once, for the name and the scan
         name = folder_name(request)
         folder = Path(job.checkpoint).parent / name
         if not (folder / RECORD).exists():
             folder = Path(job.out).parent / "invert-scans" / name
         with file_lock(Path(job.out).parent / "invert-scans.lock"):  # cells side by side share the scans
-            record, _ = run_scan(cfg, folder, request)
+            record, _ = run_scan(cfg, folder, request, checked)
             trigger = folder / TRIGGER_FILE
             found = record["verdict"] == "backdoored" and trigger.exists()
             result = {"verdict": record["verdict"], "target": record["target"], "family": record["family"],

@@ -103,11 +103,11 @@ def request_of(cfg: ScanConfig, checked=None) -> dict:
     return json.loads(json.dumps(scan_request(cfg, checked)))
 
 
-def run_scan(cfg: ScanConfig, out, request: Optional[dict] = None) -> Tuple[dict, bool]:
+def run_scan(cfg: ScanConfig, out, request: Optional[dict] = None, checked=None) -> Tuple[dict, bool]:
     """(scan.json's record, whether it was reused) for ``cfg`` in folder ``out``; ``request``: ``request_of(cfg)``
-    when the caller has it."""
+    and ``checked``: ``check(cfg)``, when the caller has them (checking resolves every image path listed)."""
     folder = check_output_dir(out, "scan folder")
-    checked = check(cfg)  # every setting and input, before the checkpoint is hashed for the request
+    checked = checked or check(cfg)  # every setting and input, before the checkpoint is hashed for the request
     request = request if request is not None else request_of(cfg, checked)
     record_path = folder / RECORD
     if record_path.exists():
