@@ -316,8 +316,8 @@ class Step:
             micro = len(loader_batch[0]) // self.accum_steps
             raise ParError(f"out of GPU memory at {micro} pairs per forward pass ({len(loader_batch[0])} per process, "
                            f"accum_steps {self.accum_steps}, precision {self.precision}): raise accum_steps (the same "
-                           "global batch in smaller passes), or use precision amp_bf16 and grad_checkpointing true, "
-                           "or lower batch_size") from None
+                           "global batch in smaller passes), or use precision amp_bf16 and grad_checkpointing true "
+                           "(ViT encoders: open_clip's ResNets do not checkpoint), or lower batch_size") from None
 
     def _step(self, loader_batch, step: int) -> dict:
         batch = self.on_device(loader_batch)

@@ -57,10 +57,11 @@ def make_jpegs(work: Path, n: int, size: int) -> tuple:
 
 
 def loader_for(source: str, tokenizer, size: int, batch: int, workers: int):
+    pin = torch.cuda.is_available()  # as training pins its batches on a GPU
     if is_shard_pattern(source):
-        return ShardLoader(ShardPairs(source, tokenizer, size), batch, batch, workers)
+        return ShardLoader(ShardPairs(source, tokenizer, size), batch, batch, workers, pin_memory=pin)
     dataset = caption_dataset(source, tokenizer, size)
-    return PairLoader(dataset, dataset.captions, dataset.labels, batch, workers=workers)
+    return PairLoader(dataset, dataset.captions, dataset.labels, batch, workers=workers, pin_memory=pin)
 
 
 def measure(loader, batches: int, warmup: int) -> float:

@@ -83,6 +83,8 @@ def estimate(model_name: str, labels: int, images: int, timing_images: int, timi
     prompts = [t("banana") for t in load_templates(templates)]  # templates are callables, as open_clip's
     with torch.no_grad(), autocast(precision, device):
         model.encode_text(tokenizer(prompts[:1]).to(device))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the warm-up's queued work is not timed
         started = time.perf_counter()
         model.encode_text(tokenizer(prompts).to(device))
         if device.type == "cuda":

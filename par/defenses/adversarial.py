@@ -157,7 +157,10 @@ class TeCoAObjective(AdversarialObjective):
         if int(labels.max()) >= len(self.classnames):
             raise ParError(f"tecoa: label {int(labels.max())} is outside the {len(self.classnames)} classes of "
                            f"{self.params.classnames!r}")
-        logits = lambda e: 100.0 * torch.nn.functional.normalize(e.float(), dim=-1) @ self.classifier  # noqa: E731
+        def logits(e):  # in fp32 under the step's autocast: bf16 would round 100 x cosine by up to 0.4
+            with torch.autocast(e.device.type, enabled=False):
+                return 100.0 * torch.nn.functional.normalize(e.float(), dim=-1) @ self.classifier
+
         ce = torch.nn.functional.cross_entropy
         adversarial = self.attack(unwrapped(model), to_float(batch.raw_images), lambda e: ce(logits(e), labels))
         return {"loss": ce(logits(model(normalize(adversarial, ctx.mean, ctx.std))), labels)}
