@@ -56,13 +56,20 @@ def setup_distributed(device_name: str):
         return Dist(), device
     if torch.distributed.is_initialized():  # the caller's group: join it, leave it up
         local = int(os.environ.get("LOCAL_RANK", 0))
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local), device
-    info = init_distributed_device_so(device=device.type)
+        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local), _local_device(device, local)
+    info = init_distributed_device_so(device=device.type, no_set_device_rank=True)
     return (Dist(info["global_rank"], info["world_size"], info["local_rank"], owns_group=True),
-            torch.device(info["device"]))
+            _local_device(torch.device(info["device"]), info["local_rank"]))
+
+
+def _local_device(device: torch.device, local_rank: int) -> torch.device:
+    """This process's GPU, made current (NCCL's collectives run on the current device): the local rank's,
+    counted among the GPUs it can see (a scheduler giving each task one GPU shows every rank as GPU 0)."""
+    if device.type != "cuda":
+        return device
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def replica_drift(model: torch.nn.Module) -> float:

@@ -159,20 +159,33 @@ class RunFolder:
 
 
 def rng_state(generators: dict, objective) -> dict:
-    """This process's random streams: torch's (CPU and CUDA), named generators, the objective's state."""
+    """This process's random streams: torch's (CPU, and its own GPU's), named generators, the objective's state."""
     state = {"torch": torch.get_rng_state(), "objective": objective.state_dict(),
              **{name: g.get_state() for name, g in generators.items()}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's: the one this process trains on
     return state
 
 
 def set_rng_state(state: dict, generators: dict, objective) -> None:
+    """Restores ``rng_state``'s streams; a state saved on another kind of device is a one-line error (a CPU
+    generator's state is 5,056 bytes, a CUDA one's 16: torch would fail with "RNG state is wrong size")."""
+    for name, g in generators.items():
+        if state[name].numel() != g.get_state().numel():
+            raise ParError(f"this resumable state was saved on another kind of device than {g.device.type} (its "
+                           f"'{name}' random stream does not fit); resume it on the kind of device it was saved on")
+    if torch.cuda.is_available() and "cuda" in state:
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # states written before held every visible GPU's stream
+            index = torch.cuda.current_device()
+            if index >= len(saved):
+                raise ParError(f"this resumable state holds the random streams of {len(saved)} GPU(s), none for "
+                               f"GPU {index}; resume it with the GPUs it was saved with")
+            saved = saved[index]
+        torch.cuda.set_rng_state(saved)
     torch.set_rng_state(state["torch"])
     for name, g in generators.items():
         g.set_state(state[name])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     objective.load_state_dict(state["objective"])
 
 

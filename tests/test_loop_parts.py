@@ -134,3 +134,25 @@ def test_running_out_of_gpu_memory_in_a_step_names_the_settings_that_hold_the_ba
     with pytest.raises(ParError, match=r"out of GPU memory at 4 pairs per forward pass \(8 per process, accum_steps 2, "
                                        r"precision fp32\): raise accum_steps"):
         step((torch.zeros(8, 3, 4, 4), None, None, None), 0)
+
+
+def test_random_streams_saved_on_another_kind_of_device_are_refused_by_name():
+    import torch
+
+    from par.runs import rng_state, set_rng_state
+
+    class Stateless:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    generator = torch.Generator().manual_seed(3)
+    state = rng_state({"augment": generator}, Stateless())
+    expected = torch.rand(3, generator=generator)
+    set_rng_state(state, {"augment": generator}, Stateless())  # the same kind of device: restored
+    assert torch.equal(torch.rand(3, generator=generator), expected)
+    from_gpu = {**state, "augment": torch.zeros(16, dtype=torch.uint8)}  # a CUDA generator's state is 16 bytes
+    with pytest.raises(ParError, match="saved on another kind of device than cpu .*'augment' random stream"):
+        set_rng_state(from_gpu, {"augment": generator}, Stateless())

@@ -13,6 +13,7 @@ import torch
 
 from conftest import cli_error
 from par.app.cli import main
+from par.errors import ParError
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, mask_place, robust_z, scan_checkpoint
 from par.scan import inversion
 from par.scan.run import scan_request
@@ -290,3 +291,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_
     hot = tmp_path / "hot.pt"
     torch.save(state, hot)
     assert "non-finite loss" in error(checkpoint=hot)
+
+
+def test_running_out_of_device_memory_names_the_scanners_batch_setting(backdoored_micro, monkeypatch):
+    world = backdoored_micro.world.path
+
+    def out_of_memory(self, ctx):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(inversion.LabelInversion, "scan", out_of_memory)
+    with pytest.raises(ParError, match="the label-inversion scan ran out of device memory: lower --scanner-param "
+                                       "batch_images \\(now 640\\)"):
+        scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, scanner_params=CHEAP, max_images=16))

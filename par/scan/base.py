@@ -160,6 +160,7 @@ class Scanner:
     uses_labels = False  # needs class names and templates (the zero-shot classifier)
     ranks_labels = False  # ranks the candidates in a cheap pass and inverts only the top_k of them
     min_images = 8  # fewer shadow images than this are refused before any work
+    batch_setting: Optional[str] = None  # the Params field bounding the images per forward pass (device memory)
 
     def __init__(self, params: ScannerParams):
         self.params = params

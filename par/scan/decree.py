@@ -87,6 +87,7 @@ class Decree(Scanner):
     name = "decree"
     paper_name = "DECREE (Feng et al., CVPR 2023)"
     Params = DecreeParams
+    batch_setting = "batch_size"
     uses_labels = True  # the verdict never reads them; they only name the label the stamped images collapse onto
 
     def check(self, labels: int, top_k: int) -> None:

@@ -128,6 +128,7 @@ class LabelInversion(Scanner):
     Params = LabelInversionParams
     uses_labels = True
     ranks_labels = True
+    batch_setting = "batch_images"
 
     def check(self, labels: int, top_k: int) -> None:
         p = self.params

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import torch
 
 from par import models
 from par.data import load_classnames, load_templates
@@ -148,7 +149,13 @@ def scan_checkpoint(cfg: ScanConfig, checked=None) -> ScanResult:
     started = time.time()
     scanner, classnames, templates, candidates, paths = checked or check(cfg)
     context, images, kept = _context(cfg, scanner, classnames, templates, candidates, paths)
-    result = scanner.scan(context)
+    try:
+        result = scanner.scan(context)
+    except torch.cuda.OutOfMemoryError:
+        setting = scanner.batch_setting
+        lower = (f"lower --scanner-param {setting} (now {getattr(scanner.params, setting)})" if setting
+                 else "give fewer --max-images")
+        raise ParError(f"the {scanner.name} scan ran out of device memory: {lower}") from None
     result.examples = images[:EXAMPLES].cpu()
     result.seconds = time.time() - started
     result.settings = {**asdict(cfg), "precision_used": context.precision, "images_used": len(kept),
