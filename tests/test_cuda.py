@@ -4,6 +4,7 @@ Skipped where there is no GPU, so CI stays green. ``PAR_CUDA_TESTS_DEVICE=cpu`` 
 the CPU (fp16 autocast and the bf16-vs-fp32 comparison are then skipped) to check the tests themselves.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,9 +124,15 @@ def test_resume_on_the_device_matches_an_unbroken_run(gpu_world, tmp_path, monke
     resumed = train(train_config(dict(
         model="par-micro-vit", train_data=str(gpu_world / "train.csv"), out=str(tmp_path / "cut"), steps=12, warmup=2,
         batch_size=32, lr=1e-3, log_every=1, device=DEVICE, progress=False, **common)), resume="latest")
+    # the resumed steps see the unbroken run's batches and draws: their losses agree to float noise (a wrong
+    # batch or stream moves them by ~1e-2); CUDA's embedding backward adds in no fixed order (atomics), so
+    # the weights are compared to that noise there, exactly on the CPU
+    losses = {run: {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())}
+              for run in ("full", "cut")}
+    assert [losses["cut"][s] for s in (11, 12)] == pytest.approx([losses["full"][s] for s in (11, 12)], rel=1e-4)
     a, b = models.load_checkpoint(tmp_path / "full" / "checkpoint.pt"), models.load_checkpoint(resumed)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], atol=1e-5 if DEVICE == "cpu" else 1e-3), k
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compares the GPU's bf16 evaluation with the CPU's fp32")
@@ -142,8 +149,9 @@ def test_bf16_evaluation_agrees_with_fp32(gpu_world, tmp_path):
     # a model that has learnt something (chance is 1/12), so ties are rare: this recipe trained on the CPU
     # reaches CA 24.8 %, and its bf16 evaluation there (CPU autocast) differs from fp32 by one image in 1,000
     assert results["cpu"]["clean_top1"] > 0.2
-    assert abs(results["cuda"]["clean_top1"] - results["cpu"]["clean_top1"]) <= 0.005
-    assert abs(results["cuda"]["asr_top1"] - results["cpu"]["asr_top1"]) <= 0.005
+    # the model was trained on the GPU here: allow ten images in 1,000 (a broken bf16 path is far off)
+    assert abs(results["cuda"]["clean_top1"] - results["cpu"]["clean_top1"]) <= 0.01
+    assert abs(results["cuda"]["asr_top1"] - results["cpu"]["asr_top1"]) <= 0.01
 
 
 def test_scan_on_the_device_agrees_with_the_cpu(gpu_world, tmp_path):
@@ -161,7 +169,12 @@ def test_scan_on_the_device_agrees_with_the_cpu(gpu_world, tmp_path):
     on_device, exact = results[DEVICE], results["cpu"]
     assert on_device.settings["precision_used"] == ("amp_bf16" if DEVICE == "cuda" else "fp32")
     assert exact.settings["precision_used"] == "fp32"
-    assert (on_device.verdict, on_device.details["top_label"]) == (exact.verdict, exact.details["top_label"])
+    assert on_device.verdict == exact.verdict
+    # the same top label, or one the device scores within bf16's noise of its own top (near ties on a clean model)
+    device_z = {}
+    for r in on_device.labels:
+        device_z[r["label"]] = max(device_z.get(r["label"], -math.inf), r["z"])
+    assert max(device_z.values()) - device_z[exact.details["top_label"]] <= 0.5, (device_z, exact.details["top_label"])
     lifts = torch.tensor([[r["lift"] for r in result.labels] for result in (on_device, exact)])
     assert torch.corrcoef(lifts)[0, 1] > 0.99, lifts
 
