@@ -269,3 +269,29 @@ def test_fare_through_the_cli_then_robust_validation(micro_world, tmp_path, caps
     robust = [r for r in records if "robust" in r]
     assert [r["robust"]["eps"] for r in robust] == pytest.approx([2 / 255, 4 / 255])
     assert all(r["num_images"] == 8 and r["robust"]["steps"] == 2 for r in robust)
+
+
+def test_the_training_attack_runs_in_bf16_where_the_step_autocasts_to_fp16():
+    """Under `amp` (fp16 autocast) PGD's unscaled input gradients can underflow to 0, and their sign with them:
+    the attack runs in bf16 there; in fp32 (and bf16) it runs as the step does."""
+    from types import SimpleNamespace
+
+    from par.defenses.adversarial import AdversarialObjective, AdversarialParams
+
+    objective = AdversarialObjective.__new__(AdversarialObjective)  # what attack() reads, nothing else
+    objective.context = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)
+    objective.params, objective.generator = AdversarialParams(steps=1), torch.Generator().manual_seed(0)
+    seen = []
+
+    class Tower(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            return x.flatten(1)
+
+    images = torch.rand(2, 3, 4, 4)
+    objective.attack(Tower(), images, lambda e: e.float().pow(2).sum())
+    with torch.autocast("cpu", dtype=torch.float16):
+        objective.attack(Tower(), images, lambda e: e.float().pow(2).sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objective.attack(Tower(), images, lambda e: e.float().pow(2).sum())
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]

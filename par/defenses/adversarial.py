@@ -1,6 +1,8 @@
 """Adversarial fine-tuning of the vision tower: FARE (unsupervised, embedding-level) and TeCoA (supervised)."""
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +80,14 @@ class AdversarialObjective(Objective):
         ctx, p = self.context, self.params
         was_training = tower.training
         tower.eval()  # BatchNorm statistics (RN50) are not updated by the attack's passes
+        device = images.device.type
+        # under fp16 autocast (`amp`) the attack's unscaled input gradients can underflow to 0 and its sign
+        # with them (no step): it runs in bf16 there, fp16's range at bf16's cost; other precisions as they are
+        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
         try:
-            return pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
-                       p.step_size, p.random_start, self.generator)
+            with torch.autocast(device, dtype=torch.bfloat16) if fp16 else contextlib.nullcontext():
+                return pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
+                           p.step_size, p.random_start, self.generator)
         finally:  # also when the attack fails (out of memory, say): the tower trains on as it did
             tower.train(was_training)
 
