@@ -53,6 +53,8 @@ def setup_distributed(device_name: str):
 
     device = pick_device(device_name)  # an unavailable device is an error here, never a fallback
     if not is_using_distributed():
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # cuda:1 alone: its random stream is the one saved and restored
         return Dist(), device
     if torch.distributed.is_initialized():  # the caller's group: join it, leave it up
         local = int(os.environ.get("LOCAL_RANK", 0))

@@ -55,11 +55,9 @@ def register_model_configs() -> None:
     files = {path.stem: path for folder in folders if folder.is_dir() for path in sorted(folder.glob("*.json"))}
     read = {name: _read_model_config(path) for name, path in files.items()}  # every file checked before any is added
     for name, (model_cfg, preprocess) in read.items():
-        if preprocess is None:
-            open_clip.add_model_config(files[name])
-    for name, (model_cfg, preprocess) in read.items():
-        if preprocess is not None:  # open_clip takes config files, not dicts: its registry is written directly
-            open_clip.factory._MODEL_CONFIGS[name] = model_cfg
+        # open_clip reads only the flat layout from files, so the checked config goes into its registry itself
+        open_clip.factory._MODEL_CONFIGS[name] = model_cfg
+        if preprocess is not None:
             _preprocess[name] = preprocess
     _registered = True
 
@@ -90,10 +88,10 @@ def _checked_preprocess(preprocess, source: str, size) -> dict:
 
     if not isinstance(preprocess, dict):
         raise ParError(f"{source}: 'preprocess_cfg' must be a mapping, got {preprocess!r}")
-    unknown = sorted(set(preprocess) - {"mean", "std", "size", "fill_color"} - set(FIXED_PREPROCESS))
+    unknown = sorted(set(preprocess) - {"mean", "std", "size", "fill_color", "mode"} - set(FIXED_PREPROCESS))
     if unknown:
         raise ParError(f"{source}: unknown 'preprocess_cfg' key(s) {unknown} (par reads mean and std)")
-    for key, value in FIXED_PREPROCESS.items():
+    for key, value in {**FIXED_PREPROCESS, "mode": "RGB"}.items():
         if preprocess.get(key, value) != value:
             raise ParError(f"{source}: preprocess_cfg {key} {preprocess[key]!r} is not what par does (images are "
                            f"resized {FIXED_PREPROCESS['interpolation']} along their shortest side and centre-cropped, "
@@ -101,7 +99,7 @@ def _checked_preprocess(preprocess, source: str, size) -> dict:
     def pair(value):
         return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
-    if "size" in preprocess and pair(preprocess["size"]) != pair(size):
+    if "size" in preprocess and pair(preprocess["size"]) != pair(size or 224):  # open_clip's default image_size
         raise ParError(f"{source}: preprocess_cfg size {preprocess['size']!r} differs from the "
                        f"vision tower's image_size {size!r}")
     out = {}
@@ -133,7 +131,8 @@ def preprocess_of(canonical: str) -> Optional[dict]:
         return None
     size = (open_clip.get_model_config(canonical) or {}).get("vision_cfg", {}).get("image_size")
     return _checked_preprocess(dict(settings.pop()), f"encoder {canonical} (as open_clip's weights for it are "
-                               f"prepared)", size) or None
+                               f"prepared; a config file of this name with a preprocess_cfg of its own replaces "
+                               f"that)", size) or None
 
 
 def canonical_model_name(name: str) -> str:

@@ -183,6 +183,10 @@ def test_torchvision_detector_plugin_runs_with_the_users_weights(tmp_path):
     conf = oracle.confidences(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     assert conf.shape == (2, 3) and (conf >= 0).all() and (conf <= 1).all() and (conf[:, 2] == 0).all()
     assert oracle.sees() == [True, True, False]  # COCO has no shoggoth
+    from par.defenses.eftclip.detection import judging
+
+    # a blind oracle's detections were judged otherwise before: its settings say by which rule; others' are as they were
+    assert judging("detector") == {"judging": 2} and judging("world-classifier") == {}
     with pytest.raises(ParError, match="needs its COCO weights .*download https://download.pytorch.org/models/"):
         make_oracle("detector", OracleContext(["car"], params={"weights": str(tmp_path / "missing.pth")}))
     torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")

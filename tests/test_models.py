@@ -147,13 +147,17 @@ MICRO_CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "
 
 @pytest.fixture
 def user_configs(tmp_path, monkeypatch):
-    """A folder named by $PAR_MODEL_CONFIGS, read afresh by the next model built."""
+    """A folder named by $PAR_MODEL_CONFIGS, read afresh by the next model built; open_clip's registry and
+    the mean/std found are put back as they were after the test."""
+    import open_clip.factory
+
     folder = tmp_path / "encoders"
     folder.mkdir()
     monkeypatch.setenv("PAR_MODEL_CONFIGS", str(folder))
     monkeypatch.setattr(models, "_registered", False)
-    yield folder
-    models._registered = False  # the next test registers without this folder
+    monkeypatch.setattr(models, "_preprocess", {})
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+    return folder
 
 
 def test_a_users_encoder_normalises_with_the_mean_and_std_its_file_gives(user_configs):
@@ -165,9 +169,16 @@ def test_a_users_encoder_normalises_with_the_mean_and_std_its_file_gives(user_co
     (user_configs / "user-hub.json").write_text(json.dumps(  # a hub's open_clip_config.json, renamed
         {"model_cfg": MICRO_CONFIG, "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6],
                                                        "interpolation": "bicubic", "size": 32}}))
+    (user_configs / "user-hub-plain.json").write_text(json.dumps({"model_cfg": MICRO_CONFIG}))  # no preprocess_cfg
+    (user_configs / "user-null.json").write_text(json.dumps({**MICRO_CONFIG, "preprocess_cfg": None}))
+    (user_configs / "user-rgb.json").write_text(json.dumps(
+        {**MICRO_CONFIG, "preprocess_cfg": {"mode": "RGB", "size": 32, "mean": [0.5, 0.5, 0.5]}}))
     from open_clip.constants import OPENAI_DATASET_MEAN
 
     assert models.image_mean_std(models.create_model("user-plain"))[0] == tuple(OPENAI_DATASET_MEAN)
+    for name in ("user-hub-plain", "user-null"):
+        assert models.image_mean_std(models.create_model(name))[0] == tuple(OPENAI_DATASET_MEAN)
+    assert models.image_mean_std(models.create_model("user-rgb"))[0] == (0.5,) * 3
     assert models.image_mean_std(models.create_model("user-half")) == ((0.5,) * 3, (0.25, 0.5, 0.5))
     assert models.image_mean_std(models.create_model("user-hub")) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 

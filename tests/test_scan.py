@@ -99,15 +99,26 @@ def test_a_bf16_scan_runs_and_is_not_the_same_scan_as_fp32(backdoored_micro):
     assert result.trigger.pattern.dtype == torch.float32
 
 
-def test_shadow_images_in_parts_give_the_whole_batchs_inversion(backdoored_micro):
+def test_shadow_images_in_parts_give_the_whole_batchs_inversion(backdoored_micro, monkeypatch):
     """batch_images below the shadow image count (a large encoder's setting) sends each label's images through
     in parts whose gradients add up: the same triggers, statistics and refined trigger as in one pass."""
     world = backdoored_micro.world.path
     params = {"steps": 4, "families": ["patch", "blend"], "refine_steps": 6, "success_target": 1e-6}
     flag = {"max_images": 16, "threshold": -100.0}  # flagged whatever it finds: the refinement runs
     whole = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, scanner_params=params, **flag))
+    from par.scan.base import ScanContext
+
+    logits, differentiated = ScanContext.logits, []
+
+    def spy(self, images):  # the size of every forward pass a gradient is taken through
+        if images.requires_grad:
+            differentiated.append(images.shape[0])
+        return logits(self, images)
+
+    monkeypatch.setattr(ScanContext, "logits", spy)
     parts = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, **flag,
                                    scanner_params={**params, "batch_images": 6}))  # parts of 6, 6 and 4 images
+    assert differentiated and max(differentiated) == 6 and 4 in differentiated
     for a, b in zip(whole.labels, parts.labels):
         assert a["label"] == b["label"] and a["lift"] == pytest.approx(b["lift"], abs=1e-4)
         assert a["z"] == pytest.approx(b["z"], abs=1e-3)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from par.config import build
-from par.defenses.eftclip.detection import VIEWS, DetectConfig
+from par.defenses.eftclip.detection import VIEWS, DetectConfig, judging
 from par.defenses.base import CleaningJob, MultiStageDefense
 from par.defenses.finetune import FineTune, defense
 from par.errors import ParError
@@ -102,7 +102,7 @@ class EftCLIP(MultiStageDefense):
         p = self.params(job)
         inputs = [file_digest(job.checkpoint), file_digest(job.poisoned_data), file_digest(job.train_data),
                   job.classnames, job.templates, p.oracle, p.oracle_params, p.theta, p.object_list_size, p.views,
-                  p.calibrate]
+                  p.calibrate] + list(judging(p.oracle).values())
         # beside the run folder and keyed by what it depends on: a benchmark's seeds share one detection
         folder = Path(job.out).parent / "eftclip-detections" / digest(inputs)
         with file_lock(folder.parent.with_suffix(".lock")):  # cells side by side share detections and oracles

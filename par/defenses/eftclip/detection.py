@@ -40,13 +40,21 @@ from par.data import ImageCaptionDataset, LabelMentions, load_classnames, load_t
 from par.embedding import pixels
 from par.errors import ParError
 from par.eval.metrics import detection_metrics
-from par.defenses.eftclip.oracles import ORACLES, OracleContext, make_oracle
+from par.defenses.eftclip.oracles import ORACLES, Oracle, OracleContext, make_oracle
 from par.utils import (atomic_write, atomic_write_text, autocast, check_device, check_output_dir, file_digest,
                        inference_precision, path_digest, pick_device)
 
 VIEWS = ("clip", "caption")
 SOURCES = ("caption", "clip")  # a claim the caption makes, and one the poisoned CLIP makes alone
 VICTIM_Z = 3.0  # a victim's flagged claims exceed the prediction by this many standard deviations
+JUDGING = 2  # the rule's version: 2 leaves aside claims on classes the oracle cannot see
+
+
+def judging(oracle: str) -> dict:
+    """The rule's version, for a detection's settings, where it changed what is detected: with an oracle blind
+    to some classes (one overriding ``Oracle.sees``); others' detections are the same as before it."""
+    factory = ORACLES.get(oracle)
+    return {"judging": JUDGING} if getattr(factory, "sees", Oracle.sees) is not Oracle.sees else {}
 PRIOR_CLAIMS = 10  # a label's clean flag rate borrows this many claims at the overall clean rate
 
 
@@ -116,7 +124,8 @@ def detect(cfg: DetectConfig) -> dict:
 
     classnames = check(cfg)
     out = Path(cfg.out)
-    settings = {**asdict(cfg), "data_digest": file_digest(cfg.data), "checkpoint_digest": file_digest(cfg.checkpoint),
+    settings = {**asdict(cfg), **judging(cfg.oracle), "data_digest": file_digest(cfg.data),
+                "checkpoint_digest": file_digest(cfg.checkpoint),
                 "clean_data_digest": file_digest(cfg.clean_data) if cfg.clean_data else None,
                 "classnames_digest": None if cfg.classnames == "imagenet" else path_digest(cfg.classnames),
                 "templates_digest": None if cfg.templates == "openai" else path_digest(cfg.templates)}
