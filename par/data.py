@@ -146,10 +146,10 @@ class LabelMentions:
         self.by_word: dict = {}
         self.always: List[int] = []  # labels whose forms start with no word character
         for i, label in enumerate(self.labels):
-            words = {re.match(r"\w+", form) for form in _label_forms(label)}
-            if None in words:
+            starts = [re.match(r"\w+", form) for form in _label_forms(label)]
+            if None in starts:
                 self.always.append(i)
-            for word in {w.group(0) for w in words if w is not None}:
+            for word in {start.group(0) for start in starts if start is not None}:
                 self.by_word.setdefault(word, []).append(i)
 
     def __call__(self, caption: str) -> List[int]:

@@ -84,11 +84,12 @@ class AdversarialObjective(Objective):
         # under fp16 autocast (`amp`) the attack's unscaled input gradients can underflow to 0 and its sign
         # with them (no step): it runs in bf16 there where the device has it natively (fp32's range at fp16's
         # cost), else in fp32; other precisions as they are
-        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-        bf16 = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-        attack_precision = (torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False))
+        precision = contextlib.nullcontext()
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+            native = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+            precision = torch.autocast(device, dtype=torch.bfloat16) if native else torch.autocast(device, enabled=False)
         try:
-            with attack_precision if fp16 else contextlib.nullcontext():
+            with precision:
                 return pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
                            p.step_size, p.random_start, self.generator)
         finally:  # also when the attack fails (out of memory, say): the tower trains on as it did
