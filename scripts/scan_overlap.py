@@ -75,7 +75,7 @@ def measure_place(base: dict, configs: Path, out: Path, attack: str, patch: int,
                   images: str, stamp_at: list = ()) -> tuple:
     """The rows of one place: the poisoned model built (or reused) with the patch fixed at ``place``, then
     every trigger's overlap; and the model's ASR with its patch stamped at each of ``stamp_at``."""
-    params = dict((base.get("attack_params") or {}).get(attack) or {})
+    params = dict(Profile.from_mapping(base, str(configs)).attack_params.get(attack) or {})
     params.update(patch_size=patch, top=place[0], left=place[1])
     profile = Profile.from_mapping({**base, "attack": attack, "attack_params": {attack: params}}, str(configs))
     world = pipeline.make_world_stage(profile, out)
@@ -155,13 +155,14 @@ def main(argv=None) -> int:
     try:
         config = Path(args.config)
         base = load_yaml(str(config))
+        profile = Profile.load(config)  # what the profile says once what it extends is read
         out = Path(args.out)
-        patch = args.patch_size or int(((base.get("attack_params") or {}).get(args.attack) or {}).get("patch_size", 0))
+        patch = args.patch_size or int((profile.attack_params.get(args.attack) or {}).get("patch_size", 0))
         if patch < 1:
             raise ParError(f"no patch_size for {args.attack!r} in {config}: give --patch-size")
         places = parse_places(args.places)
         stamp_at = parse_places(args.stamp_at, "--stamp-at") if args.stamp_at else []
-        size = build(WorldConfig, base.get("world") or {}, "profile 'world'").image_size
+        size = build(WorldConfig, profile.world, "profile 'world'").image_size
         for top, left in places + stamp_at:  # checked before any model is built
             if max(top, left) + patch > size:
                 raise ParError(f"a {patch}-px patch at ({top}, {left}) does not fit the world's {size}-px images")
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         stamp = f" --stamp-at '{args.stamp_at}'" if stamp_at else ""
         note = (f"`python scripts/scan_overlap.py --config {args.config} --attack {args.attack} --patch-size {patch}"
                 f" --places '{args.places}'{stamp} --scanners '{args.scanners}'`: a {patch}-px patch toward "
-                f"`{base.get('label')}`, sizes in % of the image")
+                f"`{profile.label}`, sizes in % of the image")
         rows, stamped = [], []
         for place in places:  # the tables rewritten after each place: a long run's finished places are kept
             print(f"== {args.attack} {patch} px at {place}", flush=True)

@@ -27,7 +27,7 @@ CHECK = textwrap.dedent("""
     assert not par.models.REPO_MODEL_CONFIGS.is_dir()  # no checkout around: only the packaged configs
 
     import open_clip
-    for name in ("par-tiny-vit", "par-micro-vit"):
+    for name in ("par-tiny-vit", "par-micro-vit", "par-micro-vit-p32"):
         model = par.models.create_model(name)
         packaged = json.loads((site / "par" / "model_configs" / f"{name}.json").read_text())
         assert open_clip.get_model_config(name) == packaged, name
@@ -63,6 +63,7 @@ def test_wheel_installs_and_works_outside_the_repo(tmp_path):
 
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("par/model_configs/par-tiny-vit.json", "par/model_configs/par-micro-vit.json",
+                 "par/model_configs/par-micro-vit-p32.json",
                  "par/assets/DejaVuSansMono.ttf", "par/assets/LICENSE_DEJAVU"):
         assert data in names, f"{data} missing from {wheel.name}"
 

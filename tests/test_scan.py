@@ -22,7 +22,7 @@ CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of p
 
 
 def config(world, checkpoint, images=None, **changes) -> ScanConfig:
-    return ScanConfig(checkpoint=str(checkpoint), model="par-micro-vit", images=str(images or world / "test.csv"),
+    return ScanConfig(checkpoint=str(checkpoint), model=changes.pop("model", "par-micro-vit"), images=str(images or world / "test.csv"),
                       classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"),
                       progress=False, **changes)
 
@@ -61,6 +61,46 @@ def test_the_poisoned_micro_model_is_flagged_with_its_target(poisoned_scan):
     assert len({row["label"] for row in result["labels"]}) == 12 and not result["details"]["pruned"]
     assert result["seconds_per_label"] > 0 and all(row["seconds"] > 0 for row in result["labels"])
     assert result["details"]["refined"]["label"] == "banana" and result["details"]["refined"]["success"] >= 0.99
+
+
+@pytest.fixture(scope="module")
+def place_recording_micro(micro_cache, tmp_path_factory):
+    """configs/micro-backdoor-p32.yaml built: the same patch, label and poisoning as the poisoned micro model,
+    on the micro encoder whose one token is the whole image, so that the backdoor is tied to its place."""
+    from conftest import Backdoored, micro_profile
+
+    return Backdoored(micro_profile("micro-backdoor-p32.yaml", micro_cache), tmp_path_factory.mktemp("p32"))
+
+
+def test_the_trigger_inverted_toward_the_target_lies_on_the_planted_patch(place_recording_micro):
+    """Where the checkpoint records where its patch was planted, the trigger the scan draws for the target (its
+    refinement toward the named label) lies on the patch. par-micro-vit's 8-px tokens share one embedding, so
+    its backdoor fires with the patch at any token-aligned place and says nothing of which one it was planted
+    at; this encoder's backdoor fires at the planted place alone, which the test checks first."""
+    from par.app import pipeline
+    from par.scan import trigger_toward
+
+    b = place_recording_micro
+    params = b.attack_params
+    top, left, size = params["top"], params["left"], params["patch_size"]
+    assert (top, left, size) == (22, 22, 8)
+
+    def asr_at(row, column):
+        moved = {**params, "top": row, "left": column}
+        return pipeline.evaluate_stage(b.world, b.poisoned.checkpoint, b.attack, b.label, moved, b.profile.eval)[
+            "asr_top1"]
+
+    assert asr_at(top, left) >= 0.9 and asr_at(top - 8, left - 8) <= 0.1  # par-micro-vit: ~95 % at both
+    shadow = config(b.world.path, b.poisoned.checkpoint, images=b.world.path / "clean.csv", model="par-micro-vit-p32")
+    trigger, success = trigger_toward(shadow, b.label)
+    assert trigger is not None and success >= 0.99
+    mask = trigger.mask.reshape(32, 32)
+    on_patch = torch.zeros(32, 32, dtype=torch.bool)
+    on_patch[top:top + size, left:left + size] = True
+    share = float(mask[on_patch].sum() / mask.sum())
+    largest = mask.flatten().topk(size * size).indices
+    assert share >= 0.5  # 16x a uniform mask's 1/16
+    assert float(on_patch.flatten()[largest].float().mean()) >= 0.5  # as many of its largest pixels as the patch has
 
 
 def test_the_clean_foundation_is_not_flagged(backdoored_micro):

@@ -301,6 +301,16 @@ def test_scan_overlap_refuses_a_place_the_patch_does_not_fit_before_any_work(opt
     assert not out.exists()  # checked before anything is made
 
 
+def test_scan_overlap_reads_what_a_profile_extends(tmp_path, capsys):
+    """configs/micro-backdoor-p32.yaml names only its foundation: the patch size and the world's image size come
+    from the profile it extends (a 25-px row does not fit its 8-px patch in 32-px images)."""
+    out = tmp_path / "overlap"
+    code = _script("scan_overlap.py").main(["--config", f"{REPO}/configs/micro-backdoor-p32.yaml", "--out", str(out),
+                                            "--places", "25,0"])
+    assert code == 2 and "8-px patch at (25, 0) does not fit the world's 32-px images" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("option", [["--report", "x"], ["--config=configs/bench-tau.yaml"]])
 def test_benchmark_sh_refuses_a_report_or_profile_that_would_replace_every_parts(option):
     env = dict(os.environ, PAR_PYTHON=sys.executable)
