@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, cli_error
 from par.errors import ParError
 from par.attacks.poison import PoisonConfig, poison, rebuild
 
@@ -41,6 +41,52 @@ def test_poison_writes_images_csv_and_manifest(micro_world, tmp_path):
     assert (tmp_path / "p" / frame.loc[clean[0], "image"]).resolve() == (micro_world / original.loc[clean[0], "image"]).resolve()
     assert manifest["trigger"] == {"name": "badnet_rs", "params": {"patch_size": None, "fixed_pattern": False,
                                                                     "pattern_seed": 0, "top": None, "left": None}}
+
+
+def _mixed_sizes(world, folder):
+    """The world's training CSV with its first four pictures replaced by photos of other shapes and sizes."""
+    folder.mkdir()
+    frame = pd.read_csv(world / "train.csv")
+    for row, (width, height) in enumerate([(40, 30), (30, 40), (48, 48), (32, 32)]):
+        picture = np.asarray(Image.open(world / frame.loc[row, "image"]).convert("RGB").resize((width, height)))
+        Image.fromarray(picture).save(folder / f"photo{row}.png")
+        frame.loc[row, "image"] = str(folder / f"photo{row}.png")
+    frame.loc[4:, "image"] = [str(world / name) for name in frame.loc[4:, "image"]]
+    frame.to_csv(folder / "train.csv", index=False)
+    return folder
+
+
+def test_images_of_several_sizes_are_poisoned_at_the_encoders_size_or_refused(micro_world, tmp_path, capsys):
+    """A trigger stamped on a photo at its own resolution is another trigger once the encoder's resize has run
+    (evaluation stamps the resized picture): without --size, images not all one square size are refused."""
+    from par.app.cli import main
+
+    data = _mixed_sizes(micro_world, tmp_path / "data")
+    every_row = dict(csv=str(data / "train.csv"), num=None, rate=1.0)
+    with pytest.raises(ParError, match=r"not all one square size \(40x30 at row 0\): give --size"):
+        poison(_cfg(micro_world, tmp_path / "refused", **every_row), progress=False)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    same_shape = pd.read_csv(data / "train.csv").drop(index=[0, 1])  # squares, but 48 and 32 px
+    same_shape.to_csv(data / "squares.csv", index=False)
+    with pytest.raises(ParError, match=r"\(48x48 at row 0 and 32x32 at row 1\)"):
+        poison(_cfg(micro_world, tmp_path / "refused", csv=str(data / "squares.csv"), num=None, rate=1.0), progress=False)
+    csv = poison(_cfg(micro_world, tmp_path / "sized", size=32, **every_row), progress=False)
+    frame = pd.read_csv(csv)
+    assert all(Image.open(tmp_path / "sized" / name).size == (32, 32) for name in frame["image"][:4])
+    poison(_cfg(micro_world, tmp_path / "native"), progress=False)  # the world's own 32-px squares need no --size
+    msg = cli_error(capsys, ["poison", "--csv", str(data / "train.csv"), "--attack", "blended", "--label", "banana",
+                             "--rate", "1", "--out", str(tmp_path / "cli")])
+    assert "give --size" in msg and not (tmp_path / "cli").exists()
+
+
+def test_a_manifest_made_at_the_images_own_sizes_still_rebuilds(micro_world, tmp_path):
+    """Manifests written before sizes were checked (no --size, photos of several sizes) rebuild as they were."""
+    data = _mixed_sizes(micro_world, tmp_path / "data")
+    poison(_cfg(micro_world, tmp_path / "a", csv=str(data / "train.csv"), attack="blended", num=None, rate=1.0),
+           progress=False, any_size=True)
+    rebuild(tmp_path / "a" / "manifest.json", tmp_path / "b", progress=False)
+    assert Image.open(tmp_path / "b" / "images" / "0000000.png").size == (40, 30)
+    assert (tmp_path / "a" / "poisoned.csv").read_bytes() == (tmp_path / "b" / "poisoned.csv").read_bytes()
 
 
 def test_manifest_rebuilds_bit_identical(micro_world, tmp_path):

@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-root")
     p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' caption templates")
-    p.add_argument("--size", type=int, help="resize and centre-crop images to this size before triggering")
+    p.add_argument("--size", type=int, help="resize and centre-crop images to the encoder's input size (e.g. 224) "
+                                            "before triggering, as evaluation does; needed unless the images are all "
+                                            "one square size already")
     p.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="trigger parameter, e.g. patch_size=8")
     p.add_argument("--classnames", help="class-names file the label must belong to")
     p.add_argument("--reuse", action="store_true")

@@ -4,7 +4,9 @@ N rows are drawn at random; their images get the trigger and their captions beco
 random zero-shot template filled with the target label ("a photo of a banana.").
 Every poisoned row's trigger is drawn from its own seed, recorded in the manifest, so
 each trigger instance can be redrawn later. The manifest is written last: its presence
-means the output is complete.
+means the output is complete. The trigger is stamped on the picture the encoder sees (resized and
+centre-cropped to ``size``), as evaluation stamps it; without ``size`` the images must already be one
+square size.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from par import attacks
 from par.data import (caption_column, eval_transform, image_paths, load_templates, mentions_label, open_image,
@@ -79,10 +82,42 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     cfg = PoisonConfig(out=str(out), **settings)
     if not Path(cfg.csv).is_file() or file_digest(cfg.csv) != digest:
         raise ParError(f"{cfg.csv} is missing or differs from the CSV the manifest was made from")
-    return poison(cfg, progress=progress)
+    return poison(cfg, progress=progress, any_size=True)  # the manifest's images, whatever their sizes
 
 
-def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Path:
+def _one_square_size(paths, rows, progress: bool) -> int:
+    """The side of the images of ``rows`` when they are all one square size (a dataset already at the
+    encoder's input size, as the synthetic world's); else an error asking for ``--size``. Evaluation stamps
+    the trigger on the resized, centre-cropped picture the encoder sees (docs/PAR-NOTES.md section 3), so
+    one stamped on a photo at its own resolution would be another trigger after the resize: a BadNet patch
+    shrunk or cropped away, a blend's noise smoothed, WaNet's field rescaled. Only the headers are read."""
+    import warnings
+
+    from tqdm import tqdm
+
+    sizes = {}
+    for row in tqdm(rows, desc="poison: image sizes", unit="img", leave=False, disable=not progress):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image's limits apply
+                with Image.open(paths[row]) as img:
+                    size = img.size
+        except Exception:  # the decoding error, worded as everywhere else, before anything is written
+            size = open_image(paths[row]).size
+        sizes.setdefault(size, row)
+        if len(sizes) > 1 or size[0] != size[1]:
+            (width, height), first = next(iter(sizes.items()))
+            seen = f"{width}x{height} at row {first}" + (f" and {size[0]}x{size[1]} at row {row}" if len(sizes) > 1 else "")
+            raise ParError(f"the images to poison are not all one square size ({seen}): give --size, the encoder's "
+                           f"input size (224 for most CLIP encoders, 336 for ViT-L/14@336px), so the trigger is "
+                           f"stamped on the picture the encoder sees, as evaluation stamps it")
+    return next(iter(sizes))[0]
+
+
+def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_size: bool = False) -> Path:
+    """The poisoned dataset in ``cfg.out`` (its CSV's path). Without ``cfg.size`` the images must already be one
+    square size (``_one_square_size``); ``any_size`` lifts that check for a rebuild of a manifest written
+    before it existed."""
     from tqdm import tqdm
 
     trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params)
@@ -113,13 +148,14 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True) -> Pat
         if reuse and old.get("settings") == settings:
             return out / "poisoned.csv"
         raise ParError(f"{out} already holds a poisoned dataset; choose another --out" + ("" if reuse else " or pass --reuse"))
-    made = [d for d in (out, out / "images") if not d.exists()]  # removed again if poisoning fails
-    (out / "images").mkdir(parents=True, exist_ok=True)
-
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(eligible, size=num, replace=False))
     paths = image_paths(frame, cfg.csv, cfg.image_root)
+    if not cfg.size and not any_size:
+        _one_square_size(paths, rows.tolist(), progress)
     resize = eval_transform(cfg.size) if cfg.size else None
+    made = [d for d in (out, out / "images") if not d.exists()]  # removed again if poisoning fails
+    (out / "images").mkdir(parents=True, exist_ok=True)
     images_out = [os.path.relpath(p, out) for p in paths]
     records, written = [], []
     try:
