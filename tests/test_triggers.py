@@ -78,6 +78,18 @@ def test_fixed_pattern_shares_the_pattern():
     assert not torch.equal(per_image[0], per_image[1])
 
 
+def test_a_fixed_badnet_patch_is_each_images_mean_plus_one_noise_batched_or_alone():
+    """BadNet's patch is the image's own per-channel mean plus N(0, 1); fixed_pattern fixes the noise, so an
+    image gets the same patch in a batch (the gallery) as alone (poisoning, evaluation)."""
+    x = torch.stack([torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), 0.7)])
+    fixed = attacks.get_trigger("badnet", fixed_pattern=True, patch_size=4, top=0, left=0)
+    batched = fixed.apply(x, torch.Generator().manual_seed(0))
+    assert torch.equal(batched, fixed.apply_rows(x, seed=3, rows=[0, 1]))
+    noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # pattern_seed 0's draw
+    for image, level in zip(batched, (0.2, 0.7)):
+        assert torch.allclose(image[:, :4, :4], (level + noise[0]).clamp(0, 1))
+
+
 def test_unknown_trigger_lists_known_ones():
     with pytest.raises(ParError, match="known: .*badnet_rs.*blended"):
         attacks.apply("nope", _images(), seed=0)

@@ -19,6 +19,7 @@ class _PatchTrigger(Trigger):
 
     patch_size: Optional[int] = None  # None: default_patch_size(image side)
     fixed_pattern: bool = False  # True: one pattern (drawn from pattern_seed) for every image, not one per image
+    # (BadNet's patch is still each image's own mean plus that one noise)
     pattern_seed: int = 0
     top: Optional[int] = None  # the patch's row in pixels; None: drawn per image
     left: Optional[int] = None
@@ -60,9 +61,7 @@ class BadNet(_PatchTrigger):
     paper_name = "BadNet"
 
     def _patch_pattern(self, n, size, images, generator):
-        means = images.mean(dim=(2, 3), keepdim=True).cpu().float()
-        if n == 1:
-            means = means.mean(dim=0, keepdim=True)
+        means = images.mean(dim=(2, 3), keepdim=True).cpu().float()  # each image's own, batched or alone
         return means + torch.randn(n, 3, size, size, generator=generator)
 
 
