@@ -203,6 +203,15 @@ def get_tokenizer(name: str):
     return open_clip.get_tokenizer(canonical_model_name(name))
 
 
+def config_image_size(name: str) -> int:
+    """The input size of encoder ``name`` from its config, without building it (open_clip's default 224)."""
+    import open_clip
+
+    size = ((open_clip.get_model_config(canonical_model_name(name)) or {}).get("vision_cfg") or {}).get("image_size")
+    size = size or 224
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def image_size(model: torch.nn.Module) -> int:
     size = model.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -168,3 +168,22 @@ def test_a_bad_trigger_file_is_refused(tmp_path):
     for name, words in [("big", "in \\[0, 1\\]"), ("half", "lacks \\['pattern'\\]"), ("junk", "cannot read")]:
         with pytest.raises(ParError, match=words):
             load_trigger(str(tmp_path / f"{name}.safetensors"))
+
+
+def test_a_handed_in_trigger_of_another_size_than_the_encoders_is_refused_before_any_work(backdoored_micro, tmp_path):
+    small = save_trigger(tmp_path / "small.safetensors", torch.zeros(1, 16, 16), torch.zeros(3, 16, 16))
+    job = backdoored_micro.job(tmp_path / "run", {"invert": {"trigger": str(small)}})
+    with pytest.raises(ParError, match="is 16x16 px, but encoder par-micro-vit takes 32-px images"):
+        DEFENSES.get("invert").clean(job)
+    assert not (tmp_path / "run").exists()
+    fits = save_trigger(tmp_path / "fits.safetensors", torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))
+    DEFENSES.get("invert").check(backdoored_micro.job(tmp_path / "run", {"invert": {"trigger": str(fits)}}))
+
+
+def test_the_scan_takes_invert_s_threshold_and_the_cleaning_s_device(backdoored_micro, tmp_path):
+    invert = DEFENSES.get("invert")
+    job = backdoored_micro.job(tmp_path / "run", {"invert": {"threshold": 7.5}, "device": "cpu"})
+    cfg = invert.scan_config(job, invert.params(job))
+    assert cfg.threshold == 7.5 and cfg.device == "cpu"
+    plain = backdoored_micro.job(tmp_path / "run", {})
+    assert invert.scan_config(plain, invert.params(plain)).threshold is None

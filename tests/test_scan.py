@@ -22,9 +22,9 @@ CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of p
 
 
 def config(world, checkpoint, images=None, **changes) -> ScanConfig:
-    return ScanConfig(checkpoint=str(checkpoint), model=changes.pop("model", "par-micro-vit"), images=str(images or world / "test.csv"),
-                      classnames=str(world / "classnames.txt"), templates=str(world / "templates.txt"),
-                      progress=False, **changes)
+    settings = dict(model="par-micro-vit", classnames=str(world / "classnames.txt"),
+                    templates=str(world / "templates.txt"), progress=False)
+    return ScanConfig(checkpoint=str(checkpoint), images=str(images or world / "test.csv"), **{**settings, **changes})
 
 
 def argv(world, checkpoint, out, *extra):
@@ -287,6 +287,53 @@ def test_the_request_digests_the_images_used_by_their_bytes_and_top_k_only_where
     assert scan_request(config(b.world.path, b.foundation, images=folder))["images_digest"] != request["images_digest"]
     assert request["top_k"] == 10  # label-inversion ranks labels; DECREE's target is read off, nothing ranked
     assert "top_k" not in scan_request(config(b.world.path, b.foundation, images=folder, scanner="decree"))
+
+
+def test_a_memory_bound_does_not_make_another_scan_but_a_setting_of_the_inversion_does(backdoored_micro):
+    """label-inversion's batch_images sends the images in parts whose gradients add up to the whole's: the same
+    scan at any value (a finished one is reused); its steps, or DECREE's minibatch size, change the scan."""
+    b = backdoored_micro
+    request = lambda **changes: scan_request(config(b.world.path, b.foundation, **changes))  # noqa: E731
+    whole = request()
+    assert request(scanner_params={"batch_images": 16}) == whole and "batch_images" not in whole["scanner_params"]
+    assert request(scanner_params={"steps": 29}) != whole
+    assert request(scanner="decree", scanner_params={"batch_size": 16}) != request(scanner="decree")
+
+
+def test_a_class_name_listed_twice_by_imagenet_is_one_candidate(backdoored_micro):
+    """OpenAI's ImageNet names list 'missile' and 'sunglasses' twice: twin classifier columns would lift each
+    other's trigger and tie under argmax, so the second of each is left out of the candidates, and said so."""
+    from open_clip import IMAGENET_CLASSNAMES
+    from par.scan.run import check, first_of_each_name
+
+    names = list(IMAGENET_CLASSNAMES)
+    kept = first_of_each_name(names)
+    assert len(kept) == 998 and 657 in kept and 744 not in kept and 836 in kept and 837 not in kept
+    assert first_of_each_name(["cat", "Dog", "dog ", "cat", "bird"]) == [0, 1, 4]
+    b = backdoored_micro
+    cfg = config(b.world.path, b.foundation, classnames="imagenet")
+    assert check(cfg)[3] == kept
+    assert scan_request(cfg)["twins_left_out"] == ["missile", "sunglasses"]
+    assert "twins_left_out" not in scan_request(config(b.world.path, b.foundation))  # the world's names: none
+
+
+def test_the_trigger_toward_a_label_keeps_the_scans_memory_bound_and_names_it_when_memory_runs_out(
+        backdoored_micro, monkeypatch):
+    from par.scan import trigger_toward
+
+    b = backdoored_micro
+    bounds = []
+
+    def refine(self, ctx, label):
+        bounds.append(self.params.batch_images)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(inversion.LabelInversion, "refine", refine)
+    for scanner, params in (("label-inversion", {"batch_images": 16}), ("decree-text", {"batch_size": 24}),
+                            ("label-inversion", {})):
+        with pytest.raises(ParError, match="ran out of device memory: lower the scan's scanner_params"):
+            trigger_toward(config(b.world.path, b.poisoned.checkpoint, scanner=scanner, scanner_params=params), "banana")
+    assert bounds == [16, 24, 640]  # the last: label-inversion's default
 
 
 def _write_images(folder, count, world):

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from par import models
 from par.augment import normalize
 from par.config import build
 from par.data import to_float
@@ -226,6 +227,7 @@ class InvertParams:
     trigger_from: str = "scan"
     max_images: int = 128  # of the clean pairs' images, as shadow images
     top_k: int = 10
+    threshold: Optional[float] = None  # the scan's flagging threshold; None: the scanner's documented one
     trigger: Optional[str] = None  # a trigger file handed in: no scan
     weight: float = 1.0
     reinvert_every: Optional[int] = None
@@ -271,8 +273,10 @@ class Invert(MultiStageDefense):
 
         values = {"checkpoint": job.checkpoint, "model": job.model, "images": job.train_data, "scanner": p.scanner,
                   "scanner_params": dict(p.scanner_params), "max_images": p.max_images, "top_k": p.top_k,
-                  "image_root": job.image_root, "templates": job.templates,
+                  "threshold": p.threshold, "image_root": job.image_root, "templates": job.templates,
                   "progress": job.settings.get("progress", True)}
+        if job.settings.get("device"):  # the scan on the device the cleaning was asked to run on
+            values["device"] = job.settings["device"]
         if job.classnames:
             values["classnames"] = job.classnames
         return build(ScanConfig, values, "settings 'invert' (scan)")
@@ -347,7 +351,12 @@ class Invert(MultiStageDefense):
     def check(self, job: CleaningJob) -> None:
         p = self.params(job)
         if p.trigger:
-            load_trigger(p.trigger)
+            mask, _ = load_trigger(p.trigger)
+            size = models.config_image_size(job.model)
+            if tuple(mask.shape[-2:]) != (size, size):
+                raise ParError(f"settings 'invert': trigger {p.trigger} is {mask.shape[-2]}x{mask.shape[-1]} px, but "
+                               f"encoder {job.model} takes {size}-px images; invert it on this encoder's input size "
+                               f"(python -m par scan --model {job.model} ...)")
         objective, settings = self._finetune_settings(job, None)
         FineTune(objective).check(replace(job, settings=settings))
 

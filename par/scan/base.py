@@ -117,6 +117,9 @@ class ScanResult:
         return next(iter(self.triggers.values()), None)
 
 
+NO_GRAD_PART = 512  # images per forward pass without gradients, unless a scanner bounds it by its own setting
+
+
 @dataclass
 class ScanContext:
     """What a scanner is given. ``images`` are the shadow images, ``[N, 3, H, W]`` floats in [0, 1] on
@@ -150,6 +153,13 @@ class ScanContext:
         """Zero-shot logits at the model's temperature (what its training calibrated)."""
         return self.logit_scale * self.embed(images) @ self.classifier
 
+    def predict(self, images: torch.Tensor, part: int = NO_GRAD_PART) -> torch.Tensor:
+        """``logits`` without gradients, at most ``part`` images per forward pass (one pass when they fit)."""
+        with torch.no_grad():
+            if images.shape[0] <= part:
+                return self.logits(images)
+            return torch.cat([self.logits(images[i:i + part]) for i in range(0, images.shape[0], part)])
+
 
 class Scanner:
     """Base: ``scan(ctx)`` returns a ``ScanResult``; ``check`` refuses settings it cannot run with."""
@@ -161,6 +171,9 @@ class Scanner:
     ranks_labels = False  # ranks the candidates in a cheap pass and inverts only the top_k of them
     min_images = 8  # fewer shadow images than this are refused before any work
     batch_setting: Optional[str] = None  # the Params field bounding the images per forward pass (device memory)
+    # Params fields that bound memory alone (any value gives the same scan): not part of a scan's request,
+    # so a finished scan is reused whatever the value it was made with
+    memory_settings: Tuple[str, ...] = ()
 
     def __init__(self, params: ScannerParams):
         self.params = params

@@ -165,8 +165,7 @@ class Decree(Scanner):
         """(the candidate label the zero-shot classifier gives most stamped images, the share it gets)."""
         if ctx.classifier is None or not ctx.candidates:
             return None, None
-        with torch.no_grad():
-            logits = ctx.logits((1 - mask) * ctx.images + mask * pattern)[:, ctx.candidates]
-            votes = torch.bincount(logits.argmax(1), minlength=len(ctx.candidates))
+        logits = ctx.predict((1 - mask) * ctx.images + mask * pattern)[:, ctx.candidates]
+        votes = torch.bincount(logits.argmax(1), minlength=len(ctx.candidates))
         best = int(votes.argmax())
         return ctx.classnames[ctx.candidates[best]], float(votes[best]) / ctx.images.shape[0]

@@ -129,6 +129,7 @@ class LabelInversion(Scanner):
     uses_labels = True
     ranks_labels = True
     batch_setting = "batch_images"
+    memory_settings = ("batch_images",)  # parts add up to the whole batch's gradient
 
     def check(self, labels: int, top_k: int) -> None:
         p = self.params
@@ -239,9 +240,8 @@ class LabelInversion(Scanner):
         return best
 
     def _success(self, ctx: ScanContext, label: int, mask, pattern) -> float:
-        with torch.no_grad():
-            stamped = (1 - mask) * ctx.images + mask * pattern
-            return float((ctx.logits(stamped).argmax(1) == label).float().mean())
+        stamped = (1 - mask) * ctx.images + mask * pattern
+        return float((ctx.predict(stamped, self.params.batch_images).argmax(1) == label).float().mean())
 
     def _chunks(self, ctx: ScanContext, labels: List[int]) -> List[List[int]]:
         """``labels`` in groups inverted together: at most ``batch_images`` stamped images per forward pass."""
@@ -272,8 +272,7 @@ class LabelInversion(Scanner):
         from tqdm import tqdm
 
         p = self.params
-        with torch.no_grad():
-            clean_logp = ctx.logits(ctx.images).log_softmax(1).mean(0)
+        clean_logp = ctx.predict(ctx.images, p.batch_images).log_softmax(1).mean(0)
         candidates, reference = list(ctx.candidates), list(ctx.candidates)
         details = {"pruned": False}
         if len(candidates) > ctx.top_k + p.reference_labels:

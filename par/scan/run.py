@@ -73,6 +73,25 @@ class ScanConfig:
             self.labels = labels
 
 
+def first_of_each_name(classnames: List[str]) -> List[int]:
+    """The indices of the class names, a name listed again left out: the built-in ImageNet list (OpenAI's)
+    names ``missile`` and ``sunglasses`` twice each, and twin columns of the zero-shot classifier would lift
+    each other's trigger (the scan's pull) and tie under argmax, the later twin never reached."""
+    seen, indices = set(), []
+    for i, name in enumerate(classnames):
+        key = " ".join(name.lower().split())  # as CLIP's tokenizer sees it
+        if key not in seen:
+            seen.add(key)
+            indices.append(i)
+    return indices
+
+
+def left_out(classnames: List[str], candidates: List[int]) -> List[str]:
+    """The class names not among the candidates (an ImageNet twin's second listing)."""
+    kept = set(candidates)
+    return [name for i, name in enumerate(classnames) if i not in kept]
+
+
 def _label_space(cfg: ScanConfig, scanner: Scanner) -> Tuple[Optional[List[str]], Optional[list], Optional[List[int]]]:
     """(class names, templates, candidate indices) for a label scanner; Nones for the others."""
     if not scanner.uses_labels:
@@ -80,7 +99,7 @@ def _label_space(cfg: ScanConfig, scanner: Scanner) -> Tuple[Optional[List[str]]
     classnames = load_classnames(cfg.classnames)  # refuses names listed twice (one class to CLIP)
     templates = load_templates(cfg.templates)
     if cfg.labels is None:
-        return classnames, templates, list(range(len(classnames)))
+        return classnames, templates, first_of_each_name(classnames)
     missing = [label for label in cfg.labels if label not in classnames]
     if missing:
         raise ParError(f"label(s) {missing} are not classes in {cfg.classnames}")
@@ -124,8 +143,9 @@ def scan_request(cfg: ScanConfig, checked=None) -> dict:
     """What makes two scans the same: the settings that change the result and the digests of the inputs.
     Settings a scanner does not read (class names for a label-free one, ``top_k`` for one that ranks no
     labels) are left out. ``checked``: ``check(cfg)``'s answer, when the caller has it."""
-    scanner, _, _, _, paths = checked or check(cfg)
-    request = {"scanner": SCANNERS.canonical(cfg.scanner), "scanner_params": asdict(scanner.params),
+    scanner, classnames, _, candidates, paths = checked or check(cfg)
+    params = {k: v for k, v in asdict(scanner.params).items() if k not in scanner.memory_settings}
+    request = {"scanner": SCANNERS.canonical(cfg.scanner), "scanner_params": params,
                "model": models.canonical_model_name(cfg.model), "checkpoint_digest": file_digest(cfg.checkpoint),
                "images_digest": images_digest(select(paths, cfg.max_images, cfg.seed)),
                "max_images": cfg.max_images, "seed": cfg.seed, "threshold": cfg.threshold,
@@ -138,6 +158,9 @@ def scan_request(cfg: ScanConfig, checked=None) -> dict:
         spec_digest = lambda spec, builtin: spec if spec == builtin else path_digest(spec)  # noqa: E731
         request.update(classnames=spec_digest(cfg.classnames, "imagenet"),
                        templates=spec_digest(cfg.templates, "openai"), labels=cfg.labels)
+        twins = left_out(classnames, candidates) if cfg.labels is None else []
+        if twins:  # absent where none is, so earlier scans of lists without twins are still the same scans
+            request["twins_left_out"] = twins
     if scanner.ranks_labels:
         request["top_k"] = cfg.top_k
     return request
@@ -160,6 +183,8 @@ def scan_checkpoint(cfg: ScanConfig, checked=None) -> ScanResult:
     result.seconds = time.time() - started
     result.settings = {**asdict(cfg), "precision_used": context.precision, "images_used": len(kept),
                        "images_listed": len(paths)}
+    if scanner.uses_labels and cfg.labels is None and left_out(classnames, candidates):
+        result.settings["twins_left_out"] = left_out(classnames, candidates)  # names listed twice: one candidate
     return result
 
 
@@ -189,15 +214,24 @@ def _context(cfg: ScanConfig, scanner: Scanner, classnames, templates, candidate
 def trigger_toward(cfg: ScanConfig, label: str) -> Tuple[Optional[InvertedTrigger], Optional[float]]:
     """Neural Cleanse's trigger toward ``label`` on ``cfg``'s checkpoint and shadow images: the smallest mask
     (with its pattern) found to send ``success_target`` of the images to the label (``label-inversion``'s
-    refinement, its default settings; ``cfg``'s scanner is not used). A backdoor is the shortcut to its
+    refinement, its default settings; ``cfg``'s scanner is not used, but the bound on images per forward pass
+    given to it, its ``batch_setting``, is kept: memory alone, the same trigger). A backdoor is the shortcut to its
     target, so once a scan has named the target this inverts the shortcut itself, where a label-free
     trigger may be any point the images collapse onto. (None, None) when no step reached the target."""
-    inversion = replace(cfg, scanner="label-inversion", scanner_params={}, labels=None)
+    given = make_scanner(cfg.scanner, cfg.scanner_params)
+    setting = given.batch_setting
+    memory = {"batch_images": cfg.scanner_params[setting]} if setting and setting in cfg.scanner_params else {}
+    inversion = replace(cfg, scanner="label-inversion", scanner_params=memory, labels=None)  # the user's memory bound
     scanner, classnames, templates, candidates, paths = check(inversion)
     if label not in classnames:
         raise ParError(f"label {label!r} is not a class in {cfg.classnames}")
     context, _, _ = _context(inversion, scanner, classnames, templates, candidates, paths)
-    best = scanner.refine(context, classnames.index(label))
+    try:
+        best = scanner.refine(context, classnames.index(label))
+    except torch.cuda.OutOfMemoryError:
+        raise ParError(f"inverting the trigger toward {label!r} ran out of device memory: lower the scan's "
+                       f"scanner_params {setting or 'batch_images'} (images per forward pass; now "
+                       f"{scanner.params.batch_images})") from None
     if best is None:
         return None, None
     size, mask, pattern, success = best
