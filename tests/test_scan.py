@@ -143,8 +143,9 @@ def test_shadow_images_in_parts_give_the_whole_batchs_inversion(backdoored_micro
     """batch_images below the shadow image count (a large encoder's setting) sends each label's images through
     in parts whose gradients add up: the same triggers, statistics and refined trigger as in one pass."""
     world = backdoored_micro.world.path
-    params = {"steps": 4, "families": ["patch", "blend"], "refine_steps": 6, "success_target": 1e-6}
-    flag = {"max_images": 16, "threshold": -100.0}  # flagged whatever it finds: the refinement runs
+    params = {"steps": 4, "families": ["patch", "blend"], "refine_steps": 6, "success_target": 1e-6,
+              "thresholds": {"patch": -100.0, "blend": -100.0}}  # flagged whatever it finds: the refinement runs
+    flag = {"max_images": 16}
     whole = scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, scanner_params=params, **flag))
     from par.scan.base import ScanContext
 
@@ -287,6 +288,25 @@ def test_the_request_digests_the_images_used_by_their_bytes_and_top_k_only_where
     assert scan_request(config(b.world.path, b.foundation, images=folder))["images_digest"] != request["images_digest"]
     assert request["top_k"] == 10  # label-inversion ranks labels; DECREE's target is read off, nothing ranked
     assert "top_k" not in scan_request(config(b.world.path, b.foundation, images=folder, scanner="decree"))
+
+
+def test_label_inversion_takes_a_threshold_per_family_and_refuses_one_for_two(backdoored_micro, tmp_path, capsys):
+    """Its two families' z spread differently on clean models (documented 3.8 and 10.5): one number for both
+    is refused before any work; per family, or one number for one family, is taken."""
+    b = backdoored_micro
+    error = cli_error(capsys, argv(b.world.path, b.foundation, tmp_path / "s", "--threshold", "5"))
+    assert "one threshold cannot serve ['patch', 'blend']" in error and "thresholds={patch: 5.0" in error
+    assert not (tmp_path / "s").exists()
+    cheap = {"steps": 2, "refine_steps": 0}
+    for params, families, expected in (({"thresholds": {"patch": -50.0}}, ["patch", "blend"], {"patch": -50.0, "blend": 10.5}),
+                                       ({}, ["blend"], {"blend": -60.0})):
+        result = scan_checkpoint(config(b.world.path, b.foundation, max_images=16, threshold=None if params else -60.0,
+                                        scanner_params={**cheap, **params, "families": families}))
+        assert result.details["thresholds"] == expected and result.flagged  # z is never below -50 here
+        assert result.threshold_source == "given by the user"
+    with pytest.raises(ParError, match="families \\['blend'\\] not scanned"):
+        scan_checkpoint(config(b.world.path, b.foundation, scanner_params={"families": ["patch"],
+                                                                          "thresholds": {"blend": 1.0}}))
 
 
 def test_a_memory_bound_does_not_make_another_scan_but_a_setting_of_the_inversion_does(backdoored_micro):

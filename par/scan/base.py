@@ -188,6 +188,10 @@ class Scanner:
         ``None`` for a scanner that keeps none apart from its ``scan``."""
         return None, None
 
+    def check_threshold(self, threshold: float) -> None:
+        """Raises when one user threshold cannot mean what the user wants with these settings (called before any
+        work, only when the user gives one)."""
+
     def threshold(self, ctx: ScanContext, default: float) -> float:
         return default if ctx.threshold is None else float(ctx.threshold)
 

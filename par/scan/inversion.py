@@ -46,9 +46,10 @@ a clean model), so its threshold leaves it silent there; the patch family carrie
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,9 @@ class LabelInversionParams(ScannerParams):
     # smallest such mask kept), to show the backdoor's trigger; it does not change the verdict. 0: off
     refine_steps: int = 200
     success_target: float = 0.99
+    # flagging thresholds of your own, per family (their z spread differently on clean models), replacing the
+    # documented ones (Z_THRESHOLDS) for the families named; a single --threshold is for one family alone
+    thresholds: Dict[str, float] = field(default_factory=dict)
 
 
 def _start(family: str, labels: List[int], shape, seed: int, init: float, device):
@@ -146,6 +150,11 @@ class LabelInversion(Scanner):
         if labels < MIN_LABELS:
             raise ParError(f"label-inversion compares each label's trigger with the others' and needs at least "
                            f"{MIN_LABELS} candidate labels; got {labels}")
+        unknown = sorted(set(p.thresholds) - set(p.families))
+        if unknown:
+            raise ParError(f"label-inversion thresholds name families {unknown} not scanned (families: {p.families})")
+        if not all(math.isfinite(v) for v in p.thresholds.values()):
+            raise ParError(f"label-inversion thresholds must be finite numbers, got {p.thresholds}")
         if p.reference_labels < MIN_LABELS:
             raise ParError(f"label-inversion needs reference_labels of at least {MIN_LABELS}, got "
                            f"{p.reference_labels}")
@@ -263,6 +272,18 @@ class LabelInversion(Scanner):
                 bar.update(len(chunk))
         return sorted(ranking, key=lambda r: (-r["lift"], r["index"]))
 
+    def check_threshold(self, threshold: float) -> None:
+        families = self.params.families
+        if len(families) > 1:
+            documented = ", ".join(f"{f} {Z_THRESHOLDS[f]}" for f in families)
+            raise ParError(f"label-inversion judges each trigger family's z by a threshold of its own (documented: "
+                           f"{documented}; their z spread differently on clean models), so one threshold cannot "
+                           f"serve {families}: give them per family, --scanner-param 'thresholds={{patch: 5.0, "
+                           f"blend: 11.0}}', or one family with --scanner-param 'families=[patch]'")
+        if families[0] in self.params.thresholds:
+            raise ParError(f"label-inversion was given a threshold twice for the {families[0]} family (threshold "
+                           f"and scanner_params thresholds); give one")
+
     def documented_threshold(self, encoder):
         """Per trigger family (the same for every encoder: set on the micro world's clean models)."""
         families = self.params.families
@@ -320,7 +341,8 @@ class LabelInversion(Scanner):
             for row in group:
                 row["z"] = row["z_lift"] + row["z_pull"]
         documented, sources = self.documented_threshold(ctx.encoder)
-        thresholds = {family: self.threshold(ctx, documented[family]) for family in p.families}
+        thresholds = {family: float(p.thresholds[family]) if family in p.thresholds else
+                      self.threshold(ctx, documented[family]) for family in p.families}
         top = max(rows, key=lambda r: (r["z"] - thresholds[r["family"]], r["z"]))  # the largest margin decides
         threshold = thresholds[top["family"]]
         flagged = top["z"] >= threshold
@@ -339,7 +361,8 @@ class LabelInversion(Scanner):
         return ScanResult(
             scanner=self.name, flagged=flagged, statistic="largest lift + pull z over labels", value=top["z"],
             threshold=threshold, direction="above",
-            threshold_source=sources[top["family"]] if ctx.threshold is None else "given by the user",
+            threshold_source="given by the user" if ctx.threshold is not None or top["family"] in p.thresholds
+            else sources[top["family"]],
             target=top["label"] if flagged else None, family=top["family"], labels=rows,
             triggers=triggers,
             details={**details, "top_label": top["label"], "inverted": len(candidates)},

@@ -112,6 +112,8 @@ def check(cfg: ScanConfig):
     scanner = make_scanner(cfg.scanner, cfg.scanner_params)
     classnames, templates, candidates = _label_space(cfg, scanner)
     scanner.check(len(candidates) if candidates is not None else 0, cfg.top_k)
+    if cfg.threshold is not None:
+        scanner.check_threshold(cfg.threshold)
     paths = list_images(cfg.images, cfg.image_root)
     if min(len(paths), cfg.max_images) < scanner.min_images:
         kept = f" of which max_images keeps {cfg.max_images}" if cfg.max_images < len(paths) else ""
