@@ -336,7 +336,8 @@ class Step:
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / self.accum_steps
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.objective.after_step(self.model)
+        with autocast(self.precision, self.device):  # a hook's forward passes (invert's re-inversion) as the step's
+            self.objective.after_step(self.model)
         self.finite.watch(totals["loss"], step + 1)  # numbered as the log numbers it: the first step is 1
         return totals
 

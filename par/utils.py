@@ -55,6 +55,17 @@ def autocast(precision: str, device: torch.device | str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
 
 
+def unscaled_precision(device: torch.device | str):
+    """The autocast for passes whose gradients are taken without the GradScaler (an attack's, a trigger's):
+    the one in force, but fp16 (`amp`), whose unscaled gradients can underflow to 0, becomes bf16 where the
+    device has it natively (fp32's range at fp16's cost), else fp32."""
+    device = torch.device(device).type
+    if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+        return contextlib.nullcontext()
+    native = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.autocast(device, dtype=torch.bfloat16) if native else torch.autocast(device, enabled=False)
+
+
 def inference_precision(device: torch.device | str) -> str:
     """Evaluation's precision: bf16 autocast on CUDA (fast, accurate enough to rank), exact fp32 on CPU."""
     return "amp_bf16" if torch.device(device).type == "cuda" else "fp32"

@@ -187,3 +187,34 @@ def test_the_scan_takes_invert_s_threshold_and_the_cleaning_s_device(backdoored_
     assert cfg.threshold == 7.5 and cfg.device == "cpu"
     plain = backdoored_micro.job(tmp_path / "run", {})
     assert invert.scan_config(plain, invert.params(plain)).threshold is None
+
+
+def test_reinversion_runs_in_the_steps_precision_but_not_in_fp16():
+    """The loop runs its hooks under the step's autocast: the re-inversion's passes go in bf16 under
+    `amp_bf16`, and in bf16 rather than fp16 under `amp` (its trigger gradients are not scaled)."""
+    from types import SimpleNamespace
+
+    from par.defenses.invert import ClipUnlearn
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def encode_image(self, x, normalize=False):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            return torch.nn.functional.normalize(x.flatten(1)[:, :8] + 1, dim=-1)
+
+    objective = ClipUnlearn.__new__(ClipUnlearn)  # what reinvert() reads, nothing else
+    objective.params = SimpleNamespace(reinvert_steps=2, reinvert_lr=0.05, size_price=1.0)
+    objective.context = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)
+    objective.frozen = Model()
+    objective.mask_logit, objective.pattern_logit = torch.zeros(1, 4, 4), torch.zeros(3, 4, 4)
+    raw = torch.rand(2, 3, 4, 4)
+    for dtype in (None, torch.float16, torch.bfloat16):
+        seen.clear()
+        if dtype is None:
+            objective.reinvert(Model(), raw)
+        else:
+            with torch.autocast("cpu", dtype=dtype):
+                objective.reinvert(Model(), raw)
+        assert seen[1:] == [torch.float32 if dtype is None else torch.bfloat16] * 2, (dtype, seen)
+    assert torch.isfinite(objective.mask_logit).all() and not torch.equal(objective.mask_logit, torch.zeros(1, 4, 4))

@@ -124,6 +124,7 @@ class WeightedParams(ObjectiveParams):
 
 
 EVENTS = []
+HOOK_PRECISION = []  # the autocast each after_step ran under
 
 
 class WeightedClip(ClipObjective):
@@ -143,6 +144,7 @@ class WeightedClip(ClipObjective):
         super().after_step(model)
         self.steps_done += 1
         EVENTS.append(("step", self.steps_done))
+        HOOK_PRECISION.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
 
     def on_epoch_start(self, epoch):
         EVENTS.append(("epoch", epoch))
@@ -190,6 +192,15 @@ def test_an_objective_registered_elsewhere_trains_with_its_settings_hooks_and_re
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     with pytest.raises(ParError, match=r"objective_params of 'weighted_clip_test'.*\['tau'\]"):
         train(_cfg(micro_world, tmp_path / "other", objective="weighted_clip_test", objective_params={"tau": 1.0}))
+
+
+def test_the_hooks_after_a_step_run_in_the_steps_precision(micro_world, tmp_path):
+    """A hook's forward passes (invert's re-inversion) go as the step's do: bf16 under amp_bf16, none in fp32."""
+    for precision, expected in (("fp32", torch.float32), ("amp_bf16", torch.bfloat16)):
+        HOOK_PRECISION.clear()
+        train(_cfg(micro_world, tmp_path / precision, objective="weighted_clip_test", batch_size=32, steps=2,
+                   precision=precision))
+        assert HOOK_PRECISION == [expected, expected]
 
 
 def test_keys_that_moved_into_objective_params_get_a_pointed_error(micro_world, tmp_path):

@@ -1,7 +1,6 @@
 """Adversarial fine-tuning of the vision tower: FARE (unsupervised, embedding-level) and TeCoA (supervised)."""
 from __future__ import annotations
 
-import contextlib
 
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from par.defenses.base import Objective, ObjectiveParams
 from par.defenses.finetune import defense
 from par.errors import ParError
 from par.eval.robust import pgd
+from par.utils import unscaled_precision
 
 
 class ImageTower(torch.nn.Module):
@@ -80,16 +80,8 @@ class AdversarialObjective(Objective):
         ctx, p = self.context, self.params
         was_training = tower.training
         tower.eval()  # BatchNorm statistics (RN50) are not updated by the attack's passes
-        device = images.device.type
-        # under fp16 autocast (`amp`) the attack's unscaled input gradients can underflow to 0 and its sign
-        # with them (no step): it runs in bf16 there where the device has it natively (fp32's range at fp16's
-        # cost), else in fp32; other precisions as they are
-        precision = contextlib.nullcontext()
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
-            native = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-            precision = torch.autocast(device, dtype=torch.bfloat16) if native else torch.autocast(device, enabled=False)
-        try:
-            with precision:
+        try:  # in the step's precision, but not fp16: the attack's input gradients are not scaled
+            with unscaled_precision(images.device):
                 return pgd(lambda x: loss(tower(normalize(x, ctx.mean, ctx.std))), images, p.eps, p.steps,
                            p.step_size, p.random_start, self.generator)
         finally:  # also when the attack fails (out of memory, say): the tower trains on as it did

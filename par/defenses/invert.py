@@ -45,7 +45,7 @@ from par.defenses.finetune import FineTune, defense
 from par.scan.files import TRIGGER_FILE, load_trigger
 from par.defenses.par import PARObjective, PARParams, par_distance
 from par.errors import ParError
-from par.utils import atomic_write_text, digest, file_lock
+from par.utils import atomic_write_text, digest, file_lock, unscaled_precision
 
 
 def _check_unlearning(owner: str, weight, every, steps, lr, price) -> None:
@@ -119,7 +119,8 @@ class Unlearning:
         over the batch's images and the same images stamped (so DDP sees one call)."""
         ctx = self.context
         raw = to_float(batch.raw_images)
-        self._last_raw = raw.detach()
+        if self.params.reinvert_every:  # the images the next re-inversion works on
+            self._last_raw = raw.detach()
         stamped = normalize(self.stamp(raw), ctx.mean, ctx.std)
         n = base_images.shape[0]
         image_all, text, scale = model(torch.cat([base_images, stamped]), batch.tokens)
@@ -147,7 +148,9 @@ class Unlearning:
         for _ in range(p.reinvert_steps):
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
             stamped = normalize((1 - mask) * raw + mask * pattern, ctx.mean, ctx.std)
-            moved = par_distance(model.encode_image(stamped, normalize=True), target)
+            with unscaled_precision(raw.device):  # the step's precision (the loop's hooks run in it), not fp16
+                embedded = model.encode_image(stamped, normalize=True)
+            moved = par_distance(embedded.float(), target.float())
             loss = -moved + p.size_price * mask.mean()
             grads = torch.autograd.grad(loss, [mask_logit, pattern_logit])  # the model's own gradients untouched
             mask_logit.grad, pattern_logit.grad = grads
