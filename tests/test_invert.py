@@ -1,4 +1,5 @@
 """invert / par+invert: the unlearning term, unlearning a handed-in trigger, the fallback, bad input."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -187,6 +188,15 @@ def test_the_scan_takes_invert_s_threshold_and_the_cleaning_s_device(backdoored_
     assert cfg.threshold == 7.5 and cfg.device == "cpu"
     plain = backdoored_micro.job(tmp_path / "run", {})
     assert invert.scan_config(plain, invert.params(plain)).threshold is None
+    assert invert.scan_config(plain, invert.params(plain)).images == plain.train_data
+    shadow = str(backdoored_micro.world.path / "test.csv")  # shards cannot be scanned: a CSV or folder given apart
+    elsewhere = backdoored_micro.job(tmp_path / "run", {"invert": {"images": shadow}})
+    assert invert.scan_config(elsewhere, invert.params(elsewhere)).images == shadow
+    sharded = dataclasses.replace(plain, train_data="shards/{00000..00009}.tar")
+    with pytest.raises(ParError, match="are shards: give them apart, invert: {images: CSV_OR_FOLDER}"):
+        invert.scan_config(sharded, invert.params(sharded))
+    assert invert.scan_config(dataclasses.replace(elsewhere, train_data="shards/{00000..00009}.tar"),
+                              invert.params(elsewhere)).images == shadow
 
 
 def test_reinversion_runs_in_the_steps_precision_but_not_in_fp16():

@@ -229,6 +229,7 @@ class InvertParams:
     # trigger makes the images collapse
     trigger_from: str = "scan"
     max_images: int = 128  # of the clean pairs' images, as shadow images
+    images: Optional[str] = None  # the shadow images' CSV or folder instead (the cleaning data in shards, say)
     top_k: int = 10
     threshold: Optional[float] = None  # the scan's flagging threshold; None: the scanner's documented one
     trigger: Optional[str] = None  # a trigger file handed in: no scan
@@ -273,10 +274,17 @@ class Invert(MultiStageDefense):
 
     def scan_config(self, job: CleaningJob, p: InvertParams):
         from par.scan import ScanConfig
+        from par.shards import is_shard_pattern
 
-        values = {"checkpoint": job.checkpoint, "model": job.model, "images": job.train_data, "scanner": p.scanner,
+        if not p.images and is_shard_pattern(job.train_data):
+            raise ParError(f"settings 'invert': the scan reads shadow images from a CSV or a folder, and the cleaning "
+                           f"data {job.train_data} are shards: give them apart, invert: {{images: CSV_OR_FOLDER}}")
+
+        values = {"checkpoint": job.checkpoint, "model": job.model, "images": p.images or job.train_data,
+                  "scanner": p.scanner,
                   "scanner_params": dict(p.scanner_params), "max_images": p.max_images, "top_k": p.top_k,
-                  "threshold": p.threshold, "image_root": job.image_root, "templates": job.templates,
+                  "threshold": p.threshold, "image_root": None if p.images else job.image_root,
+                  "templates": job.templates,
                   "progress": job.settings.get("progress", True)}
         if job.settings.get("device"):  # the scan on the device the cleaning was asked to run on
             values["device"] = job.settings["device"]
@@ -360,6 +368,8 @@ class Invert(MultiStageDefense):
                 raise ParError(f"settings 'invert': trigger {p.trigger} is {mask.shape[-2]}x{mask.shape[-1]} px, but "
                                f"encoder {job.model} takes {size}-px images; invert it on this encoder's input size "
                                f"(python -m par scan --model {job.model} ...)")
+        else:
+            self.scan_config(job, p)  # the scan's settings, and shadow images it can read
         objective, settings = self._finetune_settings(job, None)
         FineTune(objective).check(replace(job, settings=settings))
 
