@@ -136,7 +136,9 @@ def preprocess_of(canonical: str) -> Optional[dict]:
 
 
 def canonical_model_name(name: str) -> str:
-    """open_clip's name for ``name``; accepts the OpenAI spellings (``ViT-B/32``, ``ViT-L/14@336px``)."""
+    """open_clip's name for ``name``; accepts the OpenAI spellings (``ViT-B/32``, ``ViT-L/14@336px``), which
+    name OpenAI's models, so their QuickGELU config (``ViT-B-32-quickgelu``): open_clip's plain ``ViT-B-32``
+    is the GELU one of LAION's and DataComp's weights, and OpenAI's weights load into it without an error."""
     import open_clip
 
     register_model_configs()
@@ -144,6 +146,9 @@ def canonical_model_name(name: str) -> str:
     if name in known:
         return name
     candidate = re.sub(r"@(\d+)px$", r"-\1", name).replace("/", "-")
+    openai = candidate != name  # OpenAI's spelling names OpenAI's model, which computes with QuickGELU
+    if openai and candidate in known and not quick_gelu_of(candidate) and f"{candidate}-quickgelu" in known:
+        return f"{candidate}-quickgelu"
     if candidate in known:
         return candidate
     close = difflib.get_close_matches(candidate, known, n=5)
@@ -170,6 +175,19 @@ def _without_random_init():
             setattr(torch.nn.init, name, fn)
 
 
+def quick_gelu_of(canonical: str) -> bool:
+    """Whether encoder ``canonical`` computes with QuickGELU: its config says so (``-quickgelu``), or every
+    pretrained weight open_clip knows for it was trained with it (RN50, RN101, ViT-L-14-336: OpenAI's, and
+    YFCC's and CC12M's ResNets), as open_clip builds them when it loads those weights. Where they differ
+    (ViT-B-32: OpenAI's QuickGELU, LAION's GELU) the name's own config holds: GELU."""
+    import open_clip
+
+    if (open_clip.get_model_config(canonical) or {}).get("quick_gelu"):
+        return True
+    tags = open_clip.list_pretrained_tags_by_model(canonical)
+    return bool(tags) and all(open_clip.get_pretrained_cfg(canonical, tag).get("quick_gelu", False) for tag in tags)
+
+
 def create_model(name: str, device: str | torch.device = "cpu", initialise: bool = True) -> torch.nn.Module:
     """A randomly initialised open_clip model (weights come from ``load_weights``). ``initialise=False``
     skips the random draws, leaving the weights undefined: only for a model whose weights are loaded next."""
@@ -182,6 +200,7 @@ def create_model(name: str, device: str | torch.device = "cpu", initialise: bool
     try:
         with _without_random_init() if not initialise else contextlib.nullcontext():
             model = open_clip.create_model(canonical, pretrained=None, device=device,
+                                           force_quick_gelu=quick_gelu_of(canonical),
                                            force_preprocess_cfg=preprocess_of(canonical))
     finally:
         logger.setLevel(level)
@@ -343,8 +362,28 @@ def check_finite(state: Dict[str, torch.Tensor], path: str | os.PathLike) -> Non
                                f"({bad} of {tensor.numel()} values); a diverged or damaged run, refused")
 
 
+def check_saved_encoder(path: str | os.PathLike, name: str) -> None:
+    """Refuses a checkpoint whose metadata names another encoder than ``name``: encoders of the same weights'
+    shapes (``ViT-B-32`` with GELU, ``ViT-B-32-quickgelu``) load into each other without a key mismatch, and
+    compute something else. A checkpoint naming no encoder, or one unknown here, is left to the key check."""
+    saved = read_metadata(path).get("model")
+    try:
+        saved_canonical = canonical_model_name(saved) if isinstance(saved, str) and saved else None
+    except ParError:
+        return
+    if saved_canonical is None or saved_canonical == canonical_model_name(name):
+        return
+    activations = {quick_gelu_of(saved_canonical), quick_gelu_of(canonical_model_name(name))}
+    hint = (" (they differ in their activation, GELU and QuickGELU: OpenAI's spellings, ViT-B/32, name OpenAI's "
+            "QuickGELU models; give the encoder the checkpoint was saved as)" if len(activations) == 2 else "")
+    raise ParError(f"checkpoint {path} holds a {saved} model, not {canonical_model_name(name)}{hint}")
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
-    """Loads ``path`` into ``model`` strictly; any key mismatch is an error naming the keys."""
+    """Loads ``path`` into ``model`` strictly; any key mismatch is an error naming the keys, and so is a
+    checkpoint saved for another encoder (``check_saved_encoder``)."""
+    if getattr(model, "par_model_name", None):
+        check_saved_encoder(path, model.par_model_name)
     state = load_checkpoint(path)
     expected = model.state_dict()
     missing = expected.keys() - state.keys()

@@ -46,7 +46,7 @@ def test_unknown_encoder(capsys, micro_world, micro_ckpt):
 
 def test_checkpoint_of_another_encoder(capsys, micro_world, micro_ckpt):
     msg = cli_error(capsys, _eval_args(micro_world, micro_ckpt, **{"--model": "par-tiny-vit"}))
-    assert "does not match encoder par-tiny-vit" in msg
+    assert "holds a par-micro-vit model, not par-tiny-vit" in msg  # its metadata names its encoder
 
 
 def test_label_not_a_class_keeps_previous_results(capsys, micro_world, micro_ckpt, tmp_path):

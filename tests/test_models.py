@@ -25,9 +25,30 @@ def _assert_same_weights(model, state):
         assert torch.equal(expected[k], state[k]), k
 
 
-@pytest.mark.parametrize("name,canonical", [("ViT-B/32", "ViT-B-32"), ("ViT-L/14@336px", "ViT-L-14-336"), ("RN50", "RN50")])
+@pytest.mark.parametrize("name,canonical", [("ViT-B/32", "ViT-B-32-quickgelu"), ("ViT-L/14@336px", "ViT-L-14-336"),
+                                            ("RN50", "RN50"), ("ViT-B-32", "ViT-B-32")])
 def test_openai_spellings_are_aliases(name, canonical):
     assert models.canonical_model_name(name) == canonical
+
+
+def test_openais_encoders_compute_with_quickgelu_and_a_checkpoint_of_the_other_activation_is_refused(tmp_path):
+    """OpenAI's CLIPs (and every weight open_clip knows for RN50 and ViT-L-14-336) use QuickGELU; open_clip's
+    plain ViT-B-32 is the GELU config of LAION's weights. The weights' shapes are the same, so a checkpoint
+    saved as one loads into the other without a key mismatch: its saved encoder name is checked."""
+    def activation(name):
+        model = models.create_model(name, initialise=False)
+        return {type(m).__name__ for m in model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+
+    assert activation("RN50") == activation("ViT-B/32") == activation("ViT-L/14@336px") == {"QuickGELU"}
+    assert activation("ViT-B-32") == activation("par-micro-vit") == {"GELU"}
+    gelu = models.save_checkpoint(models.create_model("ViT-B-32"), tmp_path / "gelu.pt")
+    with pytest.raises(ParError, match="holds a ViT-B-32 model, not ViT-B-32-quickgelu \\(they differ in their "
+                                       "activation, GELU and QuickGELU"):
+        models.load_model("ViT-B/32", gelu)
+    assert models.load_model("ViT-B-32", gelu).par_model_name == "ViT-B-32"
+    bare = tmp_path / "bare.pt"  # no encoder named: the strict key check alone
+    torch.save(torch.load(gelu, weights_only=True)["state_dict"], bare)
+    assert models.load_model("ViT-B/32", bare).par_model_name == "ViT-B-32-quickgelu"
 
 
 def test_unknown_encoder_suggests_close_names():
@@ -100,8 +121,11 @@ def test_key_mismatch_names_the_keys(tmp_path, micro_model):
 def test_checkpoint_of_another_encoder_is_an_error(tmp_path):
     other = models.create_model("par-tiny-vit")
     path = models.save_checkpoint(other, tmp_path / "tiny.pt")
-    with pytest.raises(ParError, match="does not match encoder par-micro-vit"):
+    with pytest.raises(ParError, match="holds a par-tiny-vit model, not par-micro-vit$"):  # named in its metadata
         models.load_model(MICRO, path)
+    torch.save(other.state_dict(), tmp_path / "bare.pt")  # named nowhere: the keys' shapes tell
+    with pytest.raises(ParError, match="does not match encoder par-micro-vit"):
+        models.load_model(MICRO, tmp_path / "bare.pt")
 
 
 class _Payload:
