@@ -11,7 +11,7 @@
 #   TRAIN_DATA (trainData)   clean pairs to clean with: image,caption CSV, class-folder tree or shards
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
 #   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo; both in this folder)
-#   ATTACK, LABEL            the backdoor to validate against (default badnet_rs, banana)
+#   ATTACK, LABEL            the backdoor to validate against (required with CHECKPOINT; the demo's: badnet_rs, banana)
 #   DEFENSE                  registered defense (default par; every name `python -m par clean --help` lists)
 #   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
 #                            arguments to this script override its keys (dotted keys nest:
@@ -34,20 +34,41 @@ OUT_DIR="${OUT_DIR:-${outDIR:-}}"
 ATTACK="${ATTACK:-}"
 LABEL="${LABEL:-}"
 
-if [ -z "$CHECKPOINT" ]; then
+if [ -z "$CHECKPOINT" ]; then  # the demo; settings for a checkpoint given without one are a mistake, not a demo
+    stray=()
+    for name in ENCODER TRAIN_DATA IMAGE_ROOT; do [ -z "${!name}" ] || stray+=("$name"); done
+    [ $# -eq 0 ] || stray+=("arguments ($*)")
+    if [ ${#stray[@]} -gt 0 ]; then
+        echo "error: ${stray[*]} given but no CHECKPOINT (modelPath): set CHECKPOINT to clean a checkpoint, or leave them out for the demo" >&2
+        exit 2
+    fi
     exec "$PY" -m par demo --profile "${DEMO_PROFILE:-$ROOT/configs/demo.yaml}" --out "${OUT_DIR:-$ROOT/runs/demo}" \
         ${ATTACK:+--attack "$ATTACK"} ${LABEL:+--label "$LABEL"} ${DEFENSE:+--defense "$DEFENSE"}
 fi
 
 : "${ENCODER:?set ENCODER (modeln) to the encoder of the checkpoint, e.g. RN50}"
 : "${TRAIN_DATA:?set TRAIN_DATA (trainData) to clean image,caption pairs (CSV, class-folder tree or shards)}"
+: "${ATTACK:?set ATTACK to the backdoor validated against (an attack name, e.g. badnet_rs)}"
+: "${LABEL:?set LABEL to the target label of the backdoor (e.g. banana)}"
+for arg in "$@"; do  # the arguments are training settings; these options are this script's own
+    case "$arg" in
+        --model|--model=*|--checkpoint|--checkpoint=*|--train-data|--train-data=*|--image-root|--image-root=*|\
+        --out|--out=*|--config|--config=*|--defense|--defense=*)
+            echo "error: ${arg%%=*} is set by this script (ENCODER, CHECKPOINT, TRAIN_DATA, IMAGE_ROOT, OUT_DIR, PAR_CONFIG, DEFENSE); the arguments are training settings" >&2
+            exit 2 ;;
+    esac
+done
 OUT_DIR="${OUT_DIR:-$ROOT/runs/clean-$(date +%Y%m%d-%H%M%S)}"
 export OUT_DIR  # validation writes its results.jsonl here (a multi-stage defense's checkpoint lies deeper)
 # the backdoor and the validation inputs are checked before the (long) cleaning, not after it
-bash "$ROOT/trigger_validate.sh" --check "$OUT_DIR/checkpoint.pt" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
-# the cleaned checkpoint is where `par clean` says it is (a multi-stage defense's last stage keeps it)
-cleaned="$("$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-$ROOT/configs/par.yaml}" \
+bash "$ROOT/trigger_validate.sh" --check "$OUT_DIR/checkpoint.pt" "$ATTACK" "$ENCODER" "$LABEL"
+# the cleaned checkpoint is where `par clean` says it is (a multi-stage defense's last stage keeps it); its
+# output is kept in a file to be read, not captured through /dev/stderr (which a redirected log would lose)
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+"$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-$ROOT/configs/par.yaml}" \
     --model "$ENCODER" --checkpoint "$CHECKPOINT" --train-data "$TRAIN_DATA" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} \
-    --out "$OUT_DIR" "$@" | tee /dev/stderr | sed -n 's/^cleaned checkpoint ([^)]*): //p')"
+    --out "$OUT_DIR" "$@" | tee "$log"
+cleaned="$(sed -n 's/^cleaned checkpoint ([^)]*): //p' "$log")"
 [ -n "$cleaned" ] || { echo "error: par clean named no cleaned checkpoint" >&2; exit 1; }
-bash "$ROOT/trigger_validate.sh" "$cleaned" "${ATTACK:-badnet_rs}" "$ENCODER" "${LABEL:-banana}"
+bash "$ROOT/trigger_validate.sh" "$cleaned" "$ATTACK" "$ENCODER" "$LABEL"

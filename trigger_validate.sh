@@ -76,7 +76,11 @@ for p in ${attack_params[@]+"${attack_params[@]}"}; do args+=(--attack-param "$p
 cpus=$(nproc 2>/dev/null || echo 1)
 args+=(--workers "${EVAL_WORKERS:-$(( cpus > 9 ? 8 : cpus - 1 ))}")
 [ -n "${EVAL_BATCH_SIZE:-}" ] && args+=(--batch-size "$EVAL_BATCH_SIZE")
-if [ -n "${ROBUST_EPS:-}" ]; then
+if [ -z "${ROBUST_EPS:-}" ]; then  # the other robust settings alone would be dropped without a word
+    for name in ROBUST_MAX_IMAGES ROBUST_STEPS ROBUST_BATCH_SIZE; do
+        if [ -n "${!name:-}" ]; then echo "error: $name is set but ROBUST_EPS is not: robust accuracy runs only at the radii ROBUST_EPS gives" >&2; exit 2; fi
+    done
+else
     args+=(--robust-eps "$ROBUST_EPS" --robust-max-images "${ROBUST_MAX_IMAGES:-1000}" --robust-steps "${ROBUST_STEPS:-100}")
     [ -n "${ROBUST_BATCH_SIZE:-}" ] && args+=(--robust-batch-size "$ROBUST_BATCH_SIZE")
     say "robust accuracy: eps $ROBUST_EPS, APGD-CE + APGD-T, ${ROBUST_STEPS:-100} steps, ${ROBUST_MAX_IMAGES:-1000} images"

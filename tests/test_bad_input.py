@@ -206,6 +206,31 @@ def test_trigger_checks_attack_and_label_before_cleaning(micro_world, ckpt, tmp_
     assert not (tmp_path / "cleaned").exists()  # no cleaning ran
 
 
+@pytest.mark.parametrize("env, args, words", [
+    ({"ENCODER": MICRO}, [], "error: ENCODER given but no CHECKPOINT"),  # a misspelt CHECKPOINT: not the demo
+    ({}, ["--steps", "2"], "error: arguments (--steps 2) given but no CHECKPOINT"),
+    ({"CHECKPOINT": "x.pt", "ENCODER": MICRO, "TRAIN_DATA": "c.csv", "LABEL": "banana"}, [], "set ATTACK"),
+    ({"CHECKPOINT": "x.pt", "ENCODER": MICRO, "TRAIN_DATA": "c.csv", "ATTACK": "badnet_rs"}, [], "set LABEL"),
+    ({"CHECKPOINT": "x.pt", "ENCODER": MICRO, "TRAIN_DATA": "c.csv", "ATTACK": "badnet_rs", "LABEL": "banana"},
+     ["--steps", "2", "--model=ViT-B-16"], "error: --model is set by this script")])
+def test_trigger_refuses_settings_that_would_go_unused_or_be_guessed(tmp_path, env, args, words):
+    environment = {k: v for k, v in _script_env(OUT_DIR=str(tmp_path / "out"), **env).items()
+                   if k not in ("CHECKPOINT", "modelPath") or k in env}
+    proc = subprocess.run(["bash", "trigger.sh", *args], cwd=REPO, env=environment, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_trigger_validate_refuses_robust_settings_without_radii(micro_world, ckpt, tmp_path):
+    proc = subprocess.run(["bash", "trigger_validate.sh", str(ckpt), "badnet_rs", MICRO, "banana"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=_script_env(EVAL_DATA=str(micro_world / "test.csv"), ROBUST_STEPS="10",
+                                          OUT_DIR=str(tmp_path / "out")))
+    assert proc.returncode == 2 and "ROBUST_STEPS is set but ROBUST_EPS is not" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_dry_run_checks_without_a_checkpoint(capsys, micro_world, tmp_path):
     assert main(_eval(micro_world, tmp_path / "later.pt", "--attack", "blended", "--label", "banana", "--dry-run")) == 0
     assert "check out" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def test_clean_a_given_checkpoint_through_trigger_sh(demo, tmp_path):
     env = {
         "CHECKPOINT": str(poisoned), "ENCODER": "par-micro-vit", "TRAIN_DATA": str(out / "world" / "clean.csv"),
         "OUT_DIR": str(clean_out), "PAR_CONFIG": "configs/micro/par.yaml", "EVAL_CSV": str(out / "world" / "test.csv"),
-        "DEFENSE": "roclip",
+        "DEFENSE": "roclip", "ATTACK": "badnet_rs", "LABEL": "banana",
     }
     proc = _run(["bash", "trigger.sh", "--steps", "2"], env)
     assert (clean_out / "checkpoint.pt").exists() and (clean_out / "training.png").exists()
@@ -94,7 +94,8 @@ def test_trigger_sh_reads_relative_paths_from_the_callers_directory_and_validate
     rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731
     env = dict(os.environ, PAR_PYTHON=sys.executable, CHECKPOINT=rel(poisoned), ENCODER="par-micro-vit",
                TRAIN_DATA=rel(out / "world" / "clean.csv"), OUT_DIR="cleaned", EVAL_CSV=rel(out / "world" / "test.csv"),
-               PAR_CONFIG=rel(Path(REPO, "configs", "micro", "par.yaml")), DEFENSE="invert")
+               PAR_CONFIG=rel(Path(REPO, "configs", "micro", "par.yaml")), DEFENSE="invert", ATTACK="badnet_rs",
+               LABEL="banana")
     proc = subprocess.run(["bash", str(Path(REPO, "trigger.sh")), "--steps", "2", "--classnames",
                            rel(out / "world" / "classnames.txt"), "--templates", rel(out / "world" / "templates.txt"),
                            "--invert.scanner", "decree-text"], cwd=tmp_path, env=env, capture_output=True, text=True,
