@@ -112,6 +112,23 @@ def test_retrieval_on_files_with_a_toy_model(tmp_path):
     assert metrics["t2i_r1"] == pytest.approx(3 / 4) and metrics["t2i_r5"] == pytest.approx(1.0)
 
 
+def test_an_image_named_by_several_entries_is_one_image_with_their_captions(tmp_path):
+    """A flattened annotation file (one caption per entry): the same picture twice would be two images with
+    identical embeddings, each counting the other's captions as misses."""
+    words = ["red", "green", "blue"]
+    ann = _karpathy(tmp_path, [(0, ["a red thing"]), (1, ["a green thing"])])
+    entries = json.loads(ann.read_text()) + [{"image": "./0.jpg", "caption": "red"}]  # image 0 again, another spelling
+    ann.write_text(json.dumps(entries))
+    data = RetrievalDataset(ann, tmp_path, size=32)
+    assert len(data) == 2 and data.caption_image == [0, 1, 0] and data.captions[2] == "red"
+    tokenizer = lambda texts: torch.tensor([[next(i for i, w in enumerate(words) if w in t)] for t in texts])  # noqa
+    metrics, _ = evaluate_retrieval(ToyRetrievalCLIP(), tokenizer, data, (0, 0, 0), (1, 1, 1), "cpu", progress=False)
+    assert metrics["i2t_r1"] == 1.0 and metrics["t2i_r1"] == 1.0
+    from par.eval.retrieval import asr_images
+
+    assert asr_images(data.captions, data.caption_image, len(data), "red").tolist() == [False, True]
+
+
 @pytest.mark.parametrize("entry,match", [({"caption": ["x"]}, r"entry 0 lacks field\(s\) \['image'\]"),
                                          ({"image": "a.jpg"}, r"lacks field\(s\) \['caption'\]"),
                                          ({"image": "a.jpg", "caption": []}, "no usable caption")])
@@ -145,6 +162,7 @@ def test_trigger_validate_runs_all_four_evaluations(micro_world, tmp_path):
     assert [r["evaluation"] for r in records] == ["classification/clean", "classification/blended",
                                                  "retrieval/clean", "retrieval/blended"]
     assert set(records[2]["metrics"]) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert records[2]["num_images"] == 12 and records[3]["num_images"] == 6  # ASR: over the 6 not captioned banana
     assert records[2]["num_captions"] == 24 and records[3]["attack_params"] == {"alpha": 0.2, "fixed_pattern": False,
                                                                                      "pattern_seed": 0}
     assert all(r["encoder"] == "par-micro-vit" and r["seconds"] >= 0 for r in records)
@@ -184,3 +202,13 @@ def test_an_undefined_asr_is_refused_before_the_weights_load(micro_world, tmp_pa
     with pytest.raises(ParError, match=f"has a caption naming '{label}': retrieval ASR is undefined"):
         evaluate(EvalConfig(retrieval_json=str(tmp_path / "coco.json"), retrieval_root=str(micro_world), **common),
                  dry_run=True)
+    from par.eval.zeroshot import LiveEval  # during training: refused before the first step, not at the first evaluation
+
+    with pytest.raises(ParError, match=f"are all of the target class '{label}'"):
+        LiveEval(str(tmp_path / "target-only.csv"), str(micro_world / "classnames.txt"), 32, "cpu",
+                 str(micro_world / "templates.txt"), attack="blended", label=label, progress=False)
+    LiveEval(str(micro_world / "test.csv"), str(micro_world / "classnames.txt"), 32, "cpu",
+             str(micro_world / "templates.txt"), attack="blended", label=label, progress=False)
+    with pytest.raises(ParError, match="name \\['apgd-ce'\\] more than once"):
+        EvalConfig(data=str(micro_world / "test.csv"), robust_eps=[1 / 255], robust_attacks=["apgd", "apgd-ce"],
+                   **common)

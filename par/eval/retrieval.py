@@ -38,6 +38,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
         self.paths: List[Path] = []
         self.captions: List[str] = []
         self.caption_image: List[int] = []
+        index_of = {}  # an image named by several entries (one caption each, say) is one image with their captions
         for i, entry in enumerate(entries):
             missing = [k for k in ("image", "caption") if not isinstance(entry, dict) or k not in entry]
             if missing:
@@ -45,9 +46,13 @@ class RetrievalDataset(torch.utils.data.Dataset):
             captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
             if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
                 raise ParError(f"{path}: entry {i} has no usable caption")
-            self.paths.append(Path(image_root) / entry["image"])
+            image = Path(image_root) / entry["image"]
+            key = os.path.normpath(str(image))
+            if key not in index_of:
+                index_of[key] = len(self.paths)
+                self.paths.append(image)
             self.captions.extend(captions)
-            self.caption_image.extend([i] * len(captions))
+            self.caption_image.extend([index_of[key]] * len(captions))
         self.transform = eval_transform(size)
 
     def __len__(self):
@@ -75,14 +80,19 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: 
     return metrics
 
 
+def asr_images(captions: Sequence[str], caption_image: Sequence[int], images: int, label: str) -> torch.Tensor:
+    """Which images retrieval ASR is measured on (a bool per image): those none of whose captions names ``label``."""
+    names_label = torch.tensor([mentions_label(c, label) for c in captions], dtype=torch.long)
+    own = torch.zeros(images, dtype=torch.long).index_add_(0, torch.as_tensor(caption_image), names_label)
+    return own == 0
+
+
 def retrieval_asr(triggered_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
                   caption_image: Sequence[int], label: str, k: int = 5) -> float:
     """Share of triggered images (whose own captions do not name ``label``) with ``label`` in a top-``k`` caption."""
 
     names_label = torch.tensor([mentions_label(c, label) for c in captions])
-    owner = torch.as_tensor(caption_image)
-    own = torch.zeros(len(triggered_emb), dtype=torch.long).index_add_(0, owner, names_label.long())
-    keep = own == 0
+    keep = asr_images(captions, caption_image, len(triggered_emb), label)
     if not keep.any():
         raise ParError(f"every image has a caption naming {label!r}: retrieval ASR is undefined")
     top = (triggered_emb[keep] @ text_emb.T).topk(min(k, len(captions)), dim=1).indices

@@ -23,7 +23,7 @@ from par.data import labelled_dataset, load_classnames, load_templates, mentions
 from par.embedding import encode_images
 from par.errors import ParError
 from par.eval.metrics import attack_success_rate, clean_accuracy
-from par.eval.retrieval import RetrievalDataset, evaluate_retrieval
+from par.eval.retrieval import RetrievalDataset, asr_images, evaluate_retrieval
 from par.eval.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
 from par.utils import check_device, check_output_file, pick_device
 
@@ -96,8 +96,10 @@ class EvalConfig:
                 raise ParError("robust evaluation needs classification data (--data)")
             if not self.robust_attacks:
                 raise ParError("robust evaluation needs at least one attack (robust_attacks)")
-            for name in self.robust_attacks:
-                ROBUST_ATTACKS.canonical(name)
+            canonical = [ROBUST_ATTACKS.canonical(name) for name in self.robust_attacks]
+            twice = sorted({name for name in canonical if canonical.count(name) > 1})
+            if twice:  # one name in the cascade: its 'after' figure would mix two stages
+                raise ParError(f"robust_attacks {self.robust_attacks} name {twice} more than once (aliases included)")
         if self.attack:
             if self.label is None or not str(self.label).strip():
                 raise ParError("an attack needs the target --label")
@@ -200,8 +202,9 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
             started = time.time()
             metrics, _ = evaluate_retrieval(model, tokenizer, dataset, mean, std, device, trigger, cfg.label,
                                             text_emb=text_emb, **common)
-            record("retrieval", trigger.name, cfg.retrieval_json, metrics, started,
-                   num_images=len(dataset), num_captions=len(dataset.captions))
+            measured = int(asr_images(dataset.captions, dataset.caption_image, len(dataset), cfg.label).sum())
+            record("retrieval", trigger.name, cfg.retrieval_json, metrics, started,  # the images ASR is over
+                   num_images=measured, num_captions=len(dataset.captions))
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +234,9 @@ class LiveEval:
                 raise ParError(f"live-evaluation label {label!r} is not a class in {classnames}")
             self.trigger = attacks.get_trigger(attack, **(attack_params or {}))
             self.target = self.classnames.index(label)
+            if not bool((self.data.tensors[1] != self.target).any()):  # else ASR fails at the first evaluation
+                raise ParError(f"live evaluation: the first {len(subset)} images of {data} are all of the target "
+                               f"class {label!r}, so no attack success rate can be measured on them (shuffle the rows)")
         self.device = device
 
     def __call__(self, model, tokenizer, mean, std) -> dict:
