@@ -359,3 +359,8 @@ def test_other_bad_files_are_error_lines(capsys, micro_world, ckpt, tmp_path):
     (tmp_path / "settings.yaml").write_text("eval_data:\n")
     msg = cli_error(capsys, ["shell-env", str(tmp_path / "settings.yaml"), "--keys", "EVAL_DATA"])
     assert "'eval_data' has no value" in msg
+    (tmp_path / "lists.yaml").write_text("attack_params: [patch_size=4, fixed_pattern=true]\nrobust_eps: [2/255, 4/255]\n")
+    assert main(["shell-env", str(tmp_path / "lists.yaml")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "[ -n \"${ATTACK_PARAMS:-}\" ] || ATTACK_PARAMS='patch_size=4 fixed_pattern=true'",  # two parameters
+        "[ -n \"${ROBUST_EPS:-}\" ] || ROBUST_EPS=2/255,4/255"]

@@ -229,8 +229,10 @@ def cmd_shell_env(args) -> None:
             raise ParError(f"{args.config}: key {key!r} has no value")
         if isinstance(value, dict):
             text = " ".join(f"{a}={b}" for a, b in value.items())
+        elif isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+            text = " ".join(value)  # KEY=VALUE items (attack_params): separate words, as a mapping gives them
         elif isinstance(value, list):
-            text = ",".join(str(v) for v in value)
+            text = ",".join(str(v) for v in value)  # values (robust radii): one comma-separated value
         else:
             text = str(value)
         lines.append(f'[ -n "${{{name}:-}}" ] || {name}={shlex.quote(text)}')
