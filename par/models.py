@@ -362,6 +362,16 @@ def check_finite(state: Dict[str, torch.Tensor], path: str | os.PathLike) -> Non
                                f"({bad} of {tensor.numel()} values); a diverged or damaged run, refused")
 
 
+def same_encoder(first: str, second: str) -> bool:
+    """Whether two encoder names build the same model: one architecture (a ``-quickgelu`` name is its base's)
+    with one activation (``ViT-L-14-336`` computes with QuickGELU as ``ViT-L-14-336-quickgelu`` does)."""
+    first, second = canonical_model_name(first), canonical_model_name(second)
+    if first == second:
+        return True
+    return (first.removesuffix("-quickgelu") == second.removesuffix("-quickgelu")
+            and quick_gelu_of(first) == quick_gelu_of(second))
+
+
 def check_saved_encoder(path: str | os.PathLike, name: str) -> None:
     """Refuses a checkpoint whose metadata names another encoder than ``name``: encoders of the same weights'
     shapes (``ViT-B-32`` with GELU, ``ViT-B-32-quickgelu``) load into each other without a key mismatch, and
@@ -371,7 +381,7 @@ def check_saved_encoder(path: str | os.PathLike, name: str) -> None:
         saved_canonical = canonical_model_name(saved) if isinstance(saved, str) and saved else None
     except ParError:
         return
-    if saved_canonical is None or saved_canonical == canonical_model_name(name):
+    if saved_canonical is None or same_encoder(saved_canonical, name):
         return
     activations = {quick_gelu_of(saved_canonical), quick_gelu_of(canonical_model_name(name))}
     hint = (" (they differ in their activation, GELU and QuickGELU: OpenAI's spellings, ViT-B/32, name OpenAI's "

@@ -46,6 +46,8 @@ def test_openais_encoders_compute_with_quickgelu_and_a_checkpoint_of_the_other_a
                                        "activation, GELU and QuickGELU"):
         models.load_model("ViT-B/32", gelu)
     assert models.load_model("ViT-B-32", gelu).par_model_name == "ViT-B-32"
+    assert models.same_encoder("ViT-L-14-336", "ViT-L-14-336-quickgelu")  # both QuickGELU: one model, two names
+    assert not models.same_encoder("ViT-B-32", "ViT-B-32-quickgelu") and models.same_encoder("ViT-B/32", "ViT-B-32-quickgelu")
     bare = tmp_path / "bare.pt"  # no encoder named: the strict key check alone
     torch.save(torch.load(gelu, weights_only=True)["state_dict"], bare)
     assert models.load_model("ViT-B/32", bare).par_model_name == "ViT-B-32-quickgelu"

@@ -19,7 +19,7 @@ from par.config import build
 from par.defenses import DEFENSES, CleaningJob, clean
 from par.errors import ParError
 from par.eval.zeroshot import EvalConfig, evaluate, merged_metrics
-from par.models import canonical_model_name, read_metadata
+from par.models import read_metadata, same_encoder
 from par.attacks.poison import PoisonConfig, poison
 from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
@@ -190,7 +190,7 @@ def check_encoder(checkpoint: Path, model: str) -> None:
     if not Path(checkpoint).is_file():
         raise ParError(f"foundation checkpoint not found: {checkpoint}")
     saved = read_metadata(checkpoint).get("model")
-    if saved and canonical_model_name(saved) != canonical_model_name(model):
+    if saved and not same_encoder(saved, model):
         raise ParError(f"{checkpoint} holds a {saved} model but the profile trains {model}")
 
 

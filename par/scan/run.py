@@ -125,7 +125,7 @@ def check(cfg: ScanConfig):
     if not checkpoint.is_file():
         raise ParError(f"checkpoint not found: {checkpoint}")
     saved = models.read_metadata(checkpoint).get("model")
-    if saved and models.canonical_model_name(saved) != models.canonical_model_name(cfg.model):
+    if saved and not models.same_encoder(saved, cfg.model):
         raise ParError(f"{checkpoint} holds a {saved} model, not {models.canonical_model_name(cfg.model)}")
     return scanner, classnames, templates, candidates, paths
 
