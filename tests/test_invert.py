@@ -179,6 +179,8 @@ def test_a_handed_in_trigger_of_another_size_than_the_encoders_is_refused_before
     assert not (tmp_path / "run").exists()
     fits = save_trigger(tmp_path / "fits.safetensors", torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))
     DEFENSES.get("invert").check(backdoored_micro.job(tmp_path / "run", {"invert": {"trigger": str(fits)}}))
+    blend = save_trigger(tmp_path / "blend.safetensors", torch.full((1, 1, 1), 0.2), torch.zeros(3, 32, 32))
+    DEFENSES.get("invert").check(backdoored_micro.job(tmp_path / "run", {"invert": {"trigger": str(blend)}}))
 
 
 def test_the_scan_takes_invert_s_threshold_and_the_cleaning_s_device(backdoored_micro, tmp_path):

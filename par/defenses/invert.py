@@ -362,10 +362,10 @@ class Invert(MultiStageDefense):
     def check(self, job: CleaningJob) -> None:
         p = self.params(job)
         if p.trigger:
-            mask, _ = load_trigger(p.trigger)
+            mask, pattern = load_trigger(p.trigger)
             size = models.config_image_size(job.model)
-            if tuple(mask.shape[-2:]) != (size, size):
-                raise ParError(f"settings 'invert': trigger {p.trigger} is {mask.shape[-2]}x{mask.shape[-1]} px, but "
+            if tuple(pattern.shape[-2:]) != (size, size) or tuple(mask.shape[-2:]) not in ((size, size), (1, 1)):
+                raise ParError(f"settings 'invert': trigger {p.trigger} is {pattern.shape[-2]}x{pattern.shape[-1]} px, but "
                                f"encoder {job.model} takes {size}-px images; invert it on this encoder's input size "
                                f"(python -m par scan --model {job.model} ...)")
         else:
