@@ -14,7 +14,7 @@ elif command -v python3 >/dev/null && python3 -c "$_par_imports" 2>/dev/null; th
 elif [ -x "$_par_root/.venv/bin/python" ] && "$_par_root/.venv/bin/python" -c "$_par_imports" 2>/dev/null; then
     PY="$_par_root/.venv/bin/python"
 else
-    echo "setup: installing dependencies into $_par_root/.venv (once; torch with CUDA libraries is ~5.6 GB)" >&2
+    echo "setup: installing dependencies into $_par_root/.venv (once; torch with CUDA libraries is ~5.6 GB; set PAR_PYTHON to a python of your own that has them to use it instead)" >&2
     [ -x "$_par_root/.venv/bin/python" ] || python3 -m venv "$_par_root/.venv" || return 1 2>/dev/null || exit 1
     "$_par_root/.venv/bin/python" -m pip install -q --upgrade pip >&2 &&
     "$_par_root/.venv/bin/python" -m pip install -q -r "$_par_root/requirements.txt" >&2 &&
