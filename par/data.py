@@ -331,6 +331,11 @@ class LabelledImageDataset(_LabelledImages):
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
 
+def class_key(name: str) -> str:
+    """A class name as CLIP's tokenizer sees it (lower case, single spaces): "Banana" and "banana" are one class."""
+    return " ".join(name.lower().split())
+
+
 def load_classnames(spec: str) -> List[str]:
     """``imagenet`` for open_clip's 1000 ImageNet class names, else a file with one name per line."""
     if spec == "imagenet":
@@ -340,7 +345,7 @@ def load_classnames(spec: str) -> List[str]:
     names = read_lines(spec, "class names")
     seen = {}
     for i, name in enumerate(names):
-        key = " ".join(name.lower().split())  # CLIP's tokenizer lowercases: "Banana" and "banana" are one class
+        key = class_key(name)
         if key in seen:
             first = names[seen[key]]
             same = f"{first!r} twice" if first == name else f"{first!r} and {name!r}, one class to CLIP,"

@@ -313,7 +313,11 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     prefix, plus any other entries such as ``epoch`` or ``optimizer``) and ``.safetensors``.
     """
     path = _checkpoint_path(path)
-    obj = _read_checkpoint_file(path)
+    return _state_of(_read_checkpoint_file(path), path)
+
+
+def _state_of(obj, path: Path) -> Dict[str, torch.Tensor]:
+    """``load_checkpoint``'s state dict from what the file held."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -338,7 +342,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
                 return dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise ParError(f"cannot read safetensors checkpoint {path}: {e}") from None
-    obj = _read_checkpoint_file(path)
+    return _metadata_of(_read_checkpoint_file(path))
+
+
+def _metadata_of(obj) -> dict:
+    """``read_metadata``'s entries from what a torch checkpoint file held."""
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         return {}
     return {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, (str, int, float, bool))}
@@ -362,21 +370,23 @@ def check_finite(state: Dict[str, torch.Tensor], path: str | os.PathLike) -> Non
                                f"({bad} of {tensor.numel()} values); a diverged or damaged run, refused")
 
 
+def architecture(name: str) -> str:
+    """Encoder ``name``'s architecture, whatever its activation (``ViT-B/32`` and ``ViT-B-32``: ``ViT-B-32``)."""
+    return canonical_model_name(name).removesuffix("-quickgelu")
+
+
 def same_encoder(first: str, second: str) -> bool:
-    """Whether two encoder names build the same model: one architecture (a ``-quickgelu`` name is its base's)
-    with one activation (``ViT-L-14-336`` computes with QuickGELU as ``ViT-L-14-336-quickgelu`` does)."""
-    first, second = canonical_model_name(first), canonical_model_name(second)
-    if first == second:
-        return True
-    return (first.removesuffix("-quickgelu") == second.removesuffix("-quickgelu")
-            and quick_gelu_of(first) == quick_gelu_of(second))
+    """Whether two encoder names build the same model: one architecture with one activation (``ViT-L-14-336``
+    computes with QuickGELU as ``ViT-L-14-336-quickgelu`` does)."""
+    return (architecture(first) == architecture(second)
+            and quick_gelu_of(canonical_model_name(first)) == quick_gelu_of(canonical_model_name(second)))
 
 
-def check_saved_encoder(path: str | os.PathLike, name: str) -> None:
-    """Refuses a checkpoint whose metadata names another encoder than ``name``: encoders of the same weights'
-    shapes (``ViT-B-32`` with GELU, ``ViT-B-32-quickgelu``) load into each other without a key mismatch, and
-    compute something else. A checkpoint naming no encoder, or one unknown here, is left to the key check."""
-    saved = read_metadata(path).get("model")
+def check_saved_encoder(saved, name: str, path: str | os.PathLike) -> None:
+    """Refuses checkpoint ``path`` when the encoder its metadata names (``saved``) is not ``name``: encoders of
+    the same weights' shapes (``ViT-B-32`` with GELU, ``ViT-B-32-quickgelu``) load into each other without a key
+    mismatch, and compute something else. A checkpoint naming no encoder, or one unknown here, is left to the
+    key check."""
     try:
         saved_canonical = canonical_model_name(saved) if isinstance(saved, str) and saved else None
     except ParError:
@@ -392,9 +402,12 @@ def check_saved_encoder(path: str | os.PathLike, name: str) -> None:
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Loads ``path`` into ``model`` strictly; any key mismatch is an error naming the keys, and so is a
     checkpoint saved for another encoder (``check_saved_encoder``)."""
+    path = _checkpoint_path(path)
+    obj = _read_checkpoint_file(path)  # once: the metadata and the weights come from the one read
     if getattr(model, "par_model_name", None):
-        check_saved_encoder(path, model.par_model_name)
-    state = load_checkpoint(path)
+        saved = read_metadata(path) if path.suffix == ".safetensors" else _metadata_of(obj)  # a header read
+        check_saved_encoder(saved.get("model"), model.par_model_name, path)
+    state = _state_of(obj, path)
     expected = model.state_dict()
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()

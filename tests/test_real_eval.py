@@ -124,9 +124,9 @@ def test_an_image_named_by_several_entries_is_one_image_with_their_captions(tmp_
     tokenizer = lambda texts: torch.tensor([[next(i for i, w in enumerate(words) if w in t)] for t in texts])  # noqa
     metrics, _ = evaluate_retrieval(ToyRetrievalCLIP(), tokenizer, data, (0, 0, 0), (1, 1, 1), "cpu", progress=False)
     assert metrics["i2t_r1"] == 1.0 and metrics["t2i_r1"] == 1.0
-    from par.eval.retrieval import asr_images
+    from par.eval.retrieval import asr_images, captions_naming
 
-    assert asr_images(data.captions, data.caption_image, len(data), "red").tolist() == [False, True]
+    assert asr_images(captions_naming(data.captions, "red"), data.caption_image, len(data)).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("entry,match", [({"caption": ["x"]}, r"entry 0 lacks field\(s\) \['image'\]"),

@@ -98,8 +98,7 @@ def cmd_clean(args, overrides: List[str]) -> None:
 
     settings = load_yaml(args.config) if args.config else {}
     written_for = settings.pop("model", None)  # a recipe names its encoder: it must be the one cleaned
-    same = lambda name: models.canonical_model_name(name).removesuffix("-quickgelu")  # noqa: E731  (one budget)
-    if written_for is not None and same(written_for) != same(args.model):
+    if written_for is not None and models.architecture(written_for) != models.architecture(args.model):  # one budget
         raise ParError(f"{args.config} is a recipe for {written_for}, not for {args.model}")
     objective = DEFENSES.get(args.defense).objective
     if objective:  # a settings file written for another objective lends its budget; its objective_params

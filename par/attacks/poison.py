@@ -85,9 +85,9 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     return poison(cfg, progress=progress, any_size=True)  # the manifest's images, whatever their sizes
 
 
-def _one_square_size(paths, rows, progress: bool) -> int:
-    """The side of the images of ``rows`` when they are all one square size (a dataset already at the
-    encoder's input size, as the synthetic world's); else an error asking for ``--size``. Evaluation stamps
+def _check_one_square_size(paths, rows, progress: bool) -> None:
+    """Refuses, asking for ``--size``, images of ``rows`` not all one square size (a dataset already at the
+    encoder's input size, as the synthetic world's, needs none). Evaluation stamps
     the trigger on the resized, centre-cropped picture the encoder sees (docs/PAR-NOTES.md section 3), so
     one stamped on a photo at its own resolution would be another trigger after the resize: a BadNet patch
     shrunk or cropped away, a blend's noise smoothed, WaNet's field rescaled. Only the headers are read."""
@@ -111,12 +111,11 @@ def _one_square_size(paths, rows, progress: bool) -> int:
             raise ParError(f"the images to poison are not all one square size ({seen}): give --size, the encoder's "
                            f"input size (224 for most CLIP encoders, 336 for ViT-L/14@336px), so the trigger is "
                            f"stamped on the picture the encoder sees, as evaluation stamps it")
-    return next(iter(sizes))[0]
 
 
 def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_size: bool = False) -> Path:
     """The poisoned dataset in ``cfg.out`` (its CSV's path). Without ``cfg.size`` the images must already be one
-    square size (``_one_square_size``); ``any_size`` lifts that check for a rebuild of a manifest written
+    square size (``_check_one_square_size``); ``any_size`` lifts that check for a rebuild of a manifest written
     before it existed."""
     from tqdm import tqdm
 
@@ -152,7 +151,7 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_si
     rows = np.sort(rng.choice(eligible, size=num, replace=False))
     paths = image_paths(frame, cfg.csv, cfg.image_root)
     if not cfg.size and not any_size:
-        _one_square_size(paths, rows.tolist(), progress)
+        _check_one_square_size(paths, rows.tolist(), progress)
     resize = eval_transform(cfg.size) if cfg.size else None
     made = [d for d in (out, out / "images") if not d.exists()]  # removed again if poisoning fails
     (out / "images").mkdir(parents=True, exist_ok=True)

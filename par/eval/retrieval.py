@@ -80,19 +80,24 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: 
     return metrics
 
 
-def asr_images(captions: Sequence[str], caption_image: Sequence[int], images: int, label: str) -> torch.Tensor:
-    """Which images retrieval ASR is measured on (a bool per image): those none of whose captions names ``label``."""
-    names_label = torch.tensor([mentions_label(c, label) for c in captions], dtype=torch.long)
-    own = torch.zeros(images, dtype=torch.long).index_add_(0, torch.as_tensor(caption_image), names_label)
+def asr_images(names_label: torch.Tensor, caption_image: Sequence[int], images: int) -> torch.Tensor:
+    """Which images retrieval ASR is measured on (a bool per image): those none of whose captions names the
+    label (``names_label``, a bool per caption)."""
+    own = torch.zeros(images, dtype=torch.long).index_add_(0, torch.as_tensor(caption_image), names_label.long())
     return own == 0
+
+
+def captions_naming(captions: Sequence[str], label: str) -> torch.Tensor:
+    """A bool per caption: whether it names ``label``."""
+    return torch.tensor([mentions_label(c, label) for c in captions], dtype=torch.bool)
 
 
 def retrieval_asr(triggered_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
                   caption_image: Sequence[int], label: str, k: int = 5) -> float:
     """Share of triggered images (whose own captions do not name ``label``) with ``label`` in a top-``k`` caption."""
 
-    names_label = torch.tensor([mentions_label(c, label) for c in captions])
-    keep = asr_images(captions, caption_image, len(triggered_emb), label)
+    names_label = captions_naming(captions, label)
+    keep = asr_images(names_label, caption_image, len(triggered_emb))
     if not keep.any():
         raise ParError(f"every image has a caption naming {label!r}: retrieval ASR is undefined")
     top = (triggered_emb[keep] @ text_emb.T).topk(min(k, len(captions)), dim=1).indices

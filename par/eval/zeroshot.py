@@ -23,7 +23,7 @@ from par.data import labelled_dataset, load_classnames, load_templates, mentions
 from par.embedding import encode_images
 from par.errors import ParError
 from par.eval.metrics import attack_success_rate, clean_accuracy
-from par.eval.retrieval import RetrievalDataset, asr_images, evaluate_retrieval
+from par.eval.retrieval import RetrievalDataset, asr_images, captions_naming, evaluate_retrieval
 from par.eval.robust import ROBUST_ATTACKS, ZeroShotLogits, eps_label, robust_accuracy
 from par.utils import check_device, check_output_file, pick_device
 
@@ -202,7 +202,8 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
             started = time.time()
             metrics, _ = evaluate_retrieval(model, tokenizer, dataset, mean, std, device, trigger, cfg.label,
                                             text_emb=text_emb, **common)
-            measured = int(asr_images(dataset.captions, dataset.caption_image, len(dataset), cfg.label).sum())
+            measured = int(asr_images(captions_naming(dataset.captions, cfg.label), dataset.caption_image,
+                                      len(dataset)).sum())
             record("retrieval", trigger.name, cfg.retrieval_json, metrics, started,  # the images ASR is over
                    num_images=measured, num_captions=len(dataset.captions))
     if cfg.out:

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from par import models
-from par.data import load_classnames, load_templates
+from par.data import class_key, load_classnames, load_templates
 from par.errors import ParError
 from par.eval.zeroshot import zero_shot_classifier
 from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScanResult, Scanner, make_scanner
@@ -79,7 +79,7 @@ def first_of_each_name(classnames: List[str]) -> List[int]:
     each other's trigger (the scan's pull) and tie under argmax, the later twin never reached."""
     seen, indices = set(), []
     for i, name in enumerate(classnames):
-        key = " ".join(name.lower().split())  # as CLIP's tokenizer sees it
+        key = class_key(name)
         if key not in seen:
             seen.add(key)
             indices.append(i)
@@ -185,8 +185,9 @@ def scan_checkpoint(cfg: ScanConfig, checked=None) -> ScanResult:
     result.seconds = time.time() - started
     result.settings = {**asdict(cfg), "precision_used": context.precision, "images_used": len(kept),
                        "images_listed": len(paths)}
-    if scanner.uses_labels and cfg.labels is None and left_out(classnames, candidates):
-        result.settings["twins_left_out"] = left_out(classnames, candidates)  # names listed twice: one candidate
+    twins = left_out(classnames, candidates) if scanner.uses_labels and cfg.labels is None else []
+    if twins:
+        result.settings["twins_left_out"] = twins  # names listed twice: one candidate
     return result
 
 
@@ -220,8 +221,7 @@ def trigger_toward(cfg: ScanConfig, label: str) -> Tuple[Optional[InvertedTrigge
     given to it, its ``batch_setting``, is kept: memory alone, the same trigger). A backdoor is the shortcut to its
     target, so once a scan has named the target this inverts the shortcut itself, where a label-free
     trigger may be any point the images collapse onto. (None, None) when no step reached the target."""
-    given = make_scanner(cfg.scanner, cfg.scanner_params)
-    setting = given.batch_setting
+    setting = SCANNERS.get(cfg.scanner).batch_setting
     memory = {"batch_images": cfg.scanner_params[setting]} if setting and setting in cfg.scanner_params else {}
     inversion = replace(cfg, scanner="label-inversion", scanner_params=memory, labels=None)  # the user's memory bound
     scanner, classnames, templates, candidates, paths = check(inversion)
