@@ -355,12 +355,22 @@ def load_classnames(spec: str) -> List[str]:
     return names
 
 
+SYNSET = re.compile(r"n\d+")  # an ImageNet folder: a WordNet id such as n01440764
+
+
+def folder_key(name: str) -> str:
+    """A class folder's name as a class name (``golden_retriever`` and ``Golden Retriever`` name one class)."""
+    return class_key(name.replace("_", " "))
+
+
 class ImageFolderDataset(_LabelledImages):
     """``(uint8 image, label)`` from a class-folder tree (``root/<class>/<image>``).
 
-    Folders named like the class names map by name (CIFAR-style trees); otherwise the sorted
-    folder names map in order to the class names (ImageNet's synset folders, whose sorted
-    order is the standard class index order of ``IMAGENET_CLASSNAMES``). Images come one per class in turn.
+    Folders named for the class names map by name, case, spaces and underscores aside (CIFAR-style
+    trees); folders named by WordNet id (ImageNet's synsets) map in sorted order to the class names,
+    that order being the standard class index order of ``IMAGENET_CLASSNAMES``. Any other tree is
+    refused: mapping other names by position would label classes silently wrong. Images come one per
+    class in turn.
     """
 
     def __init__(self, root, classnames: Sequence[str], size: int):
@@ -370,18 +380,29 @@ class ImageFolderDataset(_LabelledImages):
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         if not folders:
             raise ParError(f"{root} has no class folders")
-        named = [f.name for f in folders if f.name in classnames]
+        keys = {class_key(name): i for i, name in enumerate(classnames)}
+        named = [f.name for f in folders if folder_key(f.name) in keys]
         if len(named) == len(folders):
-            index = {f: list(classnames).index(f.name) for f in folders}
-        elif not named and len(folders) == len(classnames):  # no folder is named for a class: ImageNet's synsets
-            index = {f: i for i, f in enumerate(folders)}
+            index = {f: keys[folder_key(f.name)] for f in folders}
+            classes = {}
+            for folder, label in index.items():
+                if label in classes:
+                    raise ParError(f"{root}: class folders {classes[label]!r} and {folder.name!r} both name the class "
+                                   f"{classnames[label]!r}; keep one folder per class")
+                classes[label] = folder.name
         elif named:  # some are: a misspelt one must not shift every class by position
-            others = [f.name for f in folders if f.name not in classnames]
+            others = [f.name for f in folders if folder_key(f.name) not in keys]
             raise ParError(f"{root}: class folder(s) {others[:5]} are not class names, though {named[:3]} are; name "
-                           "every folder for its class, or none (then sorted folders map to the classes in order)")
+                           "every folder for its class")
+        elif not all(SYNSET.fullmatch(f.name) for f in folders):
+            others = [f.name for f in folders if not SYNSET.fullmatch(f.name)]
+            raise ParError(f"{root}: class folder(s) {others[:5]} are neither class names nor ImageNet synset ids "
+                           f"(n01440764, ...); name every folder for its class")
+        elif len(folders) == len(classnames):  # ImageNet's synsets: sorted, they are the classes in order
+            index = {f: i for i, f in enumerate(folders)}
         else:
-            raise ParError(f"{root} has {len(folders)} class folders but {len(classnames)} class names, "
-                           "and the folder names are not class names")
+            raise ParError(f"{root} has {len(folders)} synset folders but {len(classnames)} class names; synset "
+                           "folders map to the class names in sorted order, so there must be one per class")
         per_class = [[(path, index[folder]) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
                      for folder in folders]
         # round robin over the classes (the first image of each, then the second, ...): an evaluation capped

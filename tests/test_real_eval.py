@@ -48,15 +48,34 @@ def test_named_folders_map_by_name(tmp_path):
     assert sorted(set(data.labels.tolist())) == [1, 2]
 
 
+def test_folders_named_for_their_class_map_by_name_case_and_underscores_aside(tmp_path):
+    root = _folder_tree(tmp_path / "pets", ["Banana", "golden_retriever", "kite"])  # sorted: not the classes' order
+    data = ImageFolderDataset(root, ["golden retriever", "banana", "kite"], size=32)
+    by_folder = {p.parent.name: int(label) for p, label in zip(data.paths, data.labels)}
+    assert by_folder == {"Banana": 1, "golden_retriever": 0, "kite": 2}
+
+
 def test_a_folder_not_named_for_its_class_beside_named_ones_is_an_error_not_a_shift(tmp_path):
-    root = _folder_tree(tmp_path / "cifar", ["Apple", "banana", "kite"])  # as many folders as classes
-    with pytest.raises(ParError, match=r"class folder\(s\) \['Apple'\] are not class names, though"):
+    root = _folder_tree(tmp_path / "cifar", ["aple", "banana", "kite"])  # as many folders as classes
+    with pytest.raises(ParError, match=r"class folder\(s\) \['aple'\] are not class names, though"):
+        ImageFolderDataset(root, ["banana", "apple", "kite"], size=32)
+
+
+def test_folders_neither_named_for_classes_nor_synsets_are_refused_not_mapped_by_position(tmp_path):
+    root = _folder_tree(tmp_path / "numbered", ["0", "1", "10"])  # sorted "0", "1", "10": not 0, 1, 2 in order
+    with pytest.raises(ParError, match=r"\['0', '1', '10'\] are neither class names nor ImageNet synset ids"):
+        ImageFolderDataset(root, ["a", "b", "c"], size=32)
+
+
+def test_two_folders_of_one_class_are_an_error(tmp_path):
+    root = _folder_tree(tmp_path / "cifar", ["Banana", "banana", "kite"])
+    with pytest.raises(ParError, match="class folders 'Banana' and 'banana' both name the class 'banana'"):
         ImageFolderDataset(root, ["banana", "apple", "kite"], size=32)
 
 
 def test_folder_count_mismatch_is_an_error(tmp_path):
     root = _folder_tree(tmp_path / "val", ["n01", "n02"])
-    with pytest.raises(ParError, match="2 class folders but 3 class names"):
+    with pytest.raises(ParError, match="2 synset folders but 3 class names"):
         ImageFolderDataset(root, ["a", "b", "c"], size=32)
 
 
