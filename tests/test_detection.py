@@ -333,3 +333,18 @@ def test_precise_bn_recomputes_the_running_statistics_on_the_training_images():
         out = conv(images.float() / 255)
     assert torch.allclose(norm.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)
     assert norm.momentum == 0.1 and norm.num_batches_tracked == 3
+
+
+def test_the_detection_table_counts_a_seed_that_found_no_victim():
+    """A seed whose detection found no victim label is a miss in the table's count and means, not left out;
+    a cell without a detection (no report) is left out."""
+    eftclip = DEFENSES.get("eftclip")
+    rows = [{"attack": "badnet_rs", "defense": "eftclip", "detection_victim": "", "detection_victim_found": "False",
+             "detection_auroc": "0.5", "detection_tpr_at_5pct_fpr": "0.1", "detection_rate": "0.2",
+             "detection_false_positive_rate": "0.05"},
+            {"attack": "badnet_rs", "defense": "eftclip", "detection_victim": "banana", "detection_victim_found": "True",
+             "detection_auroc": "0.9", "detection_tpr_at_5pct_fpr": "0.5", "detection_rate": "0.6",
+             "detection_false_positive_rate": "0.01"},
+            {"attack": "badnet_rs", "defense": "eftclip"}]  # no detection ran
+    line = [l for l in eftclip.tables(rows, ["badnet_rs"], "banana") if l.startswith("| `badnet_rs`")]
+    assert line == ["| `badnet_rs` | eftclip | banana/none (1/2) | 0.700 | 30.0 | 40.0 | 3.0 |"]

@@ -66,7 +66,9 @@ class EftCLIP(MultiStageDefense):
 
     def tables(self, rows: List[dict], attacks: List[str], target: str) -> List[str]:
         """Per attack: the victim label found, and poisoned-row detection (mean over seeds)."""
-        rows = [r for r in rows if r.get("detection_victim") not in (None, "")]
+        # every cell whose detection ran, a seed that found no victim label too (leaving it out would
+        # average the seeds that found one only)
+        rows = [r for r in rows if r.get("detection_victim_found") not in (None, "")]
         if not rows:
             return []
 
@@ -81,7 +83,8 @@ class EftCLIP(MultiStageDefense):
         for attack in attacks:
             for column in sorted({r["defense"] for r in rows if r["attack"] == attack}):
                 found = [r for r in rows if r["attack"] == attack and r["defense"] == column]
-                victims = sorted({str(r["detection_victim"]) for r in found})
+                victims = sorted({str(r["detection_victim"]) if r.get("detection_victim") not in (None, "") else "none"
+                                  for r in found})
                 agree = sum(str(r["detection_victim_found"]) == "True" for r in found)
                 lines.append(f"| `{attack}` | {column} | {'/'.join(victims)} ({agree}/{len(found)}) | "
                              f"{mean(found, 'detection_auroc', 1, 3)} | {mean(found, 'detection_tpr_at_5pct_fpr')} | "
