@@ -336,6 +336,19 @@ def class_key(name: str) -> str:
     return " ".join(name.lower().split())
 
 
+def target_index(classnames: Sequence[str], label: str, source: str, what: str = "target label") -> int:
+    """The class index of an attack's target ``label``. Refused when it is not a class, or when it names two
+    (open_clip's ImageNet list names ``missile`` and ``sunglasses`` twice each): the attack success rate
+    would leave out the images of one twin only and count predictions of one only."""
+    indices = [i for i, name in enumerate(classnames) if name == label]
+    if not indices:
+        raise ParError(f"{what} {label!r} is not a class in {source}")
+    if len(indices) > 1:
+        raise ParError(f"{what} {label!r} names {len(indices)} classes of {source} (indices {indices}): an attack "
+                       "success rate toward it would count one of them only; choose a label listed once")
+    return indices[0]
+
+
 def load_classnames(spec: str) -> List[str]:
     """``imagenet`` for open_clip's 1000 ImageNet class names, else a file with one name per line."""
     if spec == "imagenet":

@@ -58,6 +58,15 @@ def test_label_not_a_class_keeps_previous_results(capsys, micro_world, micro_ckp
     assert out.read_text() == "previous results\n"
 
 
+def test_a_target_label_naming_two_imagenet_classes_is_refused(capsys, micro_world, micro_ckpt, tmp_path):
+    """open_clip's ImageNet list names ``missile`` twice: an ASR toward it would leave out one twin's images."""
+    msg = cli_error(capsys, _eval_args(micro_world, micro_ckpt, **{"--classnames": "imagenet", "--attack": "badnet_rs",
+                                                              "--label": "missile", "--out": str(tmp_path / "e.json")}))
+    assert msg == ("error: target label 'missile' names 2 classes of imagenet (indices [657, 744]): an attack success "
+                   "rate toward it would count one of them only; choose a label listed once")
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_missing_and_corrupt_images(capsys, micro_world, micro_ckpt, tmp_path):
     world = tmp_path / "world"
     shutil.copytree(micro_world, world)

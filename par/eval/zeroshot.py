@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from par import attacks, models
-from par.data import labelled_dataset, load_classnames, load_templates, mentions_label, preload
+from par.data import labelled_dataset, load_classnames, load_templates, mentions_label, preload, target_index
 from par.embedding import encode_images
 from par.errors import ParError
 from par.eval.metrics import attack_success_rate, clean_accuracy
@@ -128,8 +128,7 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
         raise ParError(f"robust evaluation attacks images, but encoder {cfg.model!r} has no vision tower config")
     trigger = attacks.get_trigger(cfg.attack, **cfg.attack_params) if cfg.attack else None
     classnames = load_classnames(cfg.classnames) if cfg.data else None
-    if trigger is not None and classnames is not None and cfg.label not in classnames:
-        raise ParError(f"target label {cfg.label!r} is not a class in {cfg.classnames}")
+    target = target_index(classnames, cfg.label, cfg.classnames) if trigger is not None and classnames else None
     templates = load_templates(cfg.templates) if cfg.data else None
     device = pick_device(cfg.device)
     model = models.create_model(cfg.model, initialise=False)  # its input size, before the data is read
@@ -141,7 +140,7 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
         if absent is not None:  # a stat per image: cheap beside decoding them, and before the weights load
             raise ParError(f"image not found: {absent}")
     if trigger is not None:  # an ASR over no image is no figure: said before the weights load, not after the work
-        if dataset is not None and not bool((dataset.labels != classnames.index(cfg.label)).any()):
+        if dataset is not None and not bool((dataset.labels != target).any()):
             raise ParError(f"every image of {cfg.data} is of the target class {cfg.label!r}: ASR is undefined")
         named = {owner for caption, owner in zip(retrieval.captions, retrieval.caption_image)
                  if mentions_label(caption, cfg.label)} if retrieval is not None else set()
@@ -185,7 +184,6 @@ def evaluate(cfg: EvalConfig, dry_run: bool = False) -> List[dict]:
                            "steps": cfg.robust_steps, "norm": "Linf"})
         if trigger is not None:
             started = time.time()
-            target = classnames.index(cfg.label)
             top, labels = predict(model, classifier, loader, mean, std, device, trigger, cfg.seed,
                                   desc=trigger.name, progress=cfg.progress)
             record("classification", trigger.name, cfg.data, {"asr_top1": attack_success_rate(top, labels, target, 1),
@@ -231,10 +229,8 @@ class LiveEval:
         self.data = preload(subset, desc="decode eval images", progress=progress)
         self.trigger, self.target, self.seed = None, None, seed
         if attack:
-            if label not in self.classnames:
-                raise ParError(f"live-evaluation label {label!r} is not a class in {classnames}")
+            self.target = target_index(self.classnames, label, classnames, "live-evaluation label")
             self.trigger = attacks.get_trigger(attack, **(attack_params or {}))
-            self.target = self.classnames.index(label)
             if not bool((self.data.tensors[1] != self.target).any()):  # else ASR fails at the first evaluation
                 raise ParError(f"live evaluation: the first {len(subset)} images of {data} are all of the target "
                                f"class {label!r}, so no attack success rate can be measured on them (shuffle the rows)")

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from par import models
-from par.data import class_key, load_classnames, load_templates
+from par.data import class_key, load_classnames, load_templates, target_index
 from par.errors import ParError
 from par.eval.zeroshot import zero_shot_classifier
 from par.scan.base import SCANNERS, InvertedTrigger, ScanContext, ScanResult, Scanner, make_scanner
@@ -225,11 +225,10 @@ def trigger_toward(cfg: ScanConfig, label: str) -> Tuple[Optional[InvertedTrigge
     memory = {"batch_images": cfg.scanner_params[setting]} if setting and setting in cfg.scanner_params else {}
     inversion = replace(cfg, scanner="label-inversion", scanner_params=memory, labels=None)  # the user's memory bound
     scanner, classnames, templates, candidates, paths = check(inversion)
-    if label not in classnames:
-        raise ParError(f"label {label!r} is not a class in {cfg.classnames}")
+    target = target_index(classnames, label, cfg.classnames, "label")
     context, _, _ = _context(inversion, scanner, classnames, templates, candidates, paths)
     try:
-        best = scanner.refine(context, classnames.index(label))
+        best = scanner.refine(context, target)
     except torch.cuda.OutOfMemoryError:
         raise ParError(f"inverting the trigger toward {label!r} ran out of device memory: lower the scan's "
                        f"scanner_params {setting or 'batch_images'} (images per forward pass; now "
