@@ -67,9 +67,10 @@ def main(argv=None) -> int:
     defenses = [d for d in order if any(r["defense"] == d for r in rows)]
     defenses += sorted({r["defense"] for r in rows} - set(order))
     has_robust = any(k.startswith("robust@") and v for r in rows for k, v in r.items())
-    robust = robust_settings(Profile.load(args.config).robust) if has_robust else None
+    profile = Profile.load(args.config)
+    robust = robust_settings(profile.robust) if has_robust else None
     with tempfile.TemporaryDirectory() as tmp:
-        write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, "banana", robust)
+        write_markdown(Path(tmp) / "table.md", rows, attacks, defenses, profile.label, robust)
         table = (Path(tmp) / "table.md").read_text().strip()
     block = (table + "\n\nASR top-1 (%) after cleaning, ours (mean of the seeds above) beside the paper's RN50 on "
              "ImageNet:\n\n" + beside_the_paper(rows, attacks))

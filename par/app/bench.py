@@ -350,7 +350,8 @@ def _robust_table(rows: List[Dict], attacks: List[str], defenses: List[str], rob
         "–" if row.get(f"{which}robust@{e}") in (None, "") else f"{100 * float(row[f'{which}robust@{e}']):.1f}"
         for e in labels)
     lines = [f"Robust zero-shot accuracy in % at eps {' / '.join(labels)} (L-inf; {attacks_used}; "
-             f"{robust.get('robust_steps', 100)} steps; first {robust.get('robust_max_images', 1000)} test images; "
+             f"{robust.get('robust_steps', 100)} steps; the first {robust.get('robust_max_images', 1000)} test images at "
+             "most; "
              "first cleaning seed).", "",
              "| attack | poisoned | " + " | ".join(defenses) + " |", "|" + "---|" * (2 + len(defenses))]
     for attack in attacks:
