@@ -160,6 +160,8 @@ def detect(cfg: DetectConfig) -> dict:
                 x = pixels(images, device)
                 with autocast(precision, device):
                     features = model.encode_image(normalize(x, mean, std), normalize=True)
+                # at CLIP's zero-shot scale 100 (OpenAI's trained logit scale), not the model's own: theta then
+                # means one confidence for every checkpoint, a tiny one trained with another scale too
                 clip_probs = (100.0 * features.float() @ classifier).softmax(dim=-1).cpu()
                 rows += disagreements(clip_probs, oracle.confidences(images).float(),
                                       [dataset.captions[i] for i in index.tolist()], classnames, cfg.theta,
