@@ -114,4 +114,8 @@ def test_ft_is_plain_and_ft_aug_adds_pars_augmentation(capsys):
     ft, ft_aug = DEFENSES.get("ft").config(job), DEFENSES.get("ft-aug").config(job)
     assert (ft.objective, ft.augment, ft.steps) == ("clip", "none", 5)  # the shared budget, not its augmentation
     assert (ft_aug.objective, ft_aug.augment, ft_aug.steps) == ("clip", "par", 5)
-    assert ft.objective_params == {} == ft_aug.objective_params  # PAR's settings are not the CLIP loss's
+    # PAR's settings are not the CLIP loss's; cleaning keeps the temperature fixed, which clip would learn
+    assert ft.objective_params == {"train_logit_scale": False} == ft_aug.objective_params
+    job.settings = {"objective": "clip", "objective_params": {"train_logit_scale": True}}  # unless told to learn it
+    assert DEFENSES.get("ft").config(job).objective_params == {"train_logit_scale": True}
+    assert DEFENSES.get("par").config(job).objective_params == {}  # par's own default: fixed

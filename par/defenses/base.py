@@ -61,7 +61,7 @@ class TaskContext:
 
 @dataclass
 class ObjectiveParams:
-    # the temperature: learnt when pre-training; PAR and the fine-tuning baselines keep it fixed
+    # the temperature: learnt when pre-training; every cleaning keeps it fixed unless told (FineTune.config)
     train_logit_scale: bool = True
 
 

@@ -3,6 +3,7 @@ the one decorator that registers a new defense (an objective and its fine-tuning
 multi-stage defense)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,12 @@ class FineTune(Defense):
 
     def config(self, job: CleaningJob) -> loop.TrainConfig:
         values = for_objective({**job.settings, **self.settings}, self.objective)
+        given = dict(values.get("objective_params") or {})
+        learns = {f.name: f.default for f in dataclasses.fields(OBJECTIVES.get(self.objective).Params)}
+        if learns.get("train_logit_scale") is True and "train_logit_scale" not in given:
+            # cleaning keeps the temperature fixed, as PAR and every cleaning objective do, where the objective
+            # (clip: also pre-training's and poisoning's) would learn it by default
+            values["objective_params"] = {**given, "train_logit_scale": False}
         values.update(objective=self.objective, model=job.model, train_data=job.train_data,
                       init_checkpoint=job.checkpoint, out=job.out)
         if job.image_root:
