@@ -232,7 +232,8 @@ class MetricsLog:
             except ImportError:
                 pass
             else:
-                self.board = SummaryWriter(str(path.parent / "tensorboard"))
+                # resumed at from_step: the killed run's later events are dropped, as its later metrics lines are
+                self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=from_step + 1 if from_step else None)
 
     def write(self, record: dict) -> None:
         if self.file is None:

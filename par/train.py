@@ -38,10 +38,23 @@ from par.shards import ShardLoader, ShardPairs, expand, is_shard_pattern
 from par.runs import MetricsLog, RunFolder, fingerprint, load_state, rng_state, save_state, set_rng_state
 from par.utils import PRECISIONS, autocast, check_output_dir, restores_torch_threads
 
-# settings that do not change what a run computes (where it runs, how it reports): left out of its fingerprint
+# settings that do not change what a run computes (where it runs, how it reports): left out of its fingerprint.
+# One caveat: ``preload``'s decoding pass draws a loader seed from torch's global stream before the first step, so
+# the draws made from that stream (torchvision's AutoAugment, CleanCLIP's and RoCLIP's views) differ from a run
+# without it: other draws of the same distribution, not another computation.
 NOT_FINGERPRINTED = ("out", "progress", "log_every", "workers", "threads", "preload", "device", "save_every",
             "eval_every", "eval_csv", "eval_classnames", "eval_templates", "eval_image_root", "eval_attack",
             "eval_label", "eval_attack_params", "eval_max_images", "tensorboard", "compile")
+
+
+def cosmetic_settings(cfg: "TrainConfig") -> tuple:
+    """``NOT_FINGERPRINTED`` for ``cfg``: with shards, each loader worker reads every ``workers``-th shard through
+    its own shuffle, so the number of workers decides the batches and is part of what the run computes."""
+    if is_shard_pattern(cfg.train_data):
+        return tuple(k for k in NOT_FINGERPRINTED if k != "workers")
+    return NOT_FINGERPRINTED
+
+
 MOVED = {"tau": "objective_params.tau", "train_logit_scale": "objective_params.train_logit_scale",
          "cleanclip_lambda": "objective_params.unimodal_weight"}  # keys that belong to an objective now
 INPUTS = ("train_data", "init_checkpoint")  # files known by their digest in a run's fingerprint
@@ -214,7 +227,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
     if cfg.batch_size % (dist.world_size * cfg.accum_steps):
         raise ParError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size} "
                        f"x accum_steps {cfg.accum_steps}")
-    run = RunFolder(cfg.out, fingerprint(cfg, NOT_FINGERPRINTED, INPUTS), dist, reuse, resume, cfg)
+    run = RunFolder(cfg.out, fingerprint(cfg, cosmetic_settings(cfg), INPUTS), dist, reuse, resume, cfg)
     if run.status == "finished":
         print(f"reusing {run.found} (same settings and inputs)")
         return run.found
@@ -259,7 +272,7 @@ def train(cfg: TrainConfig, reuse: bool = False, resume: Optional[str] = None) -
                     record.update(samples_per_s=seen / (time.time() - start), elapsed_s=before + time.time() - start)
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # after evaluating (it draws)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     save_resumable(run, one_step, {"step": step, "epoch": epoch, "batches_done": batches_done,
                                                    "elapsed_s": before + time.time() - start}, dist)
                 if step >= cfg.steps:

@@ -156,3 +156,40 @@ def test_random_streams_saved_on_another_kind_of_device_are_refused_by_name():
     from_gpu = {**state, "augment": torch.zeros(16, dtype=torch.uint8)}  # a CUDA generator's state is 16 bytes
     with pytest.raises(ParError, match="saved on another kind of device than cpu .*'augment' random stream"):
         set_rng_state(from_gpu, {"augment": generator}, Stateless())
+
+
+def test_a_resumed_tensorboard_log_drops_the_killed_runs_later_events(tmp_path, monkeypatch):
+    """SummaryWriter's purge_step, as metrics.jsonl keeps only the steps up to the resumed state's."""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append(purge_step)
+
+        def close(self):
+            pass
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    with MetricsLog(tmp_path / "metrics.jsonl", enabled=True, tensorboard=True):
+        pass
+    with MetricsLog(tmp_path / "metrics.jsonl", enabled=True, from_step=40, tensorboard=True):
+        pass
+    assert made == [None, 41]
+
+
+def test_the_number_of_loader_workers_is_part_of_a_shard_runs_fingerprint():
+    """Each worker reads every workers-th shard through its own shuffle: their number decides the batches."""
+    from par.runs import fingerprint
+    from par.train import INPUTS, TrainConfig, cosmetic_settings
+
+    def fp(data, workers):
+        cfg = TrainConfig(model="par-micro-vit", train_data=data, out="o", workers=workers)
+        return {k: v for k, v in fingerprint(cfg, cosmetic_settings(cfg), ()).items()}
+
+    assert fp("shards/{00000..00003}.tar", 1) != fp("shards/{00000..00003}.tar", 2)
+    assert fp("pairs.csv", 1) == fp("pairs.csv", 2)  # a CSV's batches do not depend on it

@@ -231,3 +231,22 @@ def test_an_undefined_asr_is_refused_before_the_weights_load(micro_world, tmp_pa
     with pytest.raises(ParError, match="name \\['apgd-ce'\\] more than once"):
         EvalConfig(data=str(micro_world / "test.csv"), robust_eps=[1 / 255], robust_attacks=["apgd", "apgd-ce"],
                    **common)
+
+
+def test_a_live_evaluation_draws_nothing_from_trainings_random_stream(micro_world):
+    """Its loaders draw a seed from torch's global stream, which CleanCLIP's and RoCLIP's views draw from:
+    a run evaluated every N steps must make the same draws as one that is not."""
+    from par import models
+    from par.eval.zeroshot import LiveEval
+
+    model = models.create_model("par-micro-vit")
+    tokenizer = models.get_tokenizer("par-micro-vit")
+    evaluator = LiveEval(str(micro_world / "test.csv"), str(micro_world / "classnames.txt"), 32, "cpu",
+                         str(micro_world / "templates.txt"), attack="blended", label="banana", max_images=16,
+                         progress=False)
+    torch.manual_seed(0)
+    result = evaluator(model, tokenizer, *models.image_mean_std(model))
+    assert set(result) == {"ca", "asr"}
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

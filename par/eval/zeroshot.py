@@ -237,6 +237,10 @@ class LiveEval:
         self.device = device
 
     def __call__(self, model, tokenizer, mean, std) -> dict:
+        with torch.random.fork_rng(devices=[]):  # its loaders draw a seed: training's draws stay as without it
+            return self._measure(model, tokenizer, mean, std)
+
+    def _measure(self, model, tokenizer, mean, std) -> dict:
         was_training = model.training
         model.eval()
         loader = torch.utils.data.DataLoader(self.data, batch_size=256)
