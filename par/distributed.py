@@ -38,6 +38,15 @@ class Dist:
             value /= self.world_size
         return value
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's ``rows`` (detached, the same shape on each), concatenated in rank order, on every one."""
+        rows = rows.detach().contiguous()
+        if self.world_size == 1:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, rows)
+        return torch.cat(parts)
+
     def gather_to_main(self, obj) -> list:
         """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (``None`` elsewhere); ``[obj]`` in one process."""
         if self.world_size == 1:

@@ -176,7 +176,8 @@ def build_model(cfg: TrainConfig, dist: Dist, device: torch.device):
     mean, std = models.image_mean_std(model)
     context = TaskContext(ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size),
                           tokenizer, mean, std, seed=cfg.seed + dist.rank,
-                          reduce_mean=dist.mean if dist.world_size > 1 else None)
+                          reduce_mean=dist.mean if dist.world_size > 1 else None,
+                          gather=dist.gather if dist.world_size > 1 else None)
     objective = make_objective(cfg.objective, cfg.objective_params, model, context)
     wrapped = objective.step_module(model)
     if dist.world_size > 1:

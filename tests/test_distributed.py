@@ -16,7 +16,10 @@ from par.app.cli import main
 from par.shards import write_shards
 
 # FARE: only the image tower is wrapped and trains; PGD from a fixed start, as the ranks' random streams differ
-OBJECTIVES = {"par": [], "clip": [], "fare": ["--objective_params.random_start", "false", "--objective_params.steps", "2"]}
+# RoCLIP: matching from the first epoch (its pool, of every rank's captions, is matched from the second step on),
+# without its random views
+OBJECTIVES = {"par": [], "clip": [], "fare": ["--objective_params.random_start", "false", "--objective_params.steps", "2"],
+              "roclip": ["--objective_params.augment", "false", "--objective_params.match_every", "1"]}
 
 
 def _train_args(world, ckpt, out, *extra):

@@ -57,6 +57,7 @@ class TaskContext:
     std: Sequence[float] = (1.0, 1.0, 1.0)
     seed: int = 0  # this process's seed
     reduce_mean: Any = None  # local batch mean -> global mean (distributed); None in one process
+    gather: Any = None  # local rows -> every process's rows in rank order, on each (distributed); None in one process
 
 
 @dataclass

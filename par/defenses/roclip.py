@@ -73,6 +73,8 @@ class RoCLIPObjective(Objective):
         else:
             loss = ctx.contrastive(image, text, scale)
         fresh = text.detach().float()  # the pool stays on the device (up to 131,072 x width floats)
+        if ctx.gather is not None:  # every process's captions, as RoCLIP's code gathers them: one pool, as one process's
+            fresh = ctx.gather(fresh)
         self.pool = fresh if self.pool is None else torch.cat([fresh, self.pool.to(fresh.device)])[: self.params.pool_size]
         return {"loss": loss, "matched": torch.tensor(float(matched), device=loss.device)}
 
