@@ -37,7 +37,7 @@ def read_csv(path: str | os.PathLike, columns: Sequence[str]):
     if not path.is_file():
         raise ParError(f"CSV not found: {path}")
     try:
-        frame = pd.read_csv(path, keep_default_na=False)
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str)  # as written: an id 007 or a caption 1.50 kept
     except Exception as e:  # pandas raises several parser error types
         raise ParError(f"cannot parse CSV {path}: {e}") from None
     missing = [c for c in columns if c not in frame.columns]

@@ -325,8 +325,9 @@ def _state_of(obj, path: Path) -> Dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ParError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for wrapper in ("module.", "_orig_mod."):  # saved from a DDP and / or torch.compile wrapper, in that order
+        if all(k.startswith(wrapper) for k in obj):
+            obj = {k[len(wrapper):]: v for k, v in obj.items()}
     # OpenAI's state dicts carry three scalars beside the weights (open_clip drops them too when it builds a model)
     return {k: v for k, v in obj.items() if not (k in OPENAI_SCALARS and v.ndim == 0)}
 

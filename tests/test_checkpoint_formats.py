@@ -45,8 +45,13 @@ def _safetensors(state, path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
+def _compiled(state, path):
+    # a DDP-wrapped torch.compile'd model's state dict (module._orig_mod.), as other training code saves it
+    torch.save({"state_dict": {"module._orig_mod." + k: v for k, v in state.items()}}, path)
+
+
 FORMATS = [(_par_authors, "epoch_2.pt"), (_cleanclip, "epoch_10.pt"), (_open_clip, "epoch_32.pt"),
-           (_bare, "model.bin"), (_safetensors, "open_clip_model.safetensors")]
+           (_bare, "model.bin"), (_safetensors, "open_clip_model.safetensors"), (_compiled, "compiled.pt")]
 
 
 # every layout on the micro model (how a layout is unwrapped does not depend on the architecture); each real

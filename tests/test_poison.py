@@ -108,6 +108,83 @@ def test_a_rebuild_refuses_settings_its_manifest_would_override(micro_world, tmp
     assert "--attack, --rate cannot change it" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+def test_a_rebuild_refuses_a_seed_or_templates_given_beside_the_manifest(micro_world, tmp_path, capsys):
+    from par.app.cli import main
+
+    poison(_cfg(micro_world, tmp_path / "a"), progress=False)
+    assert main(["poison", "--from-manifest", str(tmp_path / "a" / "manifest.json"), "--out", str(tmp_path / "b"),
+                 "--seed", "0", "--templates", "openai"]) == 2
+    assert "--seed, --templates cannot change it" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_a_rebuild_reads_the_templates_file_where_it_was_and_checks_its_bytes(micro_world, tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    monkeypatch.chdir(tmp_path / "in")  # the templates given by a relative path
+    poison(_cfg(micro_world, tmp_path / "a", templates="t.txt"), progress=False)
+    monkeypatch.chdir(tmp_path)
+    rebuild(tmp_path / "a" / "manifest.json", tmp_path / "b", progress=False)
+    assert (tmp_path / "a" / "poisoned.csv").read_bytes() == (tmp_path / "b" / "poisoned.csv").read_bytes()
+    (tmp_path / "in" / "t.txt").write_text("a sketch of a {}.\n")
+    with pytest.raises(ParError, match=r"t.txt \(templates\) is missing or differs from the file the manifest"):
+        rebuild(tmp_path / "a" / "manifest.json", tmp_path / "c", progress=False)
+
+
+def test_poisoning_a_poisoned_csv_again_keeps_the_rows_poisoned_before(micro_world, tmp_path):
+    first = poison(_cfg(micro_world, tmp_path / "a", num=10, seed=1), progress=False)
+    again = poison(_cfg(micro_world, tmp_path / "b", csv=str(first), attack="blended", num=5, seed=2), progress=False)
+    before, after = pd.read_csv(first)["poisoned"], pd.read_csv(again)["poisoned"]
+    rows = [r["row"] for r in json.loads((tmp_path / "b" / "manifest.json").read_text())["poisoned"]]
+    assert ((after == 1) == ((before == 1) | after.index.isin(rows))).all()
+    assert after.sum() == len(set(before.index[before == 1]) | set(rows)) > 10
+
+
+def test_poisoning_never_writes_over_its_input(micro_world, tmp_path):
+    import shutil
+
+    (tmp_path / "d").mkdir()
+    shutil.copy(micro_world / "train.csv", tmp_path / "d" / "poisoned.csv")
+    with pytest.raises(ParError, match="would overwrite the CSV being poisoned"):
+        poison(_cfg(micro_world, tmp_path / "d", csv=str(tmp_path / "d" / "poisoned.csv"),
+                    image_root=str(micro_world)), progress=False)
+    shutil.copytree(micro_world / "images" / "train", tmp_path / "e" / "images")  # images named as it writes them
+    names = sorted(p.name for p in (tmp_path / "e" / "images").iterdir())[:40]
+    (tmp_path / "e" / "pairs.csv").write_text("image,caption\n" + "".join(f"images/{n},a cup.\n" for n in names))
+    with pytest.raises(ParError, match="holds images being poisoned"):
+        poison(_cfg(micro_world, tmp_path / "e", csv=str(tmp_path / "e" / "pairs.csv"), num=2), progress=False)
+
+
+def test_a_poisoned_folder_reached_through_a_link_points_at_the_right_images(micro_world, tmp_path):
+    """Paths are written relative to the folder as the system resolves it: ".." from a linked folder leads
+    to its target's parent, not to the link's."""
+    (tmp_path / "scratch" / "me" / "runs").mkdir(parents=True)  # the link's target lies one level deeper
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "runs").symlink_to(tmp_path / "scratch" / "me" / "runs")
+    csv = poison(_cfg(micro_world, tmp_path / "project" / "runs" / "p"), progress=False)
+    frame, original = pd.read_csv(csv), pd.read_csv(micro_world / "train.csv")
+    clean = frame.index[frame["poisoned"] == 0][0]
+    assert (csv.parent / frame.loc[clean, "image"]).resolve() == (micro_world / original.loc[clean, "image"]).resolve()
+
+
+def test_csv_columns_are_read_as_written(micro_world, tmp_path):
+    """An id 007 stays 007 in the poisoned CSV, and a caption of digits stays text."""
+    original = pd.read_csv(micro_world / "train.csv")
+    import csv as csv_module
+
+    with open(tmp_path / "ids.csv", "w", newline="") as f:
+        writer = csv_module.writer(f)
+        writer.writerow(["image", "caption", "id"])
+        writer.writerows([str(micro_world / image), "1.50" if i == 0 else caption, f"{i:03d}"]
+                         for i, (image, caption) in enumerate(zip(original["image"], original["caption"])))
+    csv = poison(_cfg(micro_world, tmp_path / "p", csv=str(tmp_path / "ids.csv")), progress=False)
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "image,caption,id,poisoned" and lines[1].split(",")[-2] == "000"
+    from par.data import read_csv
+
+    frame = read_csv(csv, ["image", "caption"])
+    assert frame.loc[0, "caption"] in ("1.50", *[t.format("banana") for t in (micro_world / "templates.txt").read_text().split("\n") if t])
+
+
 def test_label_consistent_keeps_captions_and_needs_enough_rows(micro_world, tmp_path):
     original = pd.read_csv(micro_world / "train.csv")
     bananas = original["caption"].str.contains("banana").sum()

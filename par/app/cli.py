@@ -58,8 +58,9 @@ def cmd_poison(args) -> None:
     from par.attacks.poison import PoisonConfig, poison, rebuild
 
     if args.from_manifest:  # the manifest holds every setting: others given beside it would be silently unused
-        given = [f"--{k.replace('_', '-')}" for k in ("csv", "attack", "label", "rate", "num", "image_root", "size",
-                                                       "classnames", "attack_param") if getattr(args, k)]
+        given = [f"--{k.replace('_', '-')}" for k in ("csv", "attack", "label", "rate", "num", "seed", "image_root",
+                                                       "templates", "size", "classnames", "attack_param")
+                 if getattr(args, k) is not None]
         given += [f"--{k.replace('_', '-')}" for k in ("label_consistent", "reuse") if getattr(args, k)]
         if given:
             raise ParError(f"--from-manifest rebuilds the dataset its manifest describes; {', '.join(given)} "
@@ -71,7 +72,8 @@ def cmd_poison(args) -> None:
         raise ParError(f"poison needs {', '.join(missing + (['--rate or --num'] if args.rate is None and args.num is None else []))}")
 
     cfg = PoisonConfig(csv=args.csv, attack=args.attack, label=args.label, out=args.out, rate=args.rate,
-                       num=args.num, seed=args.seed, image_root=args.image_root, templates=args.templates,
+                       num=args.num, seed=0 if args.seed is None else args.seed, image_root=args.image_root,
+                       templates=args.templates or "openai",
                        size=args.size, attack_params=parse_key_values(args.attack_param),
                        label_consistent=args.label_consistent)
     if args.classnames:
@@ -300,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--rate", type=float)
     group.add_argument("--num", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the rows' and the triggers' draws (default 0)")
     p.add_argument("--image-root")
-    p.add_argument("--templates", default="openai", help="'openai' or a file of '{}' caption templates")
+    p.add_argument("--templates", help="'openai' (default) or a file of '{}' caption templates")
     p.add_argument("--size", type=int, help="resize and centre-crop images to the encoder's input size (e.g. 224) "
                                             "before triggering, as evaluation does; needed unless the images are all "
                                             "one square size already")

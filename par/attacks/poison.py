@@ -10,6 +10,7 @@ square size.
 """
 from __future__ import annotations
 
+import functools
 import json
 import numbers
 import os
@@ -69,9 +70,11 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     if not path.is_file():
         raise ParError(f"manifest not found: {path}")
     try:
-        settings = dict(json.loads(path.read_text(encoding="utf-8"))["settings"])
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        settings = dict(manifest["settings"])
         digest = settings.pop("csv_digest")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        inputs = dict(manifest.get("inputs") or {})  # absent from manifests written before it was kept
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise ParError(f"{path} is not a poisoning manifest (written by python -m par poison)") from None
     settings.pop("num_rows", None)
     if settings.get("rate") is not None:
@@ -79,10 +82,27 @@ def rebuild(manifest: str | os.PathLike, out: str | os.PathLike, progress: bool 
     unknown = sorted(set(settings) - ({f.name for f in fields(PoisonConfig)} - {"out"}))
     if unknown:
         raise ParError(f"manifest {path} holds settings this version does not know: {unknown}")
+    for key, found in inputs.items():  # read where they were, whatever the folder the rebuild runs from
+        if key == "templates":
+            settings["templates"] = found["path"]
+        else:
+            settings["attack_params"] = {**settings["attack_params"], key.split(".", 1)[1]: found["path"]}
     cfg = PoisonConfig(out=str(out), **settings)
     if not Path(cfg.csv).is_file() or file_digest(cfg.csv) != digest:
         raise ParError(f"{cfg.csv} is missing or differs from the CSV the manifest was made from")
+    for key, found in inputs.items():
+        if not Path(found["path"]).is_file() or file_digest(found["path"]) != found["digest"]:
+            raise ParError(f"{found['path']} ({key}) is missing or differs from the file the manifest was made from")
     return poison(cfg, progress=progress, any_size=True)  # the manifest's images, whatever their sizes
+
+
+def input_files(cfg: PoisonConfig) -> dict:
+    """The files beside the CSV that the poisoned dataset is made from, by absolute path and digest: a trigger
+    read from a file (BadCLIP's patch) and a templates file. A rebuild reads them there and checks their bytes."""
+    files = {f"attack_params.{k}": v for k, v in cfg.attack_params.items() if isinstance(v, str) and Path(v).is_file()}
+    if cfg.templates != "openai" and Path(cfg.templates).is_file():
+        files["templates"] = cfg.templates
+    return {key: {"path": str(Path(path).resolve()), "digest": file_digest(path)} for key, path in files.items()}
 
 
 def _check_one_square_size(paths, rows, progress: bool) -> None:
@@ -142,20 +162,33 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_si
     for key in ("csv", "image_root", "templates"):  # absolute, so that the manifest rebuilds from anywhere
         if settings[key] and Path(settings[key]).exists():
             settings[key] = str(Path(settings[key]).resolve())
+    inputs = input_files(cfg)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if reuse and old.get("settings") == settings:
+        if reuse and old.get("settings") == settings and old.get("inputs", inputs) == inputs:
             return out / "poisoned.csv"
         raise ParError(f"{out} already holds a poisoned dataset; choose another --out" + ("" if reuse else " or pass --reuse"))
+    paths = image_paths(frame, cfg.csv, cfg.image_root)
+    real = functools.lru_cache(maxsize=None)(os.path.realpath)  # a folder's real path, once per folder
+
+    def real_path(p) -> str:
+        return os.path.join(real(os.path.dirname(os.path.abspath(p))), os.path.basename(p))
+
+    if real_path(cfg.csv) == real_path(out / "poisoned.csv"):
+        raise ParError(f"{out} would overwrite the CSV being poisoned ({cfg.csv}); choose another --out")
+    inside = next((p for p in paths if os.path.dirname(real_path(p)) == real_path(out / "images")), None)
+    if inside is not None:
+        raise ParError(f"{out}/images holds images being poisoned ({inside}), which poisoning writes over; choose "
+                       "another --out")
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(eligible, size=num, replace=False))
-    paths = image_paths(frame, cfg.csv, cfg.image_root)
     if not cfg.size and not any_size:
         _check_one_square_size(paths, rows.tolist(), progress)
     resize = eval_transform(cfg.size) if cfg.size else None
     made = [d for d in (out, out / "images") if not d.exists()]  # removed again if poisoning fails
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images_out = [os.path.relpath(p, out) for p in paths]
+    # relative to the folder as the system resolves it (a --out through a link: ".." is taken from its target)
+    images_out = [os.path.relpath(real_path(p), real(str(out.absolute()))) for p in paths]
     records, written = [], []
     try:
         for row in tqdm(rows.tolist(), desc=f"poison ({trigger.name})", unit="img", disable=not progress):
@@ -177,13 +210,19 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_si
                 folder.rmdir()
         raise
 
+    import pandas as pd
+
     poisoned = frame.copy()
     poisoned["image"] = images_out
     poisoned["caption"] = captions
-    poisoned["poisoned"] = 0
-    poisoned.loc[rows, "poisoned"] = 1
+    # rows poisoned before (a CSV poisoned again, by another attack) stay marked: detection scores against it
+    earlier = (pd.to_numeric(frame["poisoned"], errors="coerce").fillna(0) != 0 if "poisoned" in frame.columns
+               else np.zeros(len(frame), dtype=bool))
+    marked = np.asarray(earlier, dtype=bool).copy()
+    marked[rows] = True
+    poisoned["poisoned"] = marked.astype(int)
     csv_out = atomic_write(out / "poisoned.csv", lambda tmp: poisoned.to_csv(tmp, index=False))
     manifest = {"settings": settings, "trigger": {"name": trigger.name, "params": trigger.params()},
-                "num_rows": len(frame), "poisoned": records}
+                "num_rows": len(frame), "poisoned": records, "inputs": inputs}
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return csv_out

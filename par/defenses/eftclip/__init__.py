@@ -129,7 +129,7 @@ class EftCLIP(MultiStageDefense):
         if path.exists() and report.exists() and json.loads(report.read_text()).get("curation") == curation:
             return path  # curated before the same way from the same detection (its folder is keyed by its inputs)
         victims = [v["label"] for v in summary["victims"][: p.victims] if v["excess"] > 0]
-        flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(bool).tolist()
+        flagged = read_csv(Path(summary["folder"]) / "detections.csv", ["row", "flagged"])["flagged"].astype(int).astype(bool).tolist()
         frame = read_csv(job.poisoned_data, ["image", "caption"])
         frame["image"] = [str(path.resolve()) for path in image_paths(frame, job.poisoned_data, job.image_root)]
         kept = frame[[not f for f in flagged]][["image", "caption"]]
