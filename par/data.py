@@ -376,6 +376,17 @@ def folder_key(name: str) -> str:
     return class_key(name.replace("_", " "))
 
 
+def folder_classnames(root) -> List[str]:
+    """A class-folder tree's class names read off its folders (``golden_retriever`` is ``golden retriever``),
+    for captions; synset folders name no class a caption could say, so those need the class names given."""
+    folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    synsets = [name for name in folders if SYNSET.fullmatch(name)]
+    if synsets:
+        raise ParError(f"{root}: class folders {synsets[:3]} are ImageNet synset ids, which would caption its images "
+                       f"'a photo of a {synsets[0]}.': give the class names (train_classnames: imagenet, or a file)")
+    return [name.replace("_", " ") for name in folders]
+
+
 class ImageFolderDataset(_LabelledImages):
     """``(uint8 image, label)`` from a class-folder tree (``root/<class>/<image>``).
 
@@ -449,7 +460,7 @@ def caption_dataset(data, tokenizer, size: int, image_root=None, classnames: Opt
     """Training pairs from an ``image,caption`` CSV, or from a class-folder tree (``classnames``:
     a file or ``imagenet``; by default the folder names are the class names)."""
     if Path(data).is_dir():
-        names = load_classnames(classnames) if classnames else sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+        names = load_classnames(classnames) if classnames else folder_classnames(data)
         return ImageFolderCaptions(data, names, tokenizer, size)
     return ImageCaptionDataset(data, tokenizer, size, image_root)
 

@@ -250,3 +250,24 @@ def test_a_live_evaluation_draws_nothing_from_trainings_random_stream(micro_worl
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_a_class_folder_tree_trains_on_captions_of_its_class_names(tmp_path):
+    from par import models
+    from par.data import caption_dataset
+
+    tokenizer = models.get_tokenizer("par-micro-vit")
+    root = _folder_tree(tmp_path / "pets", ["golden_retriever", "Abyssinian"])
+    data = caption_dataset(root, tokenizer, 32)
+    assert sorted(set(data.captions)) == ["a photo of a Abyssinian.", "a photo of a golden retriever."]
+    synsets = _folder_tree(tmp_path / "imagenet", ["n01440764", "n01443537"])
+    with pytest.raises(ParError, match="are ImageNet synset ids, which would caption its images 'a photo of a "
+                                       "n01440764.': give the class names"):
+        caption_dataset(synsets, tokenizer, 32)
+    named = caption_dataset(synsets, tokenizer, 32, classnames=str(_lines(tmp_path / "names.txt", ["tench", "goldfish"])))
+    assert sorted(set(named.captions)) == ["a photo of a goldfish.", "a photo of a tench."]
+
+
+def _lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
