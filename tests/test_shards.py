@@ -85,6 +85,18 @@ def test_epochs_are_seeded_and_resuming_skips_into_one(shards):
         ShardLoader(ShardPairs(_pattern(out, 3), tokenizer, 32, seed=5, buffer=50), 8, 8, workers=4)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_reads_every_pair_once_whatever_the_shuffle_buffer(micro_world, tmp_path, workers):
+    """The buffer empties at the end of each pass: it never serves the next pass's pairs in place of this
+    one's (two shards of 48 pairs: one reader, or two workers holding as many pairs each)."""
+    write_shards(micro_world / "train.csv", tmp_path, shard_size=48, progress=False)
+    loader = ShardLoader(ShardPairs(_pattern(tmp_path, 2), models.get_tokenizer(MICRO), 32, seed=5, buffer=50), 8, 8,
+                         workers=workers)
+    pairs = [(caption, image.numpy().tobytes()) for images, _, captions, _ in loader.epoch(0)
+             for image, caption in zip(images, captions)]
+    assert len(pairs) == 96 and len(set(pairs)) == 96
+
+
 def test_labels_travel_as_cls_members(micro_world, tmp_path):
     frame = pd.read_csv(micro_world / "train.csv")
     frame["label"] = range(len(frame))
