@@ -158,3 +158,14 @@ def test_the_demo_refuses_a_defense_it_cannot_run_before_drawing_its_world(tmp_p
                  "--defense", "tecoa"]) == 2
     assert "defense 'tecoa' trains on class labels" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_demo_world_in_a_shared_cache_is_found_where_trigger_validate_looks(tmp_path):
+    """``trigger_validate.sh`` without evaluation data reads ``runs/demo/world``; the demo's world lies in the cache."""
+    from par.app.cli import main
+
+    (tmp_path / "micro-cached.yaml").write_text(f"extends: {REPO}/configs/micro.yaml\ncache: {tmp_path / 'cache'}\n")
+    assert main(["demo", "--profile", str(tmp_path / "micro-cached.yaml"), "--out", str(tmp_path / "demo")]) == 0
+    (world,) = (tmp_path / "cache").glob("world-*")
+    link = tmp_path / "demo" / "world"
+    assert link.is_symlink() and link.resolve() == world.resolve() and (link / "test.csv").is_file()

@@ -27,6 +27,16 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def link_world(world: Path, link: Path) -> None:
+    """``OUT/world`` leads to the demo's world where that lies in the shared cache: ``trigger_validate.sh`` reads
+    its test split there when given no evaluation data. A world of an earlier run kept there is left alone."""
+    if link.is_symlink() and link.resolve() != world.resolve():
+        link.unlink()
+    if not link.exists() and not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(world.resolve(), target_is_directory=True)
+
+
 def run_demo(profile: Profile | str | os.PathLike, out: str, attack: Optional[str] = None, label: Optional[str] = None,
              defense: Optional[str] = None) -> dict:
     """Runs the demo of ``profile`` (a Profile, or its YAML file); the arguments override its choices."""
@@ -45,6 +55,7 @@ def run_demo(profile: Profile | str | os.PathLike, out: str, attack: Optional[st
     pipeline.check_defense(profile, defense, dict(profile.clean))  # before the world is drawn
 
     world = pipeline.make_world_stage(profile, out)
+    link_world(world.path, out / "world")
     attack_params = pipeline.prepare_attack_stage(profile, out, world, attack, label, attack_params)
     poisoned = pipeline.poisoned_model_stage(profile, out, world, attack, label, attack_params)
     clean_values = dict(profile.clean)
