@@ -451,8 +451,8 @@ class FiniteWatch:
 
 def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step: int, seconds: float,
            steps_run: int) -> Path:
-    """Checks that replicas agree, then writes the checkpoint and the training plot and records the run
-    as finished (rank 0)."""
+    """Checks that replicas agree, then writes the checkpoint, records the run as finished and draws the
+    training plot (rank 0)."""
     if dist.world_size > 1:
         drift = replica_drift(model)
         if dist.main:
@@ -463,8 +463,8 @@ def finish(cfg: TrainConfig, run: RunFolder, dist: Dist, model, objective, step:
     if dist.main:
         models.save_checkpoint(model, run.checkpoint, {"step": step, "objective": cfg.objective,
                                                        "config": dataclasses.asdict(cfg)})
-        plot_training(run.metrics, run.out / "training.png", **objective.plot_guides())
-        run.mark_finished(step)  # last: a run stopped before this is not a finished one
+        run.mark_finished(step)  # right after the checkpoint: a run stopped before this is not a finished one
+        plot_training(run.metrics, run.out / "training.png", **objective.plot_guides())  # a picture of the log
         print(f"wrote {run.checkpoint} ({steps_run} steps in {seconds:.0f} s)")
     if dist.world_size > 1:
         dist.barrier()

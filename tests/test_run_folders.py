@@ -169,3 +169,25 @@ def test_runs_started_within_one_second_get_their_own_folders(tmp_path, monkeypa
     assert first.name == "cleaned-badnet-20260101-120000"
     assert second.name == "cleaned-badnet-20260101-120000-2"
     assert runs.timestamped_folder(tmp_path, "cleaned-badnet").name.endswith("-3")
+
+
+def test_a_run_whose_plot_failed_is_still_a_finished_run(micro_world, tmp_path, monkeypatch):
+    """The checkpoint is recorded as finished before the training plot is drawn: a failure or an interrupt
+    while drawing it leaves a run that --reuse takes, not a checkpoint no finished run recorded."""
+    out = tmp_path / "plotted"
+
+    def no_plot(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "plot_training", no_plot)
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(loop.train_config(_values(micro_world, out)))
+    assert loop.train(loop.train_config(_values(micro_world, out)), reuse=True) == out / "checkpoint.pt"
+
+
+def _values(world, out):
+    from par.config import load_yaml
+
+    return {**load_yaml("configs/micro/pretrain.yaml"), "train_data": str(world / "train.csv"), "out": str(out),
+            "batch_size": 16, "steps": 2, "tensorboard": False, "progress": False}

@@ -23,7 +23,7 @@ from par.models import read_metadata, same_encoder
 from par.attacks.poison import PoisonConfig, poison
 from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
-from par.utils import digest, file_digest
+from par.utils import atomic_write_text, digest, file_digest
 
 IN_MEMORY = {"preload": True}  # the synthetic world is small: decode it once (a training config may say otherwise)
 
@@ -226,8 +226,10 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     records = evaluate(build(EvalConfig, {
         "checkpoint": str(checkpoint), "model": world.model, "data": world.test_csv,
         "classnames": str(world.path / "classnames.txt"), "templates": str(world.path / "templates.txt"),
-        "attack": attack, "label": label, "attack_params": attack_params, "out": str(results), **(eval_values or {}),
+        "attack": attack, "label": label, "attack_params": attack_params, **(eval_values or {}),
     }, "profile 'eval'"))
+    # whole or not at all: a results file cut short by an interrupt would be taken for the evaluation next time
+    atomic_write_text(results, "".join(json.dumps(r) + "\n" for r in records))
     return merged_metrics(records)
 
 
