@@ -28,9 +28,16 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-"$PY" -m par bench --config configs/bench.yaml --out "$out" ${args[@]+"${args[@]}"}
-"$PY" scripts/scan_benchmark.py --config configs/bench-scan.yaml --out "$out" --report scanners \
+failed=()  # a part with failed cells writes its tables and exits non-zero: the others still run, the end says so
+part() { "$@" || failed+=("$(printf '%q ' "$@")"); }
+part "$PY" -m par bench --config configs/bench.yaml --out "$out" ${args[@]+"${args[@]}"}
+part "$PY" scripts/scan_benchmark.py --config configs/bench-scan.yaml --out "$out" --report scanners \
   ${scan_args[@]+"${scan_args[@]}"}
 for side in fare eftclip tau synthetic; do
-  "$PY" -m par bench --config "configs/bench-$side.yaml" --out "$out" --report "$side" ${args[@]+"${args[@]}"}
+  part "$PY" -m par bench --config "configs/bench-$side.yaml" --out "$out" --report "$side" ${args[@]+"${args[@]}"}
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'error: %s part(s) of the benchmark failed (their errors are above and in their tables):\n' "${#failed[@]}" >&2
+  printf '  %s\n' "${failed[@]}" >&2
+  exit 1
+fi

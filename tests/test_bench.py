@@ -99,7 +99,8 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache, monk
         return clean_stage(world, defense, model, values, run_dir, **kwargs)
 
     monkeypatch.setattr(pipeline, "clean_stage", failing)
-    run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
+    with pytest.raises(ParError, match=r"1 of \d+ cells failed: their errors are in .*results.csv"):
+        run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)  # after every table is written
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     status = {(r["defense"], r["setting"]): (r["status"], r["error"]) for r in rows}
     assert status[("par", "warmup=2")] == ("failed", "ParError: loss became nan at step 2 (a test's failure)")

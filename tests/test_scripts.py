@@ -317,3 +317,19 @@ def test_benchmark_sh_refuses_a_report_or_profile_that_would_replace_every_parts
     run = subprocess.run(["bash", "scripts/benchmark.sh", *option], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2 and "runs each profile into its own report" in run.stderr
+
+
+def test_benchmark_sh_runs_every_part_and_exits_non_zero_when_one_failed(tmp_path):
+    """A part with failed cells writes its tables and exits non-zero; the others still run, and the end says so."""
+    fake = tmp_path / "python"
+    log = tmp_path / "calls.txt"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+                    '[[ "$*" == *"configs/bench.yaml"* ]] && { echo "error: 1 of 9 cells failed" >&2; exit 2; }\n'
+                    'exit 0\n')
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", "scripts/benchmark.sh", "--out", str(tmp_path / "b")], cwd=REPO,
+                         env=dict(os.environ, PAR_PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6 and "configs/bench-synthetic.yaml" in calls[-1]  # every part ran
+    assert run.returncode == 1 and "1 part(s) of the benchmark failed" in run.stderr
+    assert "configs/bench.yaml" in run.stderr.splitlines()[-1]

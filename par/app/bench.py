@@ -236,6 +236,10 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}
     trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
     print(f"benchmark results: {out / f'{report}.md'}")
+    failures = sum(row.get("status") == "failed" for row in rows)
+    if failures:  # the tables are written; the exit status says the benchmark is not whole
+        raise ParError(f"{failures} of {len(rows)} cells failed: their errors are in {out / f'{report}.csv'} "
+                       f"(status, error) and under 'Failed cells' in {out / f'{report}.md'}")
     return out
 
 
