@@ -113,11 +113,24 @@ def test_failed_cell_is_recorded_and_others_continue(tmp_path, micro_cache, monk
     ({"label": "bananna"}, "profile label 'bananna' is not a class of the world"),
     ({"attack_params": {"blended": {"alpah": 0.2}}}, "alpah"),
     ({"defenses": ["par", "tecoa"]}, "defense 'tecoa' trains on class labels"),
+    ({"sweeps": {"par": {"warmup": [2, 2]}}}, "sweep of par lists a value of 'warmup' twice: [2, 2]"),
+    ({"sweeps": {"par": {"objective_params.tau": [2.0]}}, "defense_settings": {"par": {"objective_params": {"tau": 2.0}}}},
+     "sweep of par {'objective_params.tau': 2.0} is its default setting"),
 ])
 def test_what_every_cell_reads_is_checked_before_the_world_is_drawn(tmp_path, micro_cache, change, message):
     profile = micro_profile("micro-bench.yaml", micro_cache, attacks=["badnet_rs", "blended"], **change)
     with pytest.raises(ParError, match=__import__("re").escape(message)):
         run_bench(profile, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_attack_or_defense_named_twice_on_the_command_line_is_refused(tmp_path, micro_cache):
+    """Two cells of one name would train into one folder side by side and count twice in the means."""
+    profile = micro_profile("micro-bench.yaml", micro_cache)
+    with pytest.raises(ParError, match=r"bench attacks name \['badnet_rs'\] more than once"):
+        run_bench(profile, str(tmp_path / "out"), attacks=["badnet_rs", "badnet-stripes"], progress=False)
+    with pytest.raises(ParError, match=r"bench defenses name \['par'\] more than once"):
+        run_bench(profile, str(tmp_path / "out"), defenses=["par", "par"], progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ others go on. Outputs: ``results.csv``, ``results.md``, ``tradeoff.png``, ``trig
 from __future__ import annotations
 
 import csv
+import json
 import dataclasses
 import functools
 import os
@@ -62,9 +63,17 @@ def check_cells(profile: Profile, attacks: List[str], defenses: List[str], sweep
     for attack in attacks:
         get_trigger(attack, **(profile.attack_params.get(attack) or {}))
     for defense in defenses:
+        default = _defense_settings(profile, defense)
         overrides = [{}] + [{key: value} for key, values in (sweeps.get(defense) or {}).items() for value in values]
         for override in overrides:
-            pipeline.check_defense(profile, defense, merge(_defense_settings(profile, defense), override))
+            settings = merge(default, override)
+            if override and settings == default:
+                raise ParError(f"sweep of {defense} {override} is its default setting: that cell is the default "
+                               "cell (leave the value out of the sweep)")
+            pipeline.check_defense(profile, defense, settings)
+        for key, values in (sweeps.get(defense) or {}).items():
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ParError(f"sweep of {defense} lists a value of {key!r} twice: {values!r}")
 
 
 def _cells(profile: Profile, attacks: List[str], defenses: List[str], seeds: List[int], sweeps: dict,
@@ -176,7 +185,11 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     sweeps = profile.sweeps or {}
     robust = pipeline.robust_settings(profile.robust)
     fields = _fields(robust, defenses + synthetic_defenses)
-    check_cells(profile, attacks, defenses + synthetic_defenses, sweeps)
+    for what, names in (("attacks", attacks), ("defenses", defenses)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # two cells of one name would train into one folder side by side, and count twice in the means
+            raise ParError(f"bench {what} name {twice} more than once (under one name or its aliases)")
+    check_cells(profile, attacks, list(dict.fromkeys(defenses + synthetic_defenses)), sweeps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)

@@ -221,6 +221,9 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
     if profile.jobs > 1:
         profile = profile.one_thread()
     names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]  # before any work
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two models of one name would train into one folder side by side
+        raise ParError(f"scan attacks name {twice} more than once (under one name or its aliases)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
