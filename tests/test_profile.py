@@ -86,6 +86,17 @@ def test_misspelt_stage_or_evaluation_settings_are_refused_as_the_profile_is_rea
     assert "unknown profile 'clean' key(s) ['lr_warmup']" in message
 
 
+def test_misspelt_poisoning_or_attack_preparation_is_refused_as_the_profile_is_read(tmp_path):
+    """Used once the foundation has trained: refused before, each in one line."""
+    assert "profile 'poison' has unknown setting(s) ['rat']" in _error(_write(tmp_path / "a", poison={"rat": 0.1}))
+    assert "rate" in _error(_write(tmp_path / "b", poison_rates={"blended": 1.5}))  # a share of the pairs
+    message = _error(_write(tmp_path / "c", attack_prepare={"badclip": {"step": 200}}))
+    assert "badclip attack_prepare has unknown setting(s) ['step']" in message
+    message = _error(_write(tmp_path / "d", attack_prepare={"blended": {"steps": 10}}))
+    assert "attack 'blended' builds nothing before poisoning" in message
+    Profile.load(_write(tmp_path / "e", attack_prepare={"badclip": {"steps": 10, "lr": 0.05}}))
+
+
 def test_a_stage_path_that_does_not_resolve_names_the_key_and_the_path(tmp_path):
     message = _error(_write(tmp_path, foundation="micro/foundation.yaml"))  # relative to the profile, not the repo
     assert message.startswith("profile key 'foundation': no file micro/foundation.yaml")

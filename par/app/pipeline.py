@@ -122,14 +122,8 @@ def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str,
 
 
 def poison_values(profile: Profile, attack: str) -> dict:
-    """The poisoning settings for ``attack``: ``poison`` with this attack's ``poison_rates`` entry on top."""
-    values = {"rate": 0.05, "seed": 0, "num": None, **profile.poison}
-    if profile.poison.get("num") is not None and "rate" not in profile.poison:
-        values["rate"] = None  # a count of pairs instead of the default share
-    rate = profile.poison_rates.get(attack)
-    if rate is not None:
-        values = {**values, "rate": rate, "num": None}
-    return values
+    """The poisoning settings for ``attack`` (``Profile.poison_values``)."""
+    return profile.poison_values(attack)
 
 
 def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str, label: str, attack_params: dict) -> Poisoned:

@@ -114,6 +114,21 @@ def _check_settings(plain: "Profile", read: dict) -> None:
             train_config({"model": "-", **read[key], "train_data": "-", "out": "-"}, f"profile {key!r}")
     if plain.eval:
         build(EvalConfig, {"checkpoint": "-", "model": "-", "data": "-", **plain.eval}, "profile 'eval'")
+    # the poisoning of every attack named, and what an attack builds first: misspelt, they would fail (or go
+    # unused) once the foundation has trained
+    from par.attacks import TRIGGERS
+    from par.attacks.poison import PoisonConfig
+
+    unknown = sorted(set(plain.poison) - {"rate", "num", "seed"})
+    if unknown:
+        raise ParError(f"profile 'poison' has unknown setting(s) {unknown}; it takes rate, num and seed")
+    for attack in dict.fromkeys([*(plain.attacks or []), plain.attack, *plain.poison_rates]):
+        build(PoisonConfig, {"csv": "-", "attack": attack, "label": "-", "out": "-", **plain.poison_values(attack)},
+              f"profile 'poison' for {attack}")
+    for attack, settings in plain.attack_prepare.items():
+        if not isinstance(settings, dict):
+            raise ParError(f"profile 'attack_prepare' for {attack} must be a mapping, got {settings!r}")
+        TRIGGERS.get(attack).check_prepare(settings)
 
 
 def _canonical_names(profile: "Profile") -> "Profile":
@@ -244,6 +259,16 @@ class Profile:
         profile = _canonical_names(dataclasses.replace(plain, **read))
         profile.poisoning_mode()
         return profile
+
+    def poison_values(self, attack: str) -> dict:
+        """The poisoning settings for ``attack``: ``poison`` with this attack's ``poison_rates`` entry on top."""
+        values = {"rate": 0.05, "seed": 0, "num": None, **self.poison}
+        if self.poison.get("num") is not None and "rate" not in self.poison:
+            values["rate"] = None  # a count of pairs instead of the default share
+        rate = self.poison_rates.get(attack)
+        if rate is not None:
+            values = {**values, "rate": rate, "num": None}
+        return values
 
     def one_thread(self) -> "Profile":
         """The profile as ``jobs`` > 1 runs it: every stage trained beside another (a poisoning fine-tune, a

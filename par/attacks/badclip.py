@@ -164,6 +164,17 @@ class BadCLIP(Trigger):
         if self.patch is not None and not Path(self.patch).is_file():
             raise ParError(f"badclip patch not found: {self.patch} (make one with `python -m par badclip`)")
 
+    # what a profile's attack_prepare may set: the patch's optimisation, not what the pipeline supplies
+    PREPARE_SETTINGS = ("steps", "batch_size", "lr", "visual_weight", "max_images", "seed", "device")
+
+    @classmethod
+    def check_prepare(cls, settings: dict) -> None:
+        unknown = sorted(set(settings) - set(cls.PREPARE_SETTINGS))
+        if unknown:
+            raise ParError(f"badclip attack_prepare has unknown setting(s) {unknown}; it sets the patch's "
+                           f"optimisation: {', '.join(cls.PREPARE_SETTINGS)}")
+        BadCLIPConfig(checkpoint="-", model="-", data="-", label="-", out="-", **settings)  # their values
+
     def prepare(self, context: AttackContext) -> dict:
         if self.patch:
             return {}

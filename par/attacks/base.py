@@ -169,6 +169,13 @@ class Trigger:
         """Builds what the attack needs before it can be applied; returns the parameters to add (none here)."""
         return {}
 
+    @classmethod
+    def check_prepare(cls, settings: dict) -> None:
+        """Refuses ``prepare`` settings (a profile's ``attack_prepare``) it would not read, before any work."""
+        if settings:
+            raise ParError(f"attack {cls.name!r} builds nothing before poisoning: attack_prepare settings {settings} "
+                           "would go unused")
+
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
