@@ -169,3 +169,29 @@ def test_the_demo_world_in_a_shared_cache_is_found_where_trigger_validate_looks(
     (world,) = (tmp_path / "cache").glob("world-*")
     link = tmp_path / "demo" / "world"
     assert link.is_symlink() and link.resolve() == world.resolve() and (link / "test.csv").is_file()
+
+
+def test_two_builds_of_one_folder_take_turns(tmp_path):
+    """Two invocations sharing a cache that need one unbuilt folder: the second waits, then finds it built."""
+    import threading
+    import time
+
+    from par.app.pipeline import built_once
+
+    inside, overlapped, built = [], [], []
+
+    def build():
+        inside.append(1)
+        overlapped.append(len(inside) > 1)
+        time.sleep(0.3)
+        built.append(len(built))
+        inside.pop()
+        return built[-1]
+
+    threads = [threading.Thread(target=built_once, args=(tmp_path / "foundation-x", build)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlapped == [False, False] and built == [0, 1]
+    assert [p.name for p in tmp_path.iterdir()] == [".locks"]  # the lock lies apart from the folders

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from par import attacks
 from par.app import workers
@@ -23,7 +23,9 @@ from par.models import read_metadata, same_encoder
 from par.attacks.poison import PoisonConfig, poison
 from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
-from par.utils import atomic_write_text, digest, file_digest
+from par.utils import atomic_write_text, digest, file_digest, file_lock
+
+T = TypeVar("T")
 
 IN_MEMORY = {"preload": True}  # the synthetic world is small: decode it once (a training config may say otherwise)
 
@@ -76,7 +78,7 @@ def make_world_stage(profile: Profile, out: Path, folder: Optional[str] = None) 
     cache = cache_dir(profile, out)
     if folder is None:
         folder = f"world-{key}" if profile.cache else "world"
-    path = make_world(cfg, cache / folder, reuse=True)
+    path = built_once(cache / folder, lambda: make_world(cfg, cache / folder, reuse=True))
     return World(path=path, key=key, model=world_model(profile), cache=cache)
 
 
@@ -101,13 +103,22 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     return _train_stage(values, world, folder, "foundation"), key
 
 
+def built_once(folder: Path, build: Callable[[], T]) -> T:
+    """``build()`` of ``folder`` under a lock beside it: two invocations sharing a cache or an output folder (the
+    demo beside a benchmark, two side profiles) that need the same unbuilt folder take turns, and the second
+    reuses what the first built rather than training into it at the same time."""
+    folder = Path(folder)
+    with file_lock(folder.parent / ".locks" / f"{folder.name}.lock"):  # apart: globs of the folders see none
+        return build()
+
+
 def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
     if values.get("eval_every"):  # a learning curve on the world's test split, logged as the stage trains
         values = {"eval_csv": world.test_csv, "eval_classnames": str(world.path / "classnames.txt"),
                   "eval_templates": str(world.path / "templates.txt"), **values}
     cfg = train_config({**IN_MEMORY, **values, "train_data": str(world.path / "train.csv"), "out": str(folder)},
                        f"profile {what!r}")
-    return train(cfg, reuse=True)
+    return built_once(folder, lambda: train(cfg, reuse=True))
 
 
 def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
@@ -133,11 +144,12 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     shared = world.cache or Path(out)
     values = poison_values(profile, attack)
     poison_key = digest([world.key, attack, label, attack_params, values])
-    poisoned_csv = poison(build(PoisonConfig, {
+    poisoning = build(PoisonConfig, {
         "csv": str(world.path / "train.csv"), "attack": attack, "label": label,
         "out": str(shared / f"poison-{attack}-{poison_key}"), "templates": str(world.path / "templates.txt"),
         "attack_params": attack_params, **values,
-    }, "profile 'poison'"), reuse=True)
+    }, "profile 'poison'")
+    poisoned_csv = built_once(Path(poisoning.out), lambda: poison(poisoning, reuse=True))
     if mode == "scratch":
         train_values = dict(profile.pretrain)
         key = digest([poison_key, train_values])
@@ -145,9 +157,9 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
         foundation, foundation_key = foundation_stage(profile, out, world)
         train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
         key = digest([poison_key, foundation_key, train_values])
-    checkpoint = train(train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
-                                     "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning"),
-                       reuse=True)
+    cfg = train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
+                        "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning")
+    checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True))
     return Poisoned(checkpoint, key, poisoned_csv)
 
 
@@ -201,11 +213,12 @@ def check_defense(profile: Profile, defense: str, settings: dict) -> None:
 def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, run_dir: Path, reuse: bool,
                 train_data: Optional[str] = None) -> Path:
     """Cleans ``poisoned`` with ``defense`` on the world's clean pairs (or ``train_data``)."""
-    return clean(defense, CleaningJob(checkpoint=str(poisoned.checkpoint), model=world.model,
-                                      train_data=train_data or str(world.path / "clean.csv"), out=str(run_dir),
-                                      settings={**IN_MEMORY, **settings}, poisoned_data=str(poisoned.data),
-                                      classnames=str(world.path / "classnames.txt"),
-                                      templates=str(world.path / "templates.txt"), reuse=reuse))
+    job = CleaningJob(checkpoint=str(poisoned.checkpoint), model=world.model,
+                      train_data=train_data or str(world.path / "clean.csv"), out=str(run_dir),
+                      settings={**IN_MEMORY, **settings}, poisoned_data=str(poisoned.data),
+                      classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
+                      reuse=reuse)
+    return built_once(run_dir, lambda: clean(defense, job)) if reuse else clean(defense, job)
 
 
 def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, attack_params: dict,
