@@ -61,6 +61,19 @@ def timestamped_folder(parent: Path, stem: str) -> Path:
     return Path(parent) / name
 
 
+def interrupted(out) -> Optional[str]:
+    """``"latest"`` where the run folder ``out`` holds a state saved by a run that did not finish (one stopped
+    after a ``save_every`` save), else None: what a program rebuilding its folders passes as ``resume``."""
+    out = Path(out)
+    if not (out / "state-latest.pt").is_file() or not (out / "fingerprint.json").is_file():
+        return None
+    try:
+        record = json.loads((out / "fingerprint.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # RunFolder says what is wrong with it
+    return None if FINISHED in record else "latest"
+
+
 class RunFolder:
     """``status`` is ``finished`` (an identical run is done: ``found`` is its checkpoint), ``resume``
     (``found`` is the state to continue from, checked to be this run's) or ``new``. Only what the folder's

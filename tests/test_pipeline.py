@@ -195,3 +195,28 @@ def test_two_builds_of_one_folder_take_turns(tmp_path):
         t.join()
     assert overlapped == [False, False] and built == [0, 1]
     assert [p.name for p in tmp_path.iterdir()] == [".locks"]  # the lock lies apart from the folders
+
+
+def test_a_stage_stopped_after_a_save_goes_on_from_it_when_run_again(tmp_path, monkeypatch):
+    """A rebuilt stage continues from the state its interrupted run saved (save_every), rather than refusing
+    the folder, whose name is a digest the user cannot change."""
+    import json as json_module
+    from dataclasses import replace
+
+    from conftest import micro_profile, stop_before_checkpoint
+    from par import train as loop
+    from par.app import pipeline
+
+    profile = micro_profile("micro.yaml", tmp_path / "cache")
+    profile = replace(profile, foundation={**profile.foundation, "save_every": 2})
+    world = pipeline.make_world_stage(profile, tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "finish", stop_before_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.foundation_stage(profile, tmp_path / "out", world)
+    (folder,) = (tmp_path / "cache").glob("foundation-*")
+    assert (folder / "state-latest.pt").is_file() and not (folder / "checkpoint.pt").exists()
+    checkpoint, _ = pipeline.foundation_stage(profile, tmp_path / "out", world)
+    assert checkpoint == folder / "checkpoint.pt" and checkpoint.is_file()
+    steps = [json_module.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the first run's two steps kept, the last two trained from its state

@@ -23,6 +23,7 @@ from par.models import read_metadata, same_encoder
 from par.attacks.poison import PoisonConfig, poison
 from par.synthetic import WorldConfig, make_world
 from par.train import train, train_config
+from par.runs import interrupted
 from par.utils import atomic_write_text, digest, file_digest, file_lock
 
 T = TypeVar("T")
@@ -118,7 +119,7 @@ def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
                   "eval_templates": str(world.path / "templates.txt"), **values}
     cfg = train_config({**IN_MEMORY, **values, "train_data": str(world.path / "train.csv"), "out": str(folder)},
                        f"profile {what!r}")
-    return built_once(folder, lambda: train(cfg, reuse=True))
+    return built_once(folder, lambda: train(cfg, reuse=True, resume=interrupted(folder)))
 
 
 def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
@@ -159,7 +160,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
         key = digest([poison_key, foundation_key, train_values])
     cfg = train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
                         "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning")
-    checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True))
+    checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True, resume=interrupted(cfg.out)))
     return Poisoned(checkpoint, key, poisoned_csv)
 
 
@@ -217,7 +218,7 @@ def clean_stage(world: World, defense: str, poisoned: Poisoned, settings: dict, 
                       train_data=train_data or str(world.path / "clean.csv"), out=str(run_dir),
                       settings={**IN_MEMORY, **settings}, poisoned_data=str(poisoned.data),
                       classnames=str(world.path / "classnames.txt"), templates=str(world.path / "templates.txt"),
-                      reuse=reuse)
+                      reuse=reuse, resume=interrupted(run_dir) if reuse else None)  # a cell stopped mid-way goes on
     return built_once(run_dir, lambda: clean(defense, job)) if reuse else clean(defense, job)
 
 
