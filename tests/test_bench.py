@@ -54,6 +54,8 @@ def test_quick_bench_writes_csv_markdown_and_plots(bench):
     assert float(floor["poisoned_asr"]) == pytest.approx(float(rows[0]["poisoned_asr"]))
     for png in ("tradeoff.png", "triggers.png"):
         assert Image.open(bench / png).format == "PNG"
+    attacks = {r["attack"] for r in rows}
+    assert Image.open(bench / "triggers.png").size[0] == 128 * (1 + len(attacks))  # the clean tile, the profile's attacks
 
 
 def _stored_metrics(run: Path) -> dict:

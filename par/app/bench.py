@@ -247,7 +247,10 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
     sample = world.path / "images" / "test" / "000001.png"
     gallery_params = {f"{attack}.{k}": v for attack, cached in poisoned_cache.items() for k, v in cached[3].items()}
-    trigger_gallery(sample, out / "triggers.png", size=128, params=gallery_params)
+    # the profile's attacks, beside its report (side profiles sharing --out keep theirs); triggers at their
+    # default geometry for the tile (what an attack built, BadCLIP's patch, as built)
+    trigger_gallery(sample, out / ("triggers.png" if report == "results" else f"{report}-triggers.png"), size=128,
+                    names=attacks, params=gallery_params)
     print(f"benchmark results: {out / f'{report}.md'}")
     failures = sum(row.get("status") == "failed" for row in rows)
     if failures:  # the tables are written; the exit status says the benchmark is not whole
