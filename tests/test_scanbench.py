@@ -84,3 +84,14 @@ def test_scan_part_refuses_bad_values_and_a_profile_without_it(micro_cache, tmp_
             micro_profile("micro-backdoor.yaml", micro_cache, scan=bad)
     with pytest.raises(ParError, match="no 'scan' part"):
         scanbench.run_scan_bench(micro_profile("micro-backdoor.yaml", micro_cache), str(tmp_path))
+
+
+def test_the_scan_table_checks_label_and_attack_parameters_before_any_work(tmp_path):
+    profile = micro_profile("micro-scan.yaml", tmp_path / "cache", attacks=["blended"],
+                            attack_params={"blended": {"alpah": 0.2}})
+    with pytest.raises(ParError, match="alpah"):
+        scanbench.run_scan_bench(profile, str(tmp_path / "out"))
+    with pytest.raises(ParError, match="profile label 'bananna' is not a class of the world"):
+        scanbench.run_scan_bench(micro_profile("micro-scan.yaml", tmp_path / "cache", label="bananna"),
+                                 str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

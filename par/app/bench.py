@@ -56,12 +56,7 @@ def _defense_settings(profile: Profile, name: str) -> dict:
 def check_cells(profile: Profile, attacks: List[str], defenses: List[str], sweeps: dict) -> None:
     """What every cell will read, checked before the world is drawn or a model trained: the target label,
     each attack's parameters, and each defense's settings under every sweep value."""
-    from par.synthetic import CLASS_NAMES
-
-    if profile.label not in CLASS_NAMES:
-        raise ParError(f"profile label {profile.label!r} is not a class of the world: {', '.join(CLASS_NAMES)}")
-    for attack in attacks:
-        get_trigger(attack, **(profile.attack_params.get(attack) or {}))
+    pipeline.check_attacks(profile, attacks)
     for defense in defenses:
         default = _defense_settings(profile, defense)
         overrides = [{}] + [{key: value} for key, values in (sweeps.get(defense) or {}).items() for value in values]

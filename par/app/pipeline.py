@@ -104,6 +104,16 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     return _train_stage(values, world, folder, "foundation"), key
 
 
+def check_attacks(profile: Profile, names: Sequence[str]) -> None:
+    """The target label and each attack's parameters, before the world is drawn or a model trained."""
+    from par.synthetic import CLASS_NAMES
+
+    if profile.label not in CLASS_NAMES:
+        raise ParError(f"profile label {profile.label!r} is not a class of the world: {', '.join(CLASS_NAMES)}")
+    for attack in names:
+        attacks.get_trigger(attack, **(profile.attack_params.get(attack) or {}))
+
+
 def built_once(folder: Path, build: Callable[[], T]) -> T:
     """``build()`` of ``folder`` under a lock beside it: two invocations sharing a cache or an output folder (the
     demo beside a benchmark, two side profiles) that need the same unbuilt folder take turns, and the second

@@ -224,6 +224,7 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # two models of one name would train into one folder side by side
         raise ParError(f"scan attacks name {twice} more than once (under one name or its aliases)")
+    pipeline.check_attacks(profile, names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)
