@@ -220,3 +220,25 @@ def test_a_stage_stopped_after_a_save_goes_on_from_it_when_run_again(tmp_path, m
     assert checkpoint == folder / "checkpoint.pt" and checkpoint.is_file()
     steps = [json_module.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the first run's two steps kept, the last two trained from its state
+
+
+def test_a_cache_moved_elsewhere_is_reused_not_rebuilt(tmp_path):
+    """Keys hold paths inside the shared folder relative to it (the foundation a model starts from): a checkout
+    moved or cloned elsewhere with its cache reuses its poisoned models and their evaluations."""
+    import shutil
+
+    from conftest import micro_profile
+    from par.app import pipeline
+
+    def built(cache):
+        profile = micro_profile("micro.yaml", cache)
+        world = pipeline.make_world_stage(profile, tmp_path / "out")
+        return pipeline.build_poisoned(profile, tmp_path / "out", world, "badnet_rs")
+
+    model, _, metrics, _ = built(tmp_path / "a" / "cache")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    before = sorted(p.relative_to(tmp_path / "elsewhere") for p in (tmp_path / "elsewhere").rglob("*"))
+    moved, _, moved_metrics, _ = built(tmp_path / "elsewhere" / "b" / "cache")
+    assert moved.key == model.key and moved_metrics == metrics
+    after = sorted(p.relative_to(tmp_path / "elsewhere") for p in (tmp_path / "elsewhere").rglob("*"))
+    assert [p for p in after if p not in before and ".locks" not in p.parts] == []  # nothing built again

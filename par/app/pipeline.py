@@ -7,6 +7,7 @@ missing (a finished stage is never overwritten).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from functools import partial
@@ -104,6 +105,20 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     return _train_stage(values, world, folder, "foundation"), key
 
 
+def portable(world: World, value):
+    """``value`` as a key holds it: every path inside the folder the world's models are built in (a foundation
+    checkpoint, BadCLIP's patch) relative to that folder, so a checkout moved or cloned elsewhere with its cache
+    finds what it built there rather than building it all again."""
+    root = os.path.realpath(world.path.parent) + os.sep
+    if isinstance(value, str) and os.path.isabs(value) and os.path.realpath(value).startswith(root):
+        return "<shared>/" + os.path.relpath(os.path.realpath(value), root)
+    if isinstance(value, dict):
+        return {k: portable(world, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(world, v) for v in value]
+    return value
+
+
 def check_attacks(profile: Profile, names: Sequence[str]) -> None:
     """The target label and each attack's parameters, before the world is drawn or a model trained."""
     from par.synthetic import CLASS_NAMES
@@ -154,7 +169,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     mode = profile.poisoning_mode()
     shared = world.cache or Path(out)
     values = poison_values(profile, attack)
-    poison_key = digest([world.key, attack, label, attack_params, values])
+    poison_key = digest([world.key, attack, label, portable(world, attack_params), values])
     poisoning = build(PoisonConfig, {
         "csv": str(world.path / "train.csv"), "attack": attack, "label": label,
         "out": str(shared / f"poison-{attack}-{poison_key}"), "templates": str(world.path / "templates.txt"),
@@ -167,7 +182,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     else:
         foundation, foundation_key = foundation_stage(profile, out, world)
         train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
-        key = digest([poison_key, foundation_key, train_values])
+        key = digest([poison_key, foundation_key, portable(world, train_values)])
     cfg = train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
                         "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning")
     checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True, resume=interrupted(cfg.out)))
@@ -237,7 +252,7 @@ def evaluate_stage(world: World, checkpoint: Path, attack: str, label: str, atta
     """CA and ASR of ``checkpoint`` on the world's test split (records kept beside the checkpoint)."""
     # keyed by the checkpoint's bytes and the world too: a checkpoint given by the user (its foundation) is evaluated
     # beside itself, in a folder it may share with others, in every world
-    key = digest([file_digest(checkpoint), world.key, label, attack_params, eval_values])
+    key = digest([file_digest(checkpoint), world.key, label, portable(world, attack_params), eval_values])
     results = Path(checkpoint).parent / f"results-{attack}-{key}.jsonl"
     if results.exists():  # evaluated before with these settings: a finished run's checkpoint never changes
         return merged_metrics([json.loads(line) for line in results.read_text().splitlines()])

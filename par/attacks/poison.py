@@ -105,6 +105,26 @@ def input_files(cfg: PoisonConfig) -> dict:
     return {key: {"path": str(Path(path).resolve()), "digest": file_digest(path)} for key, path in files.items()}
 
 
+def same_poisoning(manifest: dict, settings: dict, inputs: dict) -> bool:
+    """Whether a manifest describes the poisoning of ``settings`` and ``inputs``: its input files compared by
+    their bytes, not where they lie (the CSV by its digest, a templates or trigger file by its own), so a folder
+    moved with what it was made from is still the same poisoning. A manifest written before it kept its input
+    files is compared by its settings alone, paths included."""
+    if "inputs" not in manifest:
+        return manifest.get("settings") == settings
+    digests = lambda found: {k: v.get("digest") for k, v in found.items()}  # noqa: E731
+    if digests(manifest["inputs"]) != digests(inputs):
+        return False
+
+    def located(values: dict) -> dict:  # the settings less the paths of files known by their digest
+        kept = {k: v for k, v in values.items() if k != "csv" and not (k == "templates" and "templates" in inputs)}
+        by_digest = {k.split(".", 1)[1] for k in inputs if k.startswith("attack_params.")}
+        kept["attack_params"] = {k: v for k, v in (values.get("attack_params") or {}).items() if k not in by_digest}
+        return kept
+
+    return located(manifest.get("settings") or {}) == located(settings)
+
+
 def _check_one_square_size(paths, rows, progress: bool) -> None:
     """Refuses, asking for ``--size``, images of ``rows`` not all one square size (a dataset already at the
     encoder's input size, as the synthetic world's, needs none). Evaluation stamps
@@ -165,7 +185,7 @@ def poison(cfg: PoisonConfig, reuse: bool = False, progress: bool = True, any_si
     inputs = input_files(cfg)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if reuse and old.get("settings") == settings and old.get("inputs", inputs) == inputs:
+        if reuse and same_poisoning(old, settings, inputs):
             return out / "poisoned.csv"
         raise ParError(f"{out} already holds a poisoned dataset; choose another --out" + ("" if reuse else " or pass --reuse"))
     paths = image_paths(frame, cfg.csv, cfg.image_root)
