@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark, one profile after another into one folder: bash scripts/benchmark.sh [--quick] [--out DIR] [--jobs N]
 #   bench.yaml            the main matrix, the never-poisoned floor and the scan table  -> results.md, scan.md
-#   bench-scan.yaml       both scanners on the main matrix's models (label-inversion)   -> scanners.md
+#   bench-scan.yaml       the three scanners on the main matrix's models            -> scanners.md
 #   bench-fare.yaml       FARE beside PAR and FT, robust zero-shot accuracy              -> fare.md
 #   bench-eftclip.yaml    EftCLIP (detection in the poisoned training set)               -> eftclip.md
 #   bench-tau.yaml        PAR's tau swept on three attacks                               -> tau.md, tau-tradeoff.png
