@@ -242,3 +242,20 @@ def test_a_cache_moved_elsewhere_is_reused_not_rebuilt(tmp_path):
     assert moved.key == model.key and moved_metrics == metrics
     after = sorted(p.relative_to(tmp_path / "elsewhere") for p in (tmp_path / "elsewhere").rglob("*"))
     assert [p for p in after if p not in before and ".locks" not in p.parts] == []  # nothing built again
+
+
+def test_a_changed_logging_setting_finds_the_stage_built_before(tmp_path):
+    """log_every, eval_every and the other reporting settings change no weight: not in a folder's key."""
+    from dataclasses import replace
+
+    from conftest import micro_profile
+    from par.app import pipeline
+
+    profile = micro_profile("micro.yaml", tmp_path / "cache")
+    world = pipeline.make_world_stage(profile, tmp_path / "out")
+    first, key = pipeline.foundation_stage(profile, tmp_path / "out", world)
+    logged = replace(profile, foundation={**profile.foundation, "log_every": 2, "eval_every": 2, "progress": True})
+    again, same_key = pipeline.foundation_stage(logged, tmp_path / "out", world)
+    assert (again, same_key) == (first, key)
+    other = replace(profile, foundation={**profile.foundation, "lr": 2e-3})
+    assert pipeline.foundation_stage(other, tmp_path / "out", world)[1] != key  # a setting that trains otherwise

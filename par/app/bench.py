@@ -126,9 +126,9 @@ def _clean_and_evaluate(task: _Cell) -> Dict:
         values = merge(_defense_settings(profile, defense), {**override, "seed": seed, "progress": task.progress})
         train_data = task.synthetic_csv if data == "synthetic" else None
         data_key = data if data == "world" else [data, task.synthetic_key]
-        # progress bars change no weight: the key holds them off (as the parallel cells always ran), so a run
-        # with bars reuses the cells of one without
-        key = [model.key, defense, {**values, "progress": False}, data_key]
+        # progress bars and logging change no weight: the key leaves them out, so a run with bars reuses the
+        # cells of one without
+        key = [model.key, defense, pipeline.stage_key(world, values), data_key]
         run_dir = task.out / f"cleaned-{attack}-{row['defense']}-{digest(key)}"
         started = time.time()
         cleaned_ckpt = pipeline.clean_stage(world, defense, model, values, run_dir, reuse=True, train_data=train_data)

@@ -93,16 +93,28 @@ def foundation_stage(profile: Profile, out: Path, world: World) -> Tuple[Path, s
     """
     if profile.poisoning_mode() == "scratch":
         values = dict(profile.pretrain)
-        key = digest([world.key, values])
+        key = digest([world.key, stage_key(world, values)])
         return _train_stage(values, world, (world.cache or Path(out)) / f"clean-model-{key}", "pretrain"), key
     given = profile.foundation_checkpoint
     if given:  # the user's own clean CLIP (a real pre-trained one, say) stands in for the trained foundation
         check_encoder(given, world.model)
         return given, digest([world.key, file_digest(given)])  # what is made from it depends on the world too
     values = dict(profile.foundation)
-    key = digest([world.key, values])
+    key = digest([world.key, stage_key(world, values)])
     folder = (world.cache or Path(out)) / f"foundation-{key}"
     return _train_stage(values, world, folder, "foundation"), key
+
+
+# training settings that change how a run reports, never what it computes: left out of the keys of the folders
+# built (a changed log_every or learning-curve interval finds the models built before); threads, device and
+# preload stay in (they change the arithmetic's order or the random draws)
+REPORTING = ("out", "progress", "log_every", "save_every", "tensorboard", "eval_every", "eval_csv", "eval_classnames",
+             "eval_templates", "eval_image_root", "eval_attack", "eval_label", "eval_attack_params", "eval_max_images")
+
+
+def stage_key(world: World, values: dict) -> dict:
+    """A training stage's settings as the key of its folder holds them: no reporting settings, portable paths."""
+    return portable(world, {k: v for k, v in values.items() if k not in REPORTING})
 
 
 def portable(world: World, value):
@@ -178,11 +190,11 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
     poisoned_csv = built_once(Path(poisoning.out), lambda: poison(poisoning, reuse=True))
     if mode == "scratch":
         train_values = dict(profile.pretrain)
-        key = digest([poison_key, train_values])
+        key = digest([poison_key, stage_key(world, train_values)])
     else:
         foundation, foundation_key = foundation_stage(profile, out, world)
         train_values = {**profile.poison_finetune, "init_checkpoint": str(foundation)}
-        key = digest([poison_key, foundation_key, portable(world, train_values)])
+        key = digest([poison_key, foundation_key, stage_key(world, train_values)])
     cfg = train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
                         "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning")
     checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True, resume=interrupted(cfg.out)))

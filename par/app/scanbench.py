@@ -72,7 +72,7 @@ def _controls(profile: Profile, out: Path, world: pipeline.World) -> Tuple[Path,
     recipe = dict(profile.pretrain) if scratch else {**profile.poison_finetune, "init_checkpoint": str(foundation)}
     for seed in part.zero_poison_seeds:
         values = {**recipe, "seed": seed}
-        folder = shared / f"zero-poison-{digest([world.key, foundation_key, pipeline.portable(world, values)])}"
+        folder = shared / f"zero-poison-{digest([world.key, foundation_key, pipeline.stage_key(world, values)])}"
         controls.append((f"0 % poison, seed {seed}", functools.partial(_train, world, values, "train", folder)))
     if part.benign_seeds and not profile.clean:
         raise ParError("profile 'scan' benign_seeds fine-tune with the 'clean' budget: the profile has none")
@@ -80,7 +80,7 @@ def _controls(profile: Profile, out: Path, world: pipeline.World) -> Tuple[Path,
               "init_checkpoint": str(foundation)}
     for seed in part.benign_seeds:
         values = {**benign, "seed": seed}
-        folder = shared / f"benign-{digest([world.key, foundation_key, pipeline.portable(world, values)])}"
+        folder = shared / f"benign-{digest([world.key, foundation_key, pipeline.stage_key(world, values)])}"
         controls.append((f"benign fine-tune, seed {seed}", functools.partial(_train, world, values, "clean", folder)))
     return Path(foundation), controls
 
