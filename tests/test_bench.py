@@ -293,3 +293,27 @@ def test_the_worlds_key_does_not_depend_on_its_worker_count(tmp_path):
     two = make_world_stage(micro_profile("micro-bench.yaml", tmp_path / "b", world={"seed": 5, "train": 40, "clean": 8,
                                                                                      "test": 8, "workers": 2}), tmp_path)
     assert one.key == two.key  # the foundation and everything after it stay cached
+
+
+def test_a_failed_scan_leaves_its_attacks_cells_running_and_says_so_under_the_scan_table(tmp_path, micro_cache,
+                                                                                         monkeypatch):
+    from par.app import scanbench
+
+    profile = micro_profile("micro-bench.yaml", micro_cache, defenses=["ft"], seeds=[0], reference=False,
+                            synthetic_cleaning=None, quick={"attacks": ["badnet_rs"], "sweeps": {}},
+                            scan={"scanners": ["decree"], "zero_poison_seeds": [], "benign_seeds": []})
+    scan_model = scanbench.scan_model
+
+    def failing(world, model, scanner, part):  # the poisoned model's scan breaks; the foundation's does not
+        if model.kind == "poisoned":
+            raise ParError("a test's broken scan")
+        return scan_model(world, model, scanner, part)
+
+    monkeypatch.setattr(scanbench, "scan_model", failing)
+    with pytest.raises(ParError, match=r"the scans of \['badnet_rs'\] failed: left out of the scan table"):
+        run_bench(profile, str(tmp_path / "out"), quick=True, progress=False)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert [(r["attack"], r["defense"], r["status"]) for r in rows] == [("badnet_rs", "ft", "ok")]
+    scan_md = (tmp_path / "out" / "scan.md").read_text()
+    assert "- `badnet_rs`: ParError: a test's broken scan" in scan_md
+    assert "| `decree` | foundation |" in scan_md and "poisoned (badnet_rs)" not in scan_md

@@ -201,15 +201,18 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     # every poisoned model first (with the scan table's clean controls beside them), then every cell
     beside = scanbench.control_trainings(profile, out, world) if profile.scan is not None else []
     poisoned_cache: Dict[str, tuple] = {}
-    failed: Dict[str, str] = {}  # attack -> why its model could not be built or scanned: its cells fail with it
+    failed: Dict[str, str] = {}  # attack -> why its model could not be built: its cells fail with it
+    scan_failed: Dict[str, str] = {}  # attack -> why the table's scans of its model failed: its cells still run
     for attack, (built, error) in pipeline.build_poisoned_models(profile, out, world, attacks, robust, beside).items():
-        if not error and profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
-            _, error = workers.attempt(functools.partial(scanbench.scan_models, profile, world,
-                                                         scanbench.poisoned_entries({attack: built}), progress))
         if error:
             failed[attack] = error
-        else:
-            poisoned_cache[attack] = built
+            continue
+        poisoned_cache[attack] = built
+        if profile.scan is not None:  # the table's scans first: invert reuses its scan of this model
+            _, scan_error = workers.attempt(functools.partial(scanbench.scan_models, profile, world,
+                                                              scanbench.poisoned_entries({attack: built}), progress))
+            if scan_error:
+                scan_failed[attack] = scan_error
     tasks = [_Cell(profile, out, world, cell, poisoned_cache[cell[0]], synthetic_csv, synthetic_key, robust,
                    seeds[0], progress and profile.jobs == 1, profile.jobs) for cell in cells if cell[0] not in failed]
     cleaned = workers.each(_clean_and_evaluate, tasks, profile.jobs)
@@ -233,10 +236,17 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     columns += [d + "-synthetic" for d in synthetic_defenses]
     write_markdown(out / f"{report}.md", rows, attacks, columns, label, robust)
     if profile.scan is not None:  # the scan table: every scanner on the poisoned models and clean controls
-        entries = scanbench.poisoned_entries({a: c for a, c in poisoned_cache.items() if a in attacks})
+        entries = scanbench.poisoned_entries({a: c for a, c in poisoned_cache.items()
+                                              if a in attacks and a not in scan_failed})
         stem = "scan" if report == "results" else f"{report}-scan"
         lines = scanbench.write_scan_tables(out, scanbench.scan_rows(profile, out, world, entries, progress), label,
                                             stem)
+        if scan_failed:  # said where the table is read: its AUROC and rates are over the other models
+            note = ["", "Scans that failed (these poisoned models are left out of the table above):", "",
+                    *[f"- `{attack}`: {error}" for attack, error in scan_failed.items()]]
+            with (out / f"{stem}.md").open("a") as f:
+                f.write("\n".join(note) + "\n")
+            lines += note
         with (out / f"{report}.md").open("a") as f:
             f.write("\n" + "\n".join(lines) + "\n")
     _plot_tradeoff(out / ("tradeoff.png" if report == "results" else f"{report}-tradeoff.png"), rows)
@@ -248,9 +258,12 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
                     names=attacks, params=gallery_params)
     print(f"benchmark results: {out / f'{report}.md'}")
     failures = sum(row.get("status") == "failed" for row in rows)
-    if failures:  # the tables are written; the exit status says the benchmark is not whole
-        raise ParError(f"{failures} of {len(rows)} cells failed: their errors are in {out / f'{report}.csv'} "
-                       f"(status, error) and under 'Failed cells' in {out / f'{report}.md'}")
+    if failures or scan_failed:  # the tables are written; the exit status says the benchmark is not whole
+        said = [f"{failures} of {len(rows)} cells failed: their errors are in {out / f'{report}.csv'} (status, error) "
+                f"and under 'Failed cells' in {out / f'{report}.md'}"] if failures else []
+        said += [f"the scans of {sorted(scan_failed)} failed: left out of the scan table, their errors under it"
+                 ] if scan_failed else []
+        raise ParError("; ".join(said))
     return out
 
 
