@@ -212,3 +212,12 @@ def test_the_side_benchmarks_extend_the_main_one():
             (main.world, main.poison_rates, main.clean, main.cache, main.poison_finetune)
         assert profile.scan is None and set(profile.defenses).isdisjoint({"invert", "par+invert"})
         assert profile.jobs == main.jobs == 2  # the same one-thread models as the main matrix's
+
+
+def test_a_key_dropped_by_an_extending_profile_stays_dropped_in_the_quick_run_it_inherits(tmp_path):
+    main = _write(tmp_path / "main", quick={"attacks": ["badnet_rs"], "synthetic_cleaning": None,
+                                            "seeds": [5]})
+    side = tmp_path / "side.yaml"
+    side.write_text(f"extends: {main}\nseeds: null\n")  # no quick of its own: the main one's
+    quick = Profile.load(side).quick_profile()
+    assert quick.seeds == [0] and quick.attacks == ["badnet_rs"]  # the dropped key, not the inherited quick's [5]

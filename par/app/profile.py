@@ -310,6 +310,9 @@ def _extended(values: dict, base: Path, seen: tuple) -> dict:
     inherited = _rebased(_extended(load_yaml(parent), parent.parent, seen + (parent,)), parent.parent)
     if isinstance(inherited.get("quick"), dict):  # its paths are the other file's too
         inherited["quick"] = _rebased(inherited["quick"], parent.parent)
+        if "quick" not in values:  # a key this profile drops (null) stays dropped in the quick run it inherits
+            dropped = {k for k, v in values.items() if v is None}
+            inherited["quick"] = {k: v for k, v in inherited["quick"].items() if k not in dropped}
     return {**inherited, **{k: v for k, v in values.items() if k != "extends"}}
 
 
