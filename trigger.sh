@@ -12,7 +12,8 @@
 #   IMAGE_ROOT (imgRoot)     folder the CSV's image paths are relative to (default: the CSV's folder)
 #   OUT_DIR (outDIR)         run folder (default runs/clean-<time>; demo: runs/demo; both in this folder)
 #   ATTACK, LABEL            the backdoor to validate against (required with CHECKPOINT; the demo's: badnet_rs, banana)
-#   DEFENSE                  registered defense (default par; every name `python -m par clean --help` lists)
+#   DEFENSE                  registered defense (default: the one PAR_CONFIG's objective names, par for
+#                            configs/par.yaml; every name `python -m par clean --help` lists)
 #   PAR_CONFIG               training settings (default configs/par.yaml); extra `--key value`
 #                            arguments to this script override its keys (dotted keys nest:
 #                            --objective_params.tau 1.0). A settings file written for another
@@ -66,7 +67,7 @@ bash "$ROOT/trigger_validate.sh" --check "$OUT_DIR/checkpoint.pt" "$ATTACK" "$EN
 # output is kept in a file to be read, not captured through /dev/stderr (which a redirected log would lose)
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-"$PY" -m par clean --defense "${DEFENSE:-par}" --config "${PAR_CONFIG:-$ROOT/configs/par.yaml}" \
+"$PY" -m par clean ${DEFENSE:+--defense "$DEFENSE"} --config "${PAR_CONFIG:-$ROOT/configs/par.yaml}" \
     --model "$ENCODER" --checkpoint "$CHECKPOINT" --train-data "$TRAIN_DATA" ${IMAGE_ROOT:+--image-root "$IMAGE_ROOT"} \
     --out "$OUT_DIR" "$@" | tee "$log"
 cleaned="$(sed -n 's/^cleaned checkpoint ([^)]*): //p' "$log")"

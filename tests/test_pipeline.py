@@ -259,3 +259,26 @@ def test_a_changed_logging_setting_finds_the_stage_built_before(tmp_path):
     assert (again, same_key) == (first, key)
     other = replace(profile, foundation={**profile.foundation, "lr": 2e-3})
     assert pipeline.foundation_stage(other, tmp_path / "out", world)[1] != key  # a setting that trains otherwise
+
+
+def test_a_recipe_names_its_defense_unless_one_is_given(demo, tmp_path, capsys):
+    """`par clean --config RECIPE` (trigger.sh's PAR_CONFIG without DEFENSE) cleans with the defense the recipe's
+    objective names: a CleanCLIP recipe with CleanCLIP, not with PAR on CleanCLIP's budget."""
+    from par.app.cli import main
+
+    out, _ = demo
+    (poisoned,) = out.glob("poisoned-badnet_rs-*/checkpoint.pt")
+    recipe = tmp_path / "cleanclip-micro.yaml"
+    recipe.write_text("objective: cleanclip\nobjective_params: {unimodal_weight: 1.0}\naugment: none\nbatch_size: 32\n"
+                      "lr: 1.0e-4\nwarmup: 1\nthreads: 1\nprogress: false\n")
+    common = ["clean", "--model", "par-micro-vit", "--checkpoint", str(poisoned), "--config", str(recipe),
+              "--train-data", str(out / "world" / "clean.csv"), "--steps", "2"]
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert "cleaned checkpoint (cleanclip):" in capsys.readouterr().out
+    assert "objective: cleanclip" in (tmp_path / "a" / "config.yaml").read_text()
+    assert main(common + ["--defense", "par", "--out", str(tmp_path / "b")]) == 0  # named: the recipe lends its budget
+    assert "objective: par" in (tmp_path / "b" / "config.yaml").read_text()
+    recipe.write_text("objective: clip-unlearn\nsteps: 1\n")
+    assert main(common + ["--out", str(tmp_path / "c")]) == 2
+    assert "trains objective 'clip-unlearn', which is no defense: name one with --defense" in capsys.readouterr().err

@@ -102,6 +102,11 @@ def cmd_clean(args, overrides: List[str]) -> None:
     written_for = settings.pop("model", None)  # a recipe names its encoder: it must be the one cleaned
     if written_for is not None and models.architecture(written_for) != models.architecture(args.model):  # one budget
         raise ParError(f"{args.config} is a recipe for {written_for}, not for {args.model}")
+    if args.defense is None:  # a recipe's objective names its defense (a CleanCLIP recipe cleans with CleanCLIP)
+        recipe = settings.get("objective")
+        if recipe is not None and recipe not in DEFENSES:
+            raise ParError(f"{args.config} trains objective {recipe!r}, which is no defense: name one with --defense")
+        args.defense = DEFENSES.canonical(recipe) if recipe is not None else "par"
     objective = DEFENSES.get(args.defense).objective
     if objective:  # a settings file written for another objective lends its budget; its objective_params
         own = for_objective(settings, objective)  # are not this one's, while the options given here are
@@ -319,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", allow_abbrev=False,
                        help="clean a poisoned checkpoint with a defense: --defense NAME [--key value ...]")
-    p.add_argument("--defense", default="par", help=f"registered defense: {_names(DEFENSES)} (plugins' too)")
+    p.add_argument("--defense", help=f"registered defense: {_names(DEFENSES)} (plugins' too); default: the one the "
+                                     "--config recipe's objective names, else par")
     p.add_argument("--checkpoint", required=True, help="the poisoned checkpoint")
     p.add_argument("--model", required=True, help="its encoder (open_clip name or OpenAI spelling)")
     p.add_argument("--train-data", required=True,
