@@ -421,3 +421,29 @@ def test_running_out_of_device_memory_names_the_scanners_batch_setting(backdoore
     with pytest.raises(ParError, match="the label-inversion scan ran out of device memory: lower --scanner-param "
                                        "batch_images \\(now 640\\)"):
         scan_checkpoint(config(world, backdoored_micro.poisoned.checkpoint, scanner_params=CHEAP, max_images=16))
+
+
+def test_a_scan_stopped_while_writing_its_files_is_run_again_not_refused(backdoored_micro, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Files a scan of this request left before its scan.json (the folder a benchmark names by the request) are
+    its own: the scan runs again there. Files without that record are still refused."""
+    from par.scan import folder as scan_folder
+
+    b = backdoored_micro
+    out = tmp_path / "scan"
+    cheap = ["--scanner-param", "steps=5", "--scanner-param", "families=[patch]", "--scanner-param", "refine_steps=0",
+             "--max-images", "32"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(scan_folder, "draw_trigger", stopped)  # after labels.csv, before scan.json
+        assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 130
+    assert (out / "labels.csv").exists() and not (out / "scan.json").exists()
+    assert main(argv(b.world.path, b.poisoned.checkpoint, out, *cheap)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "scan.json", "trigger.png", "trigger.safetensors"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "labels.csv").write_text("label\n")  # no record of which scan wrote it
+    assert "but no scan.json" in cli_error(capsys, argv(b.world.path, b.poisoned.checkpoint, other, *cheap))

@@ -23,6 +23,7 @@ from par.scan.files import TRIGGER_FILE, save_trigger
 from par.utils import atomic_write, atomic_write_text, check_output_dir, digest, to_pil
 
 RECORD, LABELS, PICTURE = "scan.json", "labels.csv", "trigger.png"
+WRITING = "scan.writing.json"  # the request whose files are being written: its leftovers are a run's own
 LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "success", "seconds", "reference")
 SCORE_COLUMNS = ("z", "gap")  # what a scanner's per-label rows are ranked by, the first a row has
 TILE = 96  # the smallest side a tile of trigger.png is drawn at (32-px images are upscaled, pixels kept sharp)
@@ -122,13 +123,17 @@ def run_scan(cfg: ScanConfig, out, request: Optional[dict] = None, checked=None)
         raise ParError(f"scan folder {folder} holds a scan of another request (differs in {differs}); choose "
                        "another --out")
     leftovers = [name for name in (LABELS, PICTURE, TRIGGER_FILE) if (folder / name).exists()]
-    if leftovers:
+    if leftovers and _writing(folder) == request:  # this request's scan, stopped while writing its files
+        for name in leftovers:
+            (folder / name).unlink()
+    elif leftovers:
         raise ParError(f"scan folder {folder} holds {leftovers} but no {RECORD} (not written by a finished scan); "
                        "choose another --out")
     result = scan_checkpoint(cfg, checked)
     record = record_of(result, request)
     text, labels = json.dumps(record, indent=2) + "\n", _labels_csv(result.labels)  # before any file is written
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / WRITING, json.dumps(request) + "\n")  # first: what the files below belong to
     atomic_write_text(folder / LABELS, labels)
     if result.trigger is not None and result.examples is not None:
         draw_trigger(result, folder / PICTURE)
@@ -136,7 +141,16 @@ def run_scan(cfg: ScanConfig, out, request: Optional[dict] = None, checked=None)
         save_trigger(folder / TRIGGER_FILE, result.trigger.mask.expand(1, *size).clamp(0, 1),
                      result.trigger.pattern.expand(3, *size).clamp(0, 1))
     atomic_write_text(record_path, text)  # last: a folder with it holds a finished scan
+    (folder / WRITING).unlink()
     return record, False
+
+
+def _writing(folder: Path) -> Optional[dict]:
+    """The request a scan stopped while writing its files in ``folder`` was for; None where there is none."""
+    try:
+        return json.loads((folder / WRITING).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def scan_folder(root, request: dict) -> Path:
