@@ -16,7 +16,8 @@
 #   EVAL_IMAGE_ROOT   folder the CSV's image paths are relative to (default: the CSV's folder)
 #   RETRIEVAL_JSON    retrieval: COCO Karpathy-style JSON list of {image, caption: [...]}
 #   RETRIEVAL_ROOT    folder the retrieval image paths are relative to
-#   ATTACK_PARAMS     trigger parameters, separated by spaces, e.g. "patch_size=16" or "patch=badclip_patch.png"
+#   ATTACK_PARAMS     trigger parameters, separated by spaces, e.g. "patch_size=16" or "patch=badclip_patch.png";
+#                     one per line where a value holds a space (text=my mark)
 #   OUT_DIR           folder of the results file results.jsonl (default: beside the checkpoint)
 #   EVAL_OUT          the results file itself (overrides OUT_DIR)
 #   ROBUST_EPS        also robust accuracy (APGD-CE + APGD-T) at these radii, e.g. "2/255,4/255"
@@ -71,7 +72,11 @@ if [ -n "${RETRIEVAL_JSON:-}" ]; then
     args+=(--retrieval-json "$RETRIEVAL_JSON" --retrieval-root "${RETRIEVAL_ROOT:?set RETRIEVAL_ROOT for $RETRIEVAL_JSON}")
     say "retrieval: $RETRIEVAL_JSON"
 fi
-read -ra attack_params <<< "${ATTACK_PARAMS:-}"  # split on spaces, never glob-expanded
+if [[ "${ATTACK_PARAMS:-}" == *$'\n'* ]]; then  # one per line: a value may hold spaces (text=my mark)
+    mapfile -t attack_params < <(printf '%s\n' "$ATTACK_PARAMS" | sed '/^[[:space:]]*$/d')
+else
+    read -ra attack_params <<< "${ATTACK_PARAMS:-}"  # split on spaces, never glob-expanded
+fi
 for p in ${attack_params[@]+"${attack_params[@]}"}; do args+=(--attack-param "$p"); done
 cpus=$(nproc 2>/dev/null || echo 1)
 args+=(--workers "${EVAL_WORKERS:-$(( cpus > 9 ? 8 : cpus - 1 ))}")

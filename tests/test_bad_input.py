@@ -364,3 +364,18 @@ def test_other_bad_files_are_error_lines(capsys, micro_world, ckpt, tmp_path):
     assert capsys.readouterr().out.splitlines() == [
         "[ -n \"${ATTACK_PARAMS:-}\" ] || ATTACK_PARAMS='patch_size=4 fixed_pattern=true'",  # two parameters
         "[ -n \"${ROBUST_EPS:-}\" ] || ROBUST_EPS=2/255,4/255"]
+
+
+def test_attack_parameters_whose_values_hold_spaces_reach_the_evaluation(micro_world, ckpt, tmp_path):
+    """A mapping in VALIDATE_CONFIG with a value holding a space becomes one parameter a line, which
+    trigger_validate.sh reads line by line (space-separated words would split "my mark" in two)."""
+    (tmp_path / "text.yaml").write_text(f"eval_data: {micro_world / 'test.csv'}\n"
+                                        "attack_params: {text: my mark, alpha: 0.5}\n")
+    check = ["bash", "trigger_validate.sh", "--check", str(ckpt), "water_patt", MICRO, "banana"]
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=_script_env(VALIDATE_CONFIG=str(tmp_path / "text.yaml"), OUT_DIR=str(tmp_path / "o")))
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=_script_env(EVAL_DATA=str(micro_world / "test.csv"), OUT_DIR=str(tmp_path / "o"),
+                                          ATTACK_PARAMS="text=my mark\nalpha=2"))  # one a line, the second bad
+    assert proc.returncode == 2 and "alpha" in proc.stderr and "my mark" not in proc.stderr, proc.stderr

@@ -233,10 +233,10 @@ def cmd_shell_env(args) -> None:
             raise ParError(f"{args.config}: unknown key {key!r}; known: {', '.join(k.lower() for k in known)}")
         if value is None or value == "" or value == [] or value == {}:
             raise ParError(f"{args.config}: key {key!r} has no value")
-        if isinstance(value, dict):
-            text = " ".join(f"{a}={b}" for a, b in value.items())
-        elif isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
-            text = " ".join(value)  # KEY=VALUE items (attack_params): separate words, as a mapping gives them
+        items = ([f"{a}={b}" for a, b in value.items()] if isinstance(value, dict) else
+                 value if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value) else None)
+        if items is not None:  # KEY=VALUE items (attack_params): separate words, or lines where a value holds a space
+            text = ("\n" if any(any(c.isspace() for c in item) for item in items) else " ").join(items)
         elif isinstance(value, list):
             text = ",".join(str(v) for v in value)  # values (robust radii): one comma-separated value
         else:
