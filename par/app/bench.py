@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from par.attacks import TRIGGERS, get_trigger
 from par.app import pipeline, scanbench, workers
-from par.app.profile import Profile, check_jobs
+from par.app.profile import Profile, check_jobs, check_named_once
 from par.config import merge
 from par.defenses import DEFENSES
 from par.errors import ParError
@@ -180,10 +180,8 @@ def run_bench(profile: Profile | str | os.PathLike, out: str, quick: bool = Fals
     sweeps = profile.sweeps or {}
     robust = pipeline.robust_settings(profile.robust)
     fields = _fields(robust, defenses + synthetic_defenses)
-    for what, names in (("attacks", attacks), ("defenses", defenses)):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:  # two cells of one name would train into one folder side by side, and count twice in the means
-            raise ParError(f"bench {what} name {twice} more than once (under one name or its aliases)")
+    check_named_once(attacks, "bench attacks name")
+    check_named_once(defenses, "bench defenses name")
     check_cells(profile, attacks, list(dict.fromkeys(defenses + synthetic_defenses)), sweeps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -150,13 +150,19 @@ def built_once(folder: Path, build: Callable[[], T]) -> T:
         return build()
 
 
+def trained(cfg) -> Path:
+    """The checkpoint of a shared folder's training ``cfg``: reused when finished, continued from its state when
+    stopped after a save, else trained; under the folder's lock (``built_once``)."""
+    return built_once(Path(cfg.out), lambda: train(cfg, reuse=True, resume=interrupted(cfg.out)))
+
+
 def _train_stage(values: dict, world: World, folder: Path, what: str) -> Path:
     if values.get("eval_every"):  # a learning curve on the world's test split, logged as the stage trains
         values = {"eval_csv": world.test_csv, "eval_classnames": str(world.path / "classnames.txt"),
                   "eval_templates": str(world.path / "templates.txt"), **values}
     cfg = train_config({**IN_MEMORY, **values, "train_data": str(world.path / "train.csv"), "out": str(folder)},
                        f"profile {what!r}")
-    return built_once(folder, lambda: train(cfg, reuse=True, resume=interrupted(folder)))
+    return trained(cfg)
 
 
 def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str, label: str, params: dict) -> dict:
@@ -197,7 +203,7 @@ def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str,
         key = digest([poison_key, foundation_key, stage_key(world, train_values)])
     cfg = train_config({**IN_MEMORY, **train_values, "model": world.model, "train_data": str(poisoned_csv),
                         "out": str(shared / f"poisoned-{attack}-{key}")}, f"profile {mode!r} poisoning")
-    checkpoint = built_once(Path(cfg.out), lambda: train(cfg, reuse=True, resume=interrupted(cfg.out)))
+    checkpoint = trained(cfg)
     return Poisoned(checkpoint, key, poisoned_csv)
 
 

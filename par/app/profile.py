@@ -9,7 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from par.config import build, load_yaml
 from par.errors import ParError
@@ -103,6 +103,14 @@ def _canonical_scan(scan: ScanBench) -> ScanBench:
     return dataclasses.replace(scan, scanners=names, scanner_params=params)
 
 
+def check_named_once(names: Sequence[str], what: str) -> None:
+    """Refuses registered names (already canonical) listed twice: two cells or models of one name would be
+    built into one folder side by side, and count twice."""
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ParError(f"{what} {twice} more than once (under one name or its aliases)")
+
+
 def _check_settings(plain: "Profile", read: dict) -> None:
     """The stages' training settings and the evaluation settings, as the stages will read them, before any
     work: a misspelt key in them would otherwise surface when its stage runs, hours in."""
@@ -143,9 +151,7 @@ def _canonical_names(profile: "Profile") -> "Profile":
         if value is None:
             return None
         canonical = [registry.canonical(n) for n in value]
-        twice = sorted({n for n in canonical if canonical.count(n) > 1})
-        if twice:
-            raise ParError(f"profile key {key!r} names {twice} more than once (under one name or its aliases)")
+        check_named_once(canonical, f"profile key {key!r} names")
         return canonical
 
     if len(set(profile.seeds)) != len(profile.seeds):

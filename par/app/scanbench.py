@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from par.app import pipeline
 from par.attacks import TRIGGERS
-from par.app.profile import Profile, ScanBench, check_jobs
+from par.app.profile import Profile, ScanBench, check_jobs, check_named_once
 from par.config import build
 from par.errors import ParError
 from par.eval.metrics import auroc
@@ -86,11 +86,11 @@ def _controls(profile: Profile, out: Path, world: pipeline.World) -> Tuple[Path,
 
 
 def _train(world: pipeline.World, values: dict, split: str, folder: Path) -> Path:
-    from par.train import train, train_config
+    from par.train import train_config
 
     cfg = train_config({**pipeline.IN_MEMORY, **values, "model": world.model,
                         "train_data": str(world.path / f"{split}.csv"), "out": str(folder)}, "profile 'scan' control")
-    return train(cfg, reuse=True)
+    return pipeline.trained(cfg)
 
 
 def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBench, progress: bool = False) -> dict:
@@ -221,9 +221,7 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
     if profile.jobs > 1:
         profile = profile.one_thread()
     names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]  # before any work
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # two models of one name would train into one folder side by side
-        raise ParError(f"scan attacks name {twice} more than once (under one name or its aliases)")
+    check_named_once(names, "scan attacks name")
     pipeline.check_attacks(profile, names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
