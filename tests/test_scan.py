@@ -16,6 +16,7 @@ from par.app.cli import main
 from par.errors import ParError
 from par.scan import SCANNERS, InvertedTrigger, ScanConfig, Scanner, ScanResult, mask_place, robust_z, scan_checkpoint
 from par.scan import inversion
+from par.scan.compactness import window_share
 from par.scan.run import scan_request
 
 CHEAP = {"steps": 5, "families": ["patch"], "refine_steps": 0}  # for tests of plumbing, not of the statistic
@@ -72,11 +73,11 @@ def place_recording_micro(micro_cache, tmp_path_factory):
     return Backdoored(micro_profile("micro-backdoor-p32.yaml", micro_cache), tmp_path_factory.mktemp("p32"))
 
 
-def test_the_trigger_inverted_toward_the_target_lies_on_the_planted_patch(place_recording_micro):
-    """Where the checkpoint records where its patch was planted, the trigger the scan draws for the target (its
-    refinement toward the named label) lies on the patch. par-micro-vit's 8-px tokens share one embedding, so
-    its backdoor fires with the patch at any token-aligned place and says nothing of which one it was planted
-    at; this encoder's backdoor fires at the planted place alone, which the test checks first."""
+def test_a_planted_patch_is_flagged_named_and_drawn_where_it_was_planted(place_recording_micro):
+    """A model poisoned with a fixed patch: ``patch-compactness`` flags it, names its target, and the trigger it
+    draws lies on the patch. par-micro-vit's 8-px tokens share one embedding, so its backdoor fires with the
+    patch at any token-aligned place and says nothing of which one it was planted at; this encoder's backdoor
+    fires at the planted place alone, which the test checks first."""
     from par.app import pipeline
     from par.scan import trigger_toward
 
@@ -91,16 +92,40 @@ def test_the_trigger_inverted_toward_the_target_lies_on_the_planted_patch(place_
             "asr_top1"]
 
     assert asr_at(top, left) >= 0.9 and asr_at(top - 8, left - 8) <= 0.1  # par-micro-vit: ~95 % at both
-    shadow = config(b.world.path, b.poisoned.checkpoint, images=b.world.path / "clean.csv", model="par-micro-vit-p32")
-    trigger, success = trigger_toward(shadow, b.label)
-    assert trigger is not None and success >= 0.99
-    mask = trigger.mask.reshape(32, 32)
+    shadow = config(b.world.path, b.poisoned.checkpoint, images=b.world.path / "clean.csv", model="par-micro-vit-p32",
+                    scanner="patch-compactness")
+    result = scan_checkpoint(shadow)
+    assert result.flagged and result.target == "banana" and result.family == "patch"
+    assert "clean par-micro-vit-p32 models" in result.threshold_source
+    shares = sorted(row["share"] for row in result.labels)
+    assert result.details["pruned"] and len(shares) == 10  # the ranking pass keeps top_k of the 12 labels
+    assert result.value == shares[-1] >= shares[-2] + 0.2  # no other label's trigger is close
+    mask = result.trigger.mask.reshape(32, 32)
     on_patch = torch.zeros(32, 32, dtype=torch.bool)
     on_patch[top:top + size, left:left + size] = True
     share = float(mask[on_patch].sum() / mask.sum())
     largest = mask.flatten().topk(size * size).indices
     assert share >= 0.5  # 16x a uniform mask's 1/16
     assert float(on_patch.flatten()[largest].float().mean()) >= 0.5  # as many of its largest pixels as the patch has
+    toward, success = trigger_toward(shadow, "banana")  # what invert unlearns, with trigger_from: target
+    assert success >= 0.99 and torch.equal(toward.mask, result.trigger.mask)
+
+
+def test_patch_compactness_leaves_the_clean_foundation(place_recording_micro):
+    b = place_recording_micro
+    result = scan_checkpoint(config(b.world.path, b.foundation, images=b.world.path / "clean.csv",
+                                    model="par-micro-vit-p32", scanner="patch-compactness"))
+    assert not result.flagged and result.target is None and result.value < result.threshold
+
+
+def test_window_share_is_the_masks_mass_in_its_best_window():
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 2:6, 8:12] = 1.0
+    assert window_share(mask, 4) == 1.0 and window_share(mask, 2) == 0.25
+    mask[0, 15, 0] = 4.0  # as much mass again as a quarter of the square, far from it
+    assert window_share(mask, 4) == pytest.approx(16 / 20)
+    assert window_share(torch.full((1, 16, 16), 0.2), 4) == pytest.approx(1 / 16)  # spread evenly: the window's area
+    assert window_share(torch.zeros(8, 8), 4) == 0.0
 
 
 def test_the_clean_foundation_is_not_flagged(backdoored_micro):
@@ -395,6 +420,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(backdoored_micro, tmp_
     assert "more than once" in error("--labels", "banana,banana,apple,kite,car")
     assert "at least 5 candidate labels" in error("--labels", "banana,apple")
     assert "precision must be auto or one of" in error("--precision", "fp8")
+    message = error("--scanner", "patch-compactness")  # no threshold measured for this encoder
+    assert "patch-compactness has no threshold for par-micro-vit" in message and "--threshold" in message
+    assert "window must be in (0, 1]" in error("--scanner", "patch-compactness", "--threshold", "0.5",
+                                               "--scanner-param", "window=0")
     assert "threshold must be a finite number, got nan" in error("--threshold", "nan")
     assert "must be finite numbers, got {'mask_init': inf}" in error("--scanner-param", "mask_init=.inf")
     message = error("--max-images", "3")

@@ -94,4 +94,7 @@ def test_the_scan_table_checks_label_and_attack_parameters_before_any_work(tmp_p
     with pytest.raises(ParError, match="profile label 'bananna' is not a class of the world"):
         scanbench.run_scan_bench(micro_profile("micro-scan.yaml", tmp_path / "cache", label="bananna"),
                                  str(tmp_path / "out"))
+    no_threshold = micro_profile("micro-scan.yaml", tmp_path / "cache", scan={"scanners": ["patch-compactness"]})
+    with pytest.raises(ParError, match="patch-compactness has no threshold for par-micro-vit"):
+        scanbench.run_scan_bench(no_threshold, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

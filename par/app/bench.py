@@ -57,6 +57,8 @@ def check_cells(profile: Profile, attacks: List[str], defenses: List[str], sweep
     """What every cell will read, checked before the world is drawn or a model trained: the target label,
     each attack's parameters, and each defense's settings under every sweep value."""
     pipeline.check_attacks(profile, attacks)
+    if profile.scan is not None:
+        scanbench.check_scanners(profile)
     for defense in defenses:
         default = _defense_settings(profile, defense)
         overrides = [{}] + [{key: value} for key, values in (sweeps.get(defense) or {}).items() for value in values]

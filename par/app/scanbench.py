@@ -30,7 +30,7 @@ from par.app.profile import Profile, ScanBench, check_jobs, check_named_once
 from par.config import build
 from par.errors import ParError
 from par.eval.metrics import auroc
-from par.scan import ScanConfig
+from par.scan import ScanConfig, make_scanner
 from par.scan.folder import request_of, run_scan, scan_folder
 from par.scan.run import check as check_scan
 from par.utils import digest
@@ -91,6 +91,13 @@ def _train(world: pipeline.World, values: dict, split: str, folder: Path) -> Pat
     cfg = train_config({**pipeline.IN_MEMORY, **values, "model": world.model,
                         "train_data": str(world.path / f"{split}.csv"), "out": str(folder)}, "profile 'scan' control")
     return pipeline.trained(cfg)
+
+
+def check_scanners(profile: Profile) -> None:
+    """Before any model is built: every scanner of the profile's scan table has a threshold for its encoder
+    (the table judges each by its documented one)."""
+    for name in profile.scan.scanners:
+        make_scanner(name, profile.scan.scanner_params.get(name)).documented_threshold(pipeline.world_model(profile))
 
 
 def scan_model(world: pipeline.World, model: Scanned, scanner: str, part: ScanBench, progress: bool = False) -> dict:
@@ -223,6 +230,7 @@ def run_scan_bench(profile: Profile | str, out: str, attacks: Optional[List[str]
     names = [TRIGGERS.canonical(a) for a in (attacks or profile.attacks or TRIGGERS.in_order())]  # before any work
     check_named_once(names, "scan attacks name")
     pipeline.check_attacks(profile, names)
+    check_scanners(profile)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = pipeline.make_world_stage(profile, out)

@@ -24,8 +24,9 @@ from par.utils import atomic_write, atomic_write_text, check_output_dir, digest,
 
 RECORD, LABELS, PICTURE = "scan.json", "labels.csv", "trigger.png"
 WRITING = "scan.writing.json"  # the request whose files are being written: its leftovers are a run's own
-LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "success", "seconds", "reference")
-SCORE_COLUMNS = ("z", "gap")  # what a scanner's per-label rows are ranked by, the first a row has
+LABEL_COLUMNS = ("label", "family", "size", "lift", "pull", "z_lift", "z_pull", "z", "share", "success", "seconds",
+                 "reference")
+SCORE_COLUMNS = ("z", "gap", "share")  # what a scanner's per-label rows are ranked by, the first a row has
 TILE = 96  # the smallest side a tile of trigger.png is drawn at (32-px images are upscaled, pixels kept sharp)
 
 
@@ -173,8 +174,8 @@ def summary(record: dict, out) -> List[str]:
     score = next((c for c in SCORE_COLUMNS if any(c in r for r in record["labels"])), None)
     rows = sorted(record["labels"], key=lambda r: -(r.get(score) or 0))[:5]
     if rows:
-        columns = [c for c in ("size", "lift", "pull", "z", "success", "collapse_cosine", "nearest_image_cosine", "gap")
-                   if all(isinstance(r.get(c), (int, float)) for r in rows)]
+        shown = ("size", "lift", "pull", "z", "share", "success", "collapse_cosine", "nearest_image_cosine", "gap")
+        columns = [c for c in shown if all(isinstance(r.get(c), (int, float)) for r in rows)]
         lines.append(f"  {'label':<16} {'family':<6} " + " ".join(f"{c:>7}" for c in columns))
         lines += [f"  {r['label']:<16} {r.get('family', ''):<6} " + " ".join(f"{r[c]:>7.3g}" for c in columns)
                   for r in rows]

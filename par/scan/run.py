@@ -127,6 +127,8 @@ def check(cfg: ScanConfig):
     saved = models.read_metadata(checkpoint).get("model")
     if saved and not models.same_encoder(saved, cfg.model):
         raise ParError(f"{checkpoint} holds a {saved} model, not {models.canonical_model_name(cfg.model)}")
+    if cfg.threshold is None:
+        scanner.documented_threshold(models.canonical_model_name(cfg.model))  # raises where it keeps none
     return scanner, classnames, templates, candidates, paths
 
 
