@@ -67,4 +67,4 @@ def test_profiles_name_valid_stages(path):
             attacks.get_trigger(name, **params)
         for name in profile.attacks or []:
             attacks.get_trigger(name)
-    assert len(PROFILES) == 13 and len(TRAIN_CONFIGS) >= 8
+    assert len(PROFILES) == 14 and len(TRAIN_CONFIGS) >= 8
