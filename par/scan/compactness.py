@@ -115,15 +115,11 @@ class PatchCompactness(Scanner):
 
         p = self.params
         side = max(1, round(p.window * min(ctx.images.shape[-2:])))
-        candidates, details = list(ctx.candidates), {"pruned": False, "window": side}
+        candidates, details = list(ctx.candidates), {"pruned": False}
         if len(candidates) > ctx.top_k:
-            started = time.time()
             clean_logp = ctx.predict(ctx.images, p.batch_images).log_softmax(1).mean(0)
-            ranking = self.inversion.rank(ctx, clean_logp)
-            candidates = [r["index"] for r in ranking[:ctx.top_k]]
-            details.update(pruned=True, ranking=[{k: r[k] for k in ("label", "lift")} for r in ranking],
-                           rank_seconds_per_label=round((time.time() - started) / len(ranking), 4),
-                           top_k=[ctx.classnames[t] for t in candidates])
+            candidates, details = self.inversion.top_k(ctx, clean_logp)
+        details["window"] = side
         rows, found = [], {}
         started = time.time()
         for t in tqdm(candidates, desc="invert labels", unit="label", leave=False, disable=not ctx.progress):

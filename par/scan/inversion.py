@@ -272,6 +272,15 @@ class LabelInversion(Scanner):
                 bar.update(len(chunk))
         return sorted(ranking, key=lambda r: (-r["lift"], r["index"]))
 
+    def top_k(self, ctx: ScanContext, clean_logp: torch.Tensor):
+        """The ranking pass's ``top_k`` candidates, and what a scan records of it (the ranking, its cost)."""
+        started = time.time()
+        ranking = self.rank(ctx, clean_logp)
+        top = [r["index"] for r in ranking[:ctx.top_k]]
+        return top, {"pruned": True, "ranking": [{k: r[k] for k in ("label", "lift")} for r in ranking],
+                     "rank_seconds_per_label": round((time.time() - started) / len(ranking), 4),
+                     "top_k": [ctx.classnames[t] for t in top]}
+
     def check_threshold(self, threshold: float) -> None:
         families = self.params.families
         if len(families) > 1:
@@ -297,15 +306,11 @@ class LabelInversion(Scanner):
         candidates, reference = list(ctx.candidates), list(ctx.candidates)
         details = {"pruned": False}
         if len(candidates) > ctx.top_k + p.reference_labels:
-            started = time.time()
-            ranking = self.rank(ctx, clean_logp)
+            top, details = self.top_k(ctx, clean_logp)
             order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(ctx.seed))
             reference = sorted(candidates[i] for i in order[:p.reference_labels].tolist())
-            top = [r["index"] for r in ranking[:ctx.top_k]]
             candidates = top + [t for t in reference if t not in top]
-            details = {"pruned": True, "ranking": [{k: r[k] for k in ("label", "lift")} for r in ranking],
-                       "rank_seconds_per_label": round((time.time() - started) / len(ranking), 4),
-                       "top_k": [ctx.classnames[t] for t in top], "reference": [ctx.classnames[t] for t in reference]}
+            details["reference"] = [ctx.classnames[t] for t in reference]
         rows, found, lifts = [], {}, {}
         started = time.time()
         chunks = self._chunks(ctx, candidates)
