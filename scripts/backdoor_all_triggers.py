@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         run = profile if rate is None else replace(profile, poison_rates={**profile.poison_rates, attack: rate})
         checkpoint = pipeline.poisoned_model_stage(run, out, world, attack, label, params).checkpoint
         metrics = pipeline.evaluate_stage(world, checkpoint, attack, label, params, profile.eval)
-        used = pipeline.poison_values(run, attack)
+        used = run.poison_values(attack)
         row = {"attack": attack, "rate": used.get("rate"), "num": used.get("num"), "params": given,
                "checkpoint": str(checkpoint), **metrics, "seconds": round(time.time() - started, 1)}
         tried.append(row)

@@ -273,12 +273,11 @@ def test_results_render_into_the_readme_between_markers(bench, tmp_path, capsys)
 
 
 def test_a_profile_may_poison_a_count_of_pairs_instead_of_a_share(tmp_path):
-    from par.app.pipeline import poison_values
     from par.attacks.poison import PoisonConfig
     from par.config import build
 
     profile = micro_profile("micro-bench.yaml", tmp_path, poison={"num": 12, "seed": 3})
-    values = poison_values(profile, "badnet_rs")
+    values = profile.poison_values("badnet_rs")
     assert values["num"] == 12 and values["rate"] is None and values["seed"] == 3
     config = build(PoisonConfig, {"csv": "x.csv", "attack": "badnet_rs", "label": "banana", "out": str(tmp_path / "p"),
                                   **values}, "profile 'poison'")

@@ -63,8 +63,8 @@ def test_preload_is_off_by_default():
 
 def test_poison_rates_per_attack_and_scratch_mode(tmp_path):
     profile = _profile(poison_rates={"badnet_rs": 0.25})
-    assert pipeline.poison_values(profile, "badnet_rs")["rate"] == 0.25
-    assert pipeline.poison_values(profile, "blended")["rate"] == 0.1
+    assert profile.poison_values("badnet_rs")["rate"] == 0.25
+    assert profile.poison_values("blended")["rate"] == 0.1
     scratch = _profile(poisoning="scratch", pretrain="micro/pretrain.yaml")
     world = pipeline.make_world_stage(scratch, tmp_path)
     model = pipeline.poisoned_model_stage(scratch, tmp_path, world, "badnet_rs", "banana", {})

@@ -176,17 +176,12 @@ def prepare_attack_stage(profile: Profile, out: Path, world: World, attack: str,
     return {**params, **attacks.get_trigger(attack, **params).prepare(context)}
 
 
-def poison_values(profile: Profile, attack: str) -> dict:
-    """The poisoning settings for ``attack`` (``Profile.poison_values``)."""
-    return profile.poison_values(attack)
-
-
 def poisoned_model_stage(profile: Profile, out: Path, world: World, attack: str, label: str, attack_params: dict) -> Poisoned:
     """The poisoned tiny CLIP: the foundation fine-tuned on the world's pairs with a share poisoned
     (``poisoning: finetune``), or pre-trained from scratch on them (``poisoning: scratch``)."""
     mode = profile.poisoning_mode()
     shared = world.cache or Path(out)
-    values = poison_values(profile, attack)
+    values = profile.poison_values(attack)
     poison_key = digest([world.key, attack, label, portable(world, attack_params), values])
     poisoning = build(PoisonConfig, {
         "csv": str(world.path / "train.csv"), "attack": attack, "label": label,
